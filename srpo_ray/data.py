@@ -1,0 +1,171 @@
+"""Training prompts from parquet files in the column layout verl users already have.
+
+Columns: `prompt` (chat messages: a list of {role, content}; a plain string is taken as
+one user message), `data_source` (str), `ability` (the domain: math or code),
+`reward_model` (struct with `ground_truth`), `extra_info` (struct, optional). Code rows
+carry their tests in `reward_model.ground_truth` (see srpo_ray.rewards.code_tests for the
+accepted encodings). Every row is checked before training starts; a bad row is an error
+naming the file and the row.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow.parquet as pq
+
+from srpo_ray.records import Prompt
+
+BUILTIN_PREFIX = "builtin:"
+
+# Domain names seen in the wild (verl `ability`, LiveCodeBench, DeepScaleR ...) -> ours.
+_DOMAIN_ALIASES = {
+    "math": "math", "mathematics": "math", "math_reasoning": "math", "arithmetic": "math",
+    "code": "code", "coding": "code", "codegen": "code", "programming": "code",
+}
+_ID_KEYS = ("prompt_id", "id", "uid", "problem_id", "question_id")
+
+
+class DataError(ValueError):
+    """A data file or row is unusable; the message names the file, the row and the fix."""
+
+
+def load_prompts(files: Iterable[str], cache_dir: str | None = None) -> list[Prompt]:
+    """Read and validate every row of every file. Duplicate ids with the same content
+    are kept once; the same id with different content is an error."""
+    prompts: dict[str, Prompt] = {}
+    for spec in files:
+        path = _resolve_file(spec, cache_dir)
+        for row_index, prompt in _read_file(path):
+            seen = prompts.get(prompt.prompt_id)
+            if seen is not None and (seen.messages, seen.ground_truth) != (prompt.messages, prompt.ground_truth):
+                raise DataError(f"{path} row {row_index}: id {prompt.prompt_id!r} is already used by a "
+                                f"different prompt; ids must be unique (fix the `id` in extra_info, or drop it "
+                                f"to use a content hash)")
+            prompts[prompt.prompt_id] = prompt
+    if not prompts:
+        raise DataError(f"no prompts in {list(files)}; data.train_files must name parquet files with rows")
+    return list(prompts.values())
+
+
+def _resolve_file(spec: str, cache_dir: str | None) -> Path:
+    if spec.startswith(BUILTIN_PREFIX):
+        from srpo_ray.builtin_data import builtin_dataset_path
+        return builtin_dataset_path(spec[len(BUILTIN_PREFIX):], cache_dir)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise DataError(f"data file {spec} does not exist; data.train_files takes parquet paths "
+                        f"(or builtin:tiny_math_code)")
+    return path
+
+
+def _read_file(path: Path) -> Iterable[tuple[int, Prompt]]:
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a non-parquet file
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    missing = [c for c in ("prompt", "reward_model") if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; expected verl layout with columns "
+                        f"prompt, data_source, ability, reward_model.ground_truth, extra_info "
+                        f"(found {table.column_names})")
+    row_index = 0
+    for batch in table.to_batches(max_chunksize=4096):
+        for row in batch.to_pylist():
+            try:
+                yield row_index, row_to_prompt(row)
+            except (DataError, ValueError, TypeError) as e:
+                raise DataError(f"{path} row {row_index}: {e}") from None
+            row_index += 1
+
+
+def row_to_prompt(row: dict[str, Any]) -> Prompt:
+    """One verl-layout row -> Prompt. Raises ValueError saying what is wrong."""
+    messages = _messages(row.get("prompt"))
+    data_source = str(row.get("data_source") or "")
+    extra_info = row.get("extra_info") or {}
+    if not isinstance(extra_info, dict):
+        raise ValueError(f"extra_info must be a struct/dict, got {type(extra_info).__name__}")
+    domain = _domain(row.get("ability"), extra_info, data_source)
+    reward_model = row.get("reward_model")
+    if not isinstance(reward_model, dict) or reward_model.get("ground_truth") is None:
+        raise ValueError("reward_model.ground_truth is missing; every row needs the answer (math) or the tests (code)")
+    raw_truth = reward_model["ground_truth"]
+    if domain == "math":
+        truth: Any = _math_truth(raw_truth)
+    else:
+        from srpo_ray.rewards.code_tests import parse_code_tests
+        truth = parse_code_tests(raw_truth, extra_info)
+    prompt_id = _explicit_id(row, extra_info) or _content_id(data_source, messages, raw_truth)
+    return Prompt(prompt_id=prompt_id, domain=domain, messages=messages, ground_truth=truth,
+                  data_source=data_source, extra_info=extra_info)
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        value = [{"role": "user", "content": value}]
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if not isinstance(value, list) or not value:
+        raise ValueError("prompt must be a non-empty list of chat messages {role, content} (or a string)")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"prompt[{i}] must be a dict with string `role` and `content`, got {m!r:.200}")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise ValueError(f"prompt[{i}] has role {m['role']!r}; use system, user or assistant")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "user":
+        raise ValueError("the last prompt message must be from the user (the policy answers it)")
+    return out
+
+
+def _domain(ability: Any, extra_info: dict, data_source: str) -> str:
+    raw = ability if ability is not None else extra_info.get("domain")
+    if raw is None:
+        raise ValueError(f"no domain: set the `ability` column to math or code (data_source {data_source!r})")
+    domain = _DOMAIN_ALIASES.get(str(raw).strip().lower())
+    if domain is None:
+        raise ValueError(f"unknown domain {raw!r} in `ability`; use one of {sorted(set(_DOMAIN_ALIASES))}")
+    return domain
+
+
+def _math_truth(raw: Any) -> str:
+    if hasattr(raw, "tolist"):
+        raw = raw.tolist()
+    if isinstance(raw, list) and len(raw) == 1:
+        raw = raw[0]
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise ValueError(f"math ground_truth must be a string or number, got {type(raw).__name__}")
+    text = str(raw).strip()
+    if not text:
+        raise ValueError("math ground_truth is empty")
+    return text
+
+
+def _explicit_id(row: dict, extra_info: dict) -> str | None:
+    for source in (row, extra_info):
+        for key in _ID_KEYS:
+            value = source.get(key)
+            if value is not None and str(value).strip():
+                return str(value).strip()
+    return None
+
+
+def _content_id(data_source: str, messages: list[dict], raw_truth: Any) -> str:
+    """Stable across runs and machines: a hash of what defines the prompt."""
+    blob = json.dumps([data_source, messages, raw_truth], sort_keys=True, default=str, ensure_ascii=False)
+    return "h" + hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def write_verl_parquet(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Write rows in verl layout (used by the builtin set and by tests). Atomic."""
+    import pyarrow as pa
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    tmp.replace(path)

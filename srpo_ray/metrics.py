@@ -1,0 +1,109 @@
+"""Per-step metrics: one JSON line per step in `<run_dir>/metrics.jsonl`, TensorBoard
+event files when tensorboard is installed, and a progress bar on stderr.
+
+Metric names (also explained in README.md):
+    reward/<domain>/mean, response_len/<domain>/mean   per domain, this step's rollouts
+    correct/<domain>/mean         verifier-correct fraction per domain
+    groups/zero_variance_frac     share of groups whose rewards are all equal (no gradient)
+    pool/size, pool/removed        prompts eligible now / dropped by History Resampling
+    policy/version                 weights version the rollouts were sampled from
+    time/generate, time/score, time/train, time/weight_sync, time/step   seconds
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+PROGRESS_KEYS = ("reward/mean", "groups/zero_variance_frac", "pool/size", "time/step")
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0,
+                 progress_bar: bool = True, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", buffering=1)
+        self._tb = _tensorboard_writer(Path(run_dir) / "tensorboard") if tensorboard else None
+        self._bar = None
+        if progress_bar:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="srpo", file=sys.stderr,
+                             dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(key, value, step)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix({k.split("/")[-2] if k.count("/") > 1 else k: _short(record[k])
+                                   for k in PROGRESS_KEYS if k in record}, refresh=False)
+
+    def event(self, message: str) -> None:
+        """A one-off line (stage switch, epoch end, resume) above the progress bar."""
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        self._file.close()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _short(value: Any) -> Any:
+    return round(value, 3) if isinstance(value, float) else value
+
+
+def _tensorboard_writer(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def summarize_rollouts(scored: list) -> dict[str, float]:
+    """Reward, correctness and response length by domain for one step's ScoredGroups,
+    plus the share of groups with zero reward variance and of truncated responses."""
+    out: dict[str, float] = {}
+    by_domain: dict[str, list[tuple[float, bool, int, bool]]] = {}
+    zero_variance = 0
+    timeouts = 0
+    for sg in scored:
+        rewards = sg.rewards
+        zero_variance += max(rewards) == min(rewards)
+        rows = by_domain.setdefault(sg.group.prompt.domain, [])
+        for sample, result in zip(sg.group.samples, sg.results):
+            rows.append((result.reward, result.correct, len(sample.token_ids), sample.finish_reason == "length"))
+            timeouts += bool(result.info.get("timeout"))
+    every = [row for rows in by_domain.values() for row in rows]
+    for name, rows in [*by_domain.items(), ("all", every)]:
+        if not rows:
+            continue
+        prefix = "" if name == "all" else f"/{name}"
+        out[f"reward{prefix}/mean"] = sum(r[0] for r in rows) / len(rows)
+        out[f"correct{prefix}/mean"] = sum(r[1] for r in rows) / len(rows)
+        out[f"response_len{prefix}/mean"] = sum(r[2] for r in rows) / len(rows)
+        out[f"truncated{prefix}/frac"] = sum(r[3] for r in rows) / len(rows)
+    out["groups/count"] = len(scored)
+    out["groups/zero_variance_frac"] = zero_variance / max(1, len(scored))
+    out["reward/timeouts"] = timeouts
+    return out

@@ -1,0 +1,204 @@
+"""The SRPO training loop over role handles.
+
+`SRPOTrainer` owns the run's state (step, policy version, ledger, stage schedule) and
+calls the roles through small objects built by the runtime: a rollout fleet, a reward
+fleet and a learner group. It imports neither Ray nor vLLM, so tests can drive it with
+fakes. One step: prompts from the ledger -> rollouts -> rewards -> ledger update ->
+group advantages -> learner update -> weights pushed to the generators.
+"""
+from __future__ import annotations
+
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from srpo_ray.algo.advantages import group_advantages
+from srpo_ray.algo.ledger import HistoryLedger
+from srpo_ray.algo.overlong import apply_overlong_policy
+from srpo_ray.algo.stages import StageSchedule, effective_sampling, prompts_per_step
+from srpo_ray.batch import build_train_batch
+from srpo_ray.checkpoint import CheckpointManager
+from srpo_ray.config import SRPOConfig, to_yaml
+from srpo_ray.metrics import MetricsLogger, summarize_rollouts
+from srpo_ray.records import Prompt, RolloutGroup, ScoredGroup
+
+STATE_FILE = "trainer_state.pt"
+
+
+class RolloutFleet(Protocol):
+    def generate(self, prompts: list[Prompt], sampling: dict, seed: int) -> list[RolloutGroup]: ...
+    def push_weights(self, state_dict_ref: Any, version: int) -> None: ...
+
+
+class RewardFleet(Protocol):
+    def score(self, groups: list[RolloutGroup]) -> list[ScoredGroup]: ...
+
+
+class Learner(Protocol):
+    def train(self, batch: Any, temperature: float) -> dict: ...
+    def state_dict_ref(self) -> Any: ...
+    def save(self, directory: str) -> None: ...
+    def load(self, directory: str) -> None: ...
+
+
+@dataclass
+class Roles:
+    rollout: RolloutFleet
+    rewards: RewardFleet
+    learner: Learner
+
+
+class SRPOTrainer:
+    def __init__(self, cfg: SRPOConfig, prompts: list[Prompt], roles: Roles, pad_token_id: int,
+                 metrics: MetricsLogger, checkpoints: CheckpointManager):
+        self.cfg, self.roles, self.pad_token_id = cfg, roles, pad_token_id
+        self.metrics, self.checkpoints = metrics, checkpoints
+        self.by_id = {p.prompt_id: p for p in prompts}
+        self.ledger = HistoryLedger(cfg.resample, seed=cfg.trainer.seed)
+        self.stages = StageSchedule(cfg.stages)
+        self.step = 0
+        self.version = 0  # number of weight updates the generators have received
+        self._epoch_metrics: dict = {}
+
+    # ---- the loop -------------------------------------------------------------------
+    def fit(self) -> None:
+        if self.step == 0:
+            self._enter_stage(first=True)
+        while self.step < self.cfg.trainer.total_steps:
+            prompt_ids = self._next_prompt_ids()
+            if not prompt_ids:
+                self.metrics.event(f"step {self.step}: no prompts left in the pool (all solved); stopping")
+                break
+            self.step += 1
+            step_metrics = self.train_step(prompt_ids)
+            self.metrics.log(self.step, step_metrics)
+            self.stages.record_step(step_metrics)
+            if self.cfg.trainer.save_every and self.step % self.cfg.trainer.save_every == 0:
+                self.save()
+        self.save()
+
+    def train_step(self, prompt_ids: list[str]) -> dict[str, Any]:
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        stage = self.stages.current
+        sampling = effective_sampling(self.cfg.rollout, stage)
+        prompts = [self.by_id[i] for i in prompt_ids]
+        with _timed(timings, "generate"):
+            groups = self.roles.rollout.generate(prompts, sampling, seed=self.cfg.rollout.seed + self.step)
+        self._check_versions(groups)
+        with _timed(timings, "score"):
+            scored = self.roles.rewards.score(groups)
+        for sg in scored:
+            self.ledger.observe(sg.group.prompt.prompt_id, sg.num_correct, len(sg.results))
+        shaped, overlong_metrics = apply_overlong_policy(scored, self.cfg.algo.overlong, sampling["max_new_tokens"])
+        advantages, adv_metrics = group_advantages(torch.tensor(shaped, dtype=torch.float32),
+                                                   self.cfg.algo.normalize_adv_by_std)
+        batch = build_train_batch(scored, advantages.tolist(), self.pad_token_id)
+        train_metrics: dict[str, Any] = {"train/skipped": 1.0}
+        if batch.input_ids.shape[0] > 0:  # all groups zero-variance: nothing to learn from
+            with _timed(timings, "train"):
+                train_metrics = self.roles.learner.train(batch, temperature=sampling["temperature"])
+            with _timed(timings, "weight_sync"):
+                self.version += 1
+                self.roles.rollout.push_weights(self.roles.learner.state_dict_ref(), self.version)
+        timings["step"] = time.perf_counter() - started
+        epoch_metrics, self._epoch_metrics = self._epoch_metrics, {}
+        return {
+            **summarize_rollouts(scored), **adv_metrics, **overlong_metrics, **train_metrics,
+            **{f"epoch/{k}": v for k, v in epoch_metrics.items()},
+            **{f"time/{k}": v for k, v in timings.items()},
+            "pool/size": self.ledger.pool_size, "pool/removed": self.ledger.num_removed,
+            "epoch": self.ledger.epoch, "stage": self.stages.index, "policy/version": self.version,
+            "batch/sequences": int(batch.input_ids.shape[0]),
+        }
+
+    # ---- prompts, epochs and stages ---------------------------------------------------
+    def _next_prompt_ids(self) -> list[str]:
+        while True:
+            if self.stages.should_switch() and not self.stages.is_last:
+                self._enter_stage(first=False)
+            k = prompts_per_step(self.cfg.trainer, self.stages.current)
+            ids, epoch_metrics = self.ledger.next_batch(k)
+            if epoch_metrics:  # History Resampling was applied at this epoch's end
+                self._epoch_metrics = epoch_metrics
+                self.metrics.event(f"step {self.step}: epoch end, History Resampling: "
+                                   + ", ".join(f"{k}={v}" for k, v in epoch_metrics.items()))
+                self.stages.record_epoch()
+                if self.stages.should_switch() and not self.stages.is_last:
+                    continue
+            if ids:
+                return ids
+            if self.stages.is_last:
+                return []
+            self._enter_stage(first=False)  # this stage's pool is empty: move on
+
+    def _enter_stage(self, first: bool) -> None:
+        if not first:
+            self.stages.advance()
+        stage = self.stages.current
+        pool = [pid for pid, p in self.by_id.items() if p.domain in stage.domains]
+        self.ledger.set_pool(pool)
+        self.metrics.event(f"step {self.step}: stage {self.stages.index} ({stage.name}): "
+                           f"{len(pool)} prompts in domains {list(stage.domains)}")
+
+    def _check_versions(self, groups: list[RolloutGroup]) -> None:
+        stale = [g.policy_version for g in groups if g.policy_version != self.version]
+        if stale:
+            raise RuntimeError(f"rollouts from policy versions {sorted(set(stale))} but the learner is at "
+                               f"version {self.version}: a generation worker missed a weight update")
+
+    # ---- checkpoints ----------------------------------------------------------------
+    def save(self) -> Path:
+        tmp = self.checkpoints.begin(self.step)
+        self.roles.learner.save(str(tmp))
+        torch.save(self.state_dict(), tmp / STATE_FILE)
+        (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+        final = self.checkpoints.commit(tmp, self.step)
+        self.metrics.event(f"step {self.step}: checkpoint {final}")
+        return final
+
+    def resume(self) -> Path | None:
+        """Continue from the latest checkpoint, if any: learner weights and optimizer,
+        ledger, stage, step, policy version and RNG states; generators get the weights."""
+        self.checkpoints.clean_partial()
+        latest = self.checkpoints.latest()
+        if latest is None:
+            self.metrics.event(f"--resume: no checkpoint in {self.checkpoints.root}; starting fresh")
+            return None
+        self.roles.learner.load(str(latest))
+        self.load_state_dict(torch.load(latest / STATE_FILE, weights_only=False))
+        self.roles.rollout.push_weights(self.roles.learner.state_dict_ref(), self.version)
+        self.metrics.event(f"resumed from {latest} at step {self.step} (stage {self.stages.index}, "
+                           f"epoch {self.ledger.epoch}, policy version {self.version})")
+        return latest
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "version": self.version,
+            "ledger": self.ledger.state_dict(), "stages": self.stages.state_dict(),
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.version = state["step"], state["version"]
+        self.ledger.load_state_dict(state["ledger"])
+        self.stages.load_state_dict(state["stages"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
