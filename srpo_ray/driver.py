@@ -1,0 +1,30 @@
+"""Entry point: `python -m srpo_ray.driver [--config FILE] [--resume] [key=value ...]`.
+
+Runs alone (starts a local Ray on 127.0.0.1) or under
+`ray job submit -- python -m srpo_ray.driver ...` (joins that cluster)."""
+from __future__ import annotations
+
+import logging
+import sys
+
+from srpo_ray.config import ConfigError, parse_cli
+from srpo_ray.data import DataError
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg, resume = parse_cli(argv)
+        from srpo_ray.runtime import build_trainer
+        with build_trainer(cfg) as trainer:
+            if resume:
+                trainer.resume()
+            trainer.fit()
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"srpo_ray: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Runtime glue: join or start Ray, create the role actors where the placement plan
+puts them, and assemble the trainer. The only module besides the fleets and the
+actors that talks to Ray."""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import ray
+
+from srpo_ray.checkpoint import CheckpointManager
+from srpo_ray.config import SRPOConfig, as_dict
+from srpo_ray.data import DataError, load_prompts
+from srpo_ray.fleets import RayRewardFleet, RayRolloutFleet, WorkerPool
+from srpo_ray.metrics import MetricsLogger
+from srpo_ray.models import resolve_model_path
+from srpo_ray.trainer import Roles, SRPOTrainer
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: SRPOConfig) -> bool:
+    """Join the configured cluster (or the one a `ray job submit` runs us in); else start
+    a local one bound to 127.0.0.1. Returns True if this process started Ray."""
+    if ray.is_initialized():
+        return False
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return False
+    from cluster.placement import local_custom_resources, local_num_cpus_needed
+    ray.init(num_cpus=cfg.cluster.local_num_cpus or local_num_cpus_needed(cfg),
+             resources=local_custom_resources(cfg), include_dashboard=False,
+             _node_ip_address="127.0.0.1")
+    return True
+
+
+def check_stage_data(cfg: SRPOConfig, prompts: list) -> None:
+    have = {p.domain for p in prompts}
+    for i, stage in enumerate(cfg.stages):
+        missing = [d for d in stage.domains if d not in have]
+        if missing:
+            raise DataError(f"stages.{i} ({stage.name}) trains on {missing} but data.train_files "
+                            f"{list(cfg.data.train_files)} has no such rows; add data or change the stage's domains")
+
+
+@contextmanager
+def build_trainer(cfg: SRPOConfig) -> Iterator[SRPOTrainer]:
+    """Everything a run needs, torn down (actors, placement groups, a local Ray) after."""
+    model_path = resolve_model_path(cfg.model)
+    prompts = load_prompts(cfg.data.train_files)
+    check_stage_data(cfg, prompts)
+    started_ray = init_ray(cfg)
+    placement = None
+    metrics = None
+    try:
+        from cluster.ray_placement import create_placement_groups
+        from cluster.placement import plan_placement
+        placement = create_placement_groups(plan_placement(cfg), timeout_s=cfg.cluster.placement_timeout_s)
+        roles, pad_token_id = _create_roles(cfg, model_path, placement)
+        metrics = MetricsLogger(cfg.trainer.run_dir, cfg.trainer.total_steps,
+                                progress_bar=cfg.metrics.progress_bar, tensorboard=cfg.metrics.tensorboard)
+        checkpoints = CheckpointManager(cfg.trainer.run_dir, keep=cfg.trainer.keep_checkpoints)
+        yield SRPOTrainer(cfg, prompts, roles, pad_token_id, metrics, checkpoints)
+    finally:
+        if metrics is not None:
+            metrics.close()
+        if placement is not None:
+            placement.remove()
+        if started_ray:
+            ray.shutdown()
+
+
+def _create_roles(cfg: SRPOConfig, model_path: str, placement) -> tuple[Roles, int]:
+    from transformers import AutoTokenizer
+
+    from actors.generation import GenerationWorker
+    from actors.learner import create_learner_group
+    from actors.reward import RewardWorker
+
+    on_gpu = cfg.rollout.gpus_per_worker > 0
+    gen_env = {"OMP_NUM_THREADS": str(max(1, int(cfg.rollout.cpus_per_worker)))}
+    if not on_gpu:
+        gen_env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine: starts in seconds on CPU
+
+    def new_generator(i: int):
+        return GenerationWorker.options(**placement.actor_options("rollout", i),
+                                        runtime_env={"env_vars": gen_env}).remote(
+            model_path, cfg.rollout, cfg.model.dtype, cfg.data.max_prompt_tokens, i)
+
+    def new_scorer(i: int):
+        return RewardWorker.options(**placement.actor_options("reward", i)).remote(cfg.reward)
+
+    learner = create_learner_group(cfg, model_path,
+                                   actor_options=lambda r: placement.actor_options("learner", r), setup=False)
+    rollout = RayRolloutFleet(WorkerPool("generation", new_generator, cfg.rollout.num_workers))
+    rewards = RayRewardFleet(WorkerPool("reward", new_scorer, cfg.reward.num_workers))
+    learner.setup()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Roles(rollout=rollout, rewards=rewards, learner=learner), int(pad)
