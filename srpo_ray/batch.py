@@ -1,0 +1,185 @@
+"""Training batches: scored rollout groups -> padded tensors, split over learner ranks
+and into micro-batches. Pure torch; no Ray.
+
+Token alignment (every [B, T] tensor of a TrainBatch follows it):
+    row b is `prompt_token_ids + response token_ids`, right-padded to T with pad_token_id.
+    Position t holds token `input_ids[b, t]`; any per-token value at position t is about
+    THAT token: `logprobs[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`, which the
+    model computes from the logits at position t - 1.
+    `response_mask[b, t] = 1` exactly where `input_ids[b, t]` is a response token, so
+    `rollout_logprobs[b, t]` is vLLM's log-prob of that sampled token (0 elsewhere).
+    Position 0 is always a prompt token (prompts must be non-empty), so no response
+    token lacks a preceding context.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from srpo_ray.records import ScoredGroup
+
+
+@dataclass
+class TrainBatch:
+    """B sequences of length T (see the module docstring for the alignment).
+
+    input_ids         [B, T] int64   prompt + response, right-padded
+    attention_mask    [B, T] int64   1 on real tokens (prompt and response), 0 on padding
+    response_mask     [B, T] float32 1 on response tokens
+    advantages        [B]    float32 one advantage per sequence
+    rollout_logprobs  [B, T] float32 the sampler's log-prob of each response token
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    advantages: torch.Tensor
+    rollout_logprobs: torch.Tensor
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum().item())
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens: the compute a sequence costs."""
+        return int(self.attention_mask.sum().item())
+
+    def select(self, index: list[int] | torch.Tensor) -> "TrainBatch":
+        """The sequences at `index`, trimmed to their own longest length."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        picked = TrainBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return picked.trimmed()
+
+    def trimmed(self) -> "TrainBatch":
+        """Drop trailing columns that are padding in every row (rows are right-padded)."""
+        if self.num_sequences == 0:
+            length = 0
+        else:
+            length = int(self.attention_mask.sum(dim=1).max().item())
+        return TrainBatch(
+            input_ids=self.input_ids[:, :length],
+            attention_mask=self.attention_mask[:, :length],
+            response_mask=self.response_mask[:, :length],
+            advantages=self.advantages,
+            rollout_logprobs=self.rollout_logprobs[:, :length],
+        )
+
+
+def empty_batch() -> TrainBatch:
+    """A batch with no sequences (shape [0, 0]); a rank that gets it still joins collectives."""
+    return TrainBatch(
+        input_ids=torch.zeros(0, 0, dtype=torch.long),
+        attention_mask=torch.zeros(0, 0, dtype=torch.long),
+        response_mask=torch.zeros(0, 0),
+        advantages=torch.zeros(0),
+        rollout_logprobs=torch.zeros(0, 0),
+    )
+
+
+def build_train_batch(groups: list[ScoredGroup], advantages: list[list[float]], pad_token_id: int,
+                      drop_zero_advantage_groups: bool = True) -> TrainBatch:
+    """Pack scored groups into one right-padded TrainBatch, one row per sample.
+
+    `advantages[g][i]` is the advantage of sample i of group g. With
+    `drop_zero_advantage_groups`, groups whose advantages are all zero (e.g. every
+    rollout got the same reward) are left out: they give no policy gradient, so
+    training on them only costs compute. The token-mean denominator (the batch's
+    `num_response_tokens`) then counts the tokens of the kept groups only.
+    Samples with an empty response carry nothing to train on and are skipped.
+    """
+    if len(groups) != len(advantages):
+        raise ValueError(f"build_train_batch: got {len(groups)} groups but {len(advantages)} "
+                         f"advantage lists; pass one list per group")
+    rows: list[tuple[list[int], int, list[float], float]] = []
+    for g, (scored, adv) in enumerate(zip(groups, advantages)):
+        samples = scored.group.samples
+        if len(adv) != len(samples):
+            raise ValueError(f"build_train_batch: group {g} (prompt {scored.group.prompt.prompt_id!r}) "
+                             f"has {len(samples)} samples but {len(adv)} advantages")
+        if drop_zero_advantage_groups and all(a == 0 for a in adv):
+            continue
+        prompt_ids = list(scored.group.prompt_token_ids)
+        if not prompt_ids:
+            raise ValueError(f"build_train_batch: group {g} (prompt {scored.group.prompt.prompt_id!r}) "
+                             f"has no prompt tokens; the first response token needs a context")
+        for i, (sample, a) in enumerate(zip(samples, adv)):
+            if len(sample.logprobs) != len(sample.token_ids):
+                raise ValueError(f"build_train_batch: group {g} sample {i} has {len(sample.token_ids)} "
+                                 f"tokens but {len(sample.logprobs)} log-probs; request one log-prob "
+                                 f"per sampled token from the generator")
+            if sample.token_ids:
+                rows.append((prompt_ids + list(sample.token_ids), len(prompt_ids),
+                             list(sample.logprobs), float(a)))
+    if not rows:
+        return empty_batch()
+    length = max(len(ids) for ids, *_ in rows)
+    n = len(rows)
+    input_ids = torch.full((n, length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(n, length, dtype=torch.long)
+    response_mask = torch.zeros(n, length)
+    rollout_logprobs = torch.zeros(n, length)
+    for b, (ids, prompt_len, logprobs, _) in enumerate(rows):
+        input_ids[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[b, :len(ids)] = 1
+        response_mask[b, prompt_len:len(ids)] = 1
+        rollout_logprobs[b, prompt_len:len(ids)] = torch.tensor(logprobs, dtype=torch.float32)
+    return TrainBatch(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
+                      advantages=torch.tensor([a for *_, a in rows], dtype=torch.float32),
+                      rollout_logprobs=rollout_logprobs)
+
+
+def split_for_ranks(batch: TrainBatch, world_size: int) -> list[TrainBatch]:
+    """Split sequences over `world_size` ranks so that real-token counts are balanced
+    (longest sequence first onto the least-loaded rank). Nothing is padded in: with
+    fewer sequences than ranks some shards are empty (`num_sequences == 0`), and those
+    ranks must still take part in every collective (the learner runs dummy passes).
+    Each shard keeps its sequences in batch order and is trimmed to its own length."""
+    if world_size < 1:
+        raise ValueError(f"split_for_ranks: world_size must be >= 1, got {world_size}")
+    lengths = batch.attention_mask.sum(dim=1).tolist() if batch.num_sequences else []
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    load = [0] * world_size
+    assigned: list[list[int]] = [[] for _ in range(world_size)]
+    for i in order:
+        rank = min(range(world_size), key=lambda r: (load[r], len(assigned[r]), r))
+        assigned[rank].append(i)
+        load[rank] += lengths[i]
+    return [batch.select(sorted(idx)) if idx else empty_batch() for idx in assigned]
+
+
+def split_into_chunks(batch: TrainBatch, num_chunks: int) -> list[TrainBatch]:
+    """`num_chunks` contiguous, near-equal (by sequence count) chunks; some may be empty."""
+    if num_chunks < 1:
+        raise ValueError(f"split_into_chunks: num_chunks must be >= 1, got {num_chunks}")
+    n = batch.num_sequences
+    bounds = [round(k * n / num_chunks) for k in range(num_chunks + 1)]
+    return [batch.select(list(range(lo, hi))) if hi > lo else empty_batch()
+            for lo, hi in zip(bounds, bounds[1:])]
+
+
+def micro_batches(batch: TrainBatch, micro_batch_size: int) -> list[TrainBatch]:
+    """Consecutive micro-batches of at most `micro_batch_size` sequences, each trimmed
+    to its own longest sequence. An empty batch gives an empty list."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batches: micro_batch_size must be >= 1 "
+                         f"(learner.micro_batch_size), got {micro_batch_size}")
+    return [batch.select(list(range(lo, min(lo + micro_batch_size, batch.num_sequences))))
+            for lo in range(0, batch.num_sequences, micro_batch_size)]
+
+
+def loss_denominator(batch: TrainBatch, loss_agg: str) -> float:
+    """The global denominator the loss divides by (algo.loss_agg): token-mean -> number
+    of response tokens; seq-mean-* -> number of sequences. Computed on the FULL batch
+    (all ranks, all micro-batches) so the micro-batch losses sum to the batch loss."""
+    if loss_agg == "token-mean":
+        return float(batch.num_response_tokens)
+    if loss_agg in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        return float(batch.num_sequences)
+    raise ValueError(f"unknown algo.loss_agg {loss_agg!r}; use token-mean, seq-mean-token-sum "
+                     f"or seq-mean-token-mean")

@@ -1,0 +1,471 @@
+"""One rank of the FSDP2 learner: pure torch + torch.distributed (no Ray).
+
+N processes (Ray actors in practice, any launcher works) each build an FSDPLearner with
+their rank; together they hold one sharded copy of the policy and its AdamW state.
+
+Gradient convention. The loss of every micro-batch is already divided by the GLOBAL
+denominator (response tokens, or sequences, of the whole batch over all ranks), so the
+batch gradient is the plain SUM of the ranks' gradients. FSDP2 averages by default;
+we set its divide factor to 1 with sum-only reductions, so its reduce-scatter sums.
+
+Collectives. FSDP2 all-gathers in every forward and reduce-scatters in every backward,
+so every rank must run the SAME number of passes. Ranks agree on the micro-batch count
+(all-reduce MAX); a rank with fewer (or no) sequences runs zero-weighted dummy passes.
+
+Precision. Parameters and AdamW state are float32 on every rank; model.dtype
+(bfloat16/float16) is the compute dtype FSDP2 casts gathered weights to, with fp32
+gradient reduction. Weights handed out (full_state_dict, hf/) are in model.dtype.
+
+Every model is loaded whole on every rank before sharding (host memory: one full fp32
+copy per rank during setup); fine up to a few billion parameters per node.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from srpo_ray.algo.loss import policy_loss
+from srpo_ray.batch import (TrainBatch, loss_denominator as local_denominator, micro_batches,
+                            split_into_chunks)
+from srpo_ray.config import SRPOConfig
+
+# Files of the source model folder that are not weights: copied next to saved weights so
+# the checkpoint's hf/ folder is a complete model (config, generation config, tokenizer).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                   temperature: float, with_entropy: bool = False,
+                   entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs of `input_ids` under `logits / temperature`.
+
+    logits [B, T, V] (from model(input_ids)), input_ids [B, T], response_mask [B, T].
+    Returns logprobs [B, T] float32 with `logprobs[b, t] = log p(input_ids[b, t] |
+    input_ids[b, :t])` where response_mask is 1 and 0 elsewhere, and entropy [B, T] of
+    the distribution that predicted each masked token (or None). Only the masked
+    positions are turned into fp32 log-softmax rows ([N, V], N = masked tokens): the full
+    [B, T, V] log-softmax is never built.
+    """
+    mask = response_mask.bool()
+    if mask.shape[1] and mask[:, 0].any():
+        raise ValueError("response_mask marks position 0, which has no preceding context; "
+                         "every sequence must start with at least one prompt token")
+    rows = logits[:, :-1][mask[:, 1:]].float() / temperature  # [N, V]: row for token t is logits[t-1]
+    lse = torch.logsumexp(rows, dim=-1)
+    picked = rows.gather(-1, input_ids[mask].unsqueeze(-1)).squeeze(-1) - lse
+    logprobs = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
+    logprobs[mask] = picked
+    if not with_entropy:
+        return logprobs, None
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        per_row = lse - (torch.softmax(rows, dim=-1) * rows).sum(-1)
+    entropy = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
+    entropy[mask] = per_row
+    return logprobs, entropy
+
+
+class FSDPLearner:
+    """One rank. Every method except __init__ is collective: all ranks call it, in the
+    same order (they would otherwise wait for each other until collective_timeout_s)."""
+
+    def __init__(self, model_path: str, cfg: SRPOConfig, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.model_path = str(model_path)
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.device = torch.device("cpu")
+        self.optimizer_steps = 0
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        """Join the process group (MASTER_ADDR/MASTER_PORT from the environment), load
+        the HF model, shard it with FSDP2 (each decoder layer, then the root) and build
+        AdamW."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.cfg
+        if cfg.algo.kl_coef > 0:
+            raise ValueError("algo.kl_coef > 0 needs a reference policy, which this learner does "
+                             "not keep; set algo.kl_coef=0 (SRPO uses no KL term)")
+        backend = _pick_backend(cfg.learner.backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if not dist.is_initialized():
+            dist.init_process_group(backend, rank=self.rank, world_size=self.world_size,
+                                    timeout=timedelta(seconds=cfg.learner.collective_timeout_s))
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+
+        # Master weights and AdamW state stay float32; with model.dtype bfloat16/float16
+        # FSDP2 casts the gathered parameters for compute and reduces gradients in fp32.
+        self.compute_dtype = getattr(torch, cfg.model.dtype)
+        mp_policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        model.config.use_cache = False
+        if cfg.learner.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._tied_names = _tied_embedding_names(model)
+        for layer in _decoder_layers(model):
+            fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+        fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):  # sum the ranks' gradients, see module docstring
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
+        model.train()
+        self.model = model
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
+                                           betas=tuple(cfg.optim.betas),
+                                           eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, shard: TrainBatch, loss_denominator: float, temperature: float) -> dict:
+        """Update the policy on this rank's `shard` of one rollout batch.
+
+        loss_denominator: the global denominator of algo.loss_agg for the WHOLE batch
+          (response tokens, or sequences, summed over all ranks' shards); the same value
+          on every rank. temperature: the sampling temperature (logits are divided by it
+          so log-probs match the sampler's).
+
+        algo.minibatches == 1 (SRPO): one optimizer step; old log-probs are the current
+        ones detached, so the ratio is exactly 1 and the loss is the plain policy
+        gradient. algo.minibatches = k > 1: old log-probs are recomputed (no grad) before
+        the first update, the shard is cut into k contiguous chunks and each is one
+        optimizer step whose denominator is that chunk's global count (all-reduced;
+        `loss_denominator` is then unused).
+
+        Returns the same dict on every rank (all-reduced over ranks): `loss` (batch loss,
+        mean over optimizer steps), `grad_norm` (global pre-clip norm, mean over steps),
+        `response_tokens`, `sequences`, `skipped_steps` (non-finite gradient norm: the
+        step is skipped), `optimizer_steps` (total so far), and the loss's metrics:
+        pg_loss summed like the loss, ratio_max as a max, the rest (clip_frac_low/high,
+        logprob_mismatch vs the sampler, entropy, ratio_mean, approx_kl, ...) as
+        token-weighted means; all prefixed `learner/`.
+        """
+        self._require_setup()
+        cfg = self.cfg
+        k = cfg.algo.minibatches
+        if k == 1:
+            chunks, denominators, old = [shard], [float(loss_denominator)], [None]
+        else:
+            chunks = split_into_chunks(shard, k)
+            denominators = [self._all_reduce_sum(local_denominator(c, cfg.algo.loss_agg)) for c in chunks]
+            old = [self._old_logprobs(c, temperature) for c in chunks]
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        maxima: dict[str, float] = {}
+        steps = {"loss": 0.0, "grad_norm": 0.0, "skipped_steps": 0.0, "taken": 0.0}
+        for chunk, denominator, chunk_old in zip(chunks, denominators, old):
+            if not denominator > 0:  # the same on all ranks: nothing to learn in this chunk anywhere
+                continue
+            loss, grad_norm = self._optimizer_step(chunk, denominator, chunk_old, temperature,
+                                                   sums, weights, maxima)
+            steps["taken"] += 1
+            steps["loss"] += loss
+            if math.isfinite(grad_norm):
+                steps["grad_norm"] += grad_norm
+            else:
+                steps["skipped_steps"] += 1
+        return self._reduce_metrics(shard, steps, sums, weights, maxima)
+
+    def _optimizer_step(self, chunk: TrainBatch, denominator: float, old: list[torch.Tensor] | None,
+                        temperature: float, sums: dict, weights: dict, maxima: dict) -> tuple[float, float]:
+        model, optimizer, cfg = self.model, self.optimizer, self.cfg
+        mbs = micro_batches(chunk, cfg.learner.micro_batch_size)
+        passes = self._all_reduce_max(len(mbs))
+        optimizer.zero_grad(set_to_none=True)
+        local_loss = 0.0
+        for i in range(passes):
+            if i < len(mbs):
+                mb = _to_device(mbs[i], self.device)
+                lp, entropy = self._forward_logprobs(mb, temperature, with_entropy=True,
+                                                     entropy_grad=cfg.algo.entropy_coef > 0)
+                old_lp = lp.detach() if old is None else old[i].to(self.device)
+                loss, metrics = policy_loss(lp, old_lp, mb.advantages, mb.response_mask, cfg.algo,
+                                            loss_denominator=denominator,
+                                            rollout_logprobs=mb.rollout_logprobs, entropy=entropy)
+                _accumulate(metrics, sums, weights, maxima)
+                local_loss += loss.item()
+            else:
+                loss = self._dummy_loss()
+            loss.backward()
+        grad_norm = self._clip_gradients()
+        if math.isfinite(grad_norm):
+            optimizer.step()
+            self.optimizer_steps += 1
+        optimizer.zero_grad(set_to_none=True)
+        return self._all_reduce_sum(local_loss), grad_norm
+
+    def _clip_gradients(self) -> float:
+        """Global (all ranks) pre-clip L2 norm; clips to optim.grad_clip unless it is 0.
+        clip_grad_norm_ reduces over the DTensor shards, so every rank sees the same norm."""
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm.item())
+
+    def _old_logprobs(self, chunk: TrainBatch, temperature: float) -> list[torch.Tensor]:
+        """Log-probs per micro-batch of `chunk` before any update (no grad), on CPU."""
+        mbs = micro_batches(chunk, self.cfg.learner.micro_batch_size)
+        out = []
+        with torch.no_grad():
+            for i in range(self._all_reduce_max(len(mbs))):
+                if i < len(mbs):
+                    lp, _ = self._forward_logprobs(_to_device(mbs[i], self.device), temperature)
+                    out.append(lp.cpu())
+                else:
+                    self._dummy_loss()
+        return out
+
+    def _forward_logprobs(self, mb: TrainBatch, temperature: float, with_entropy: bool = False,
+                          entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+        return token_logprobs(logits, mb.input_ids, mb.response_mask, temperature, with_entropy, entropy_grad)
+
+    def _dummy_loss(self) -> torch.Tensor:
+        """A zero loss through the whole model: one 2-token forward, so this rank joins
+        the all-gathers (and, on backward, the reduce-scatters) of a real pass."""
+        ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        return logits.float().sum() * 0.0
+
+    def _reduce_metrics(self, shard: TrainBatch, steps: dict, sums: dict, weights: dict,
+                        maxima: dict) -> dict:
+        local = {"sums": sums, "weights": weights, "maxima": maxima,
+                 "tokens": shard.num_response_tokens, "sequences": shard.num_sequences}
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, local)
+        taken = max(steps["taken"], 1.0)
+        out = {
+            "learner/loss": steps["loss"] / taken,
+            "learner/grad_norm": steps["grad_norm"] / max(taken - steps["skipped_steps"], 1.0),
+            "learner/skipped_steps": steps["skipped_steps"],
+            "learner/optimizer_steps": float(self.optimizer_steps),
+            "learner/response_tokens": float(sum(g["tokens"] for g in gathered)),
+            "learner/sequences": float(sum(g["sequences"] for g in gathered)),
+        }
+        names = sorted({n for g in gathered for n in g["sums"]} | {n for g in gathered for n in g["maxima"]})
+        for name in names:
+            if name in _MAX_METRICS:
+                out[f"learner/{name}"] = max(g["maxima"][name] for g in gathered if name in g["maxima"])
+            elif name in _ADDITIVE_METRICS:
+                out[f"learner/{name}"] = sum(g["sums"].get(name, 0.0) for g in gathered) / taken
+            else:
+                total_w = sum(g["weights"].get(name, 0.0) for g in gathered)
+                total = sum(g["sums"].get(name, 0.0) for g in gathered)
+                out[f"learner/{name}"] = total / total_w if total_w else 0.0
+        return out
+
+    # ------------------------------------------------------------------ weights out
+
+    @torch.no_grad()
+    def logprobs_of(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    temperature: float = 1.0) -> torch.Tensor:
+        """[B, T] log-probs of every real token given its prefix (position 0 and padding:
+        0), on CPU, float32. Collective (the forward all-gathers the shards)."""
+        self._require_setup()
+        ids = input_ids.to(self.device)
+        am = torch.ones_like(ids) if attention_mask is None else attention_mask.to(self.device)
+        mask = am.clone().float()
+        mask[:, 0] = 0
+        logits = self.model(input_ids=ids, attention_mask=am, use_cache=False).logits
+        return token_logprobs(logits, ids, mask, temperature)[0].cpu()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full (unsharded) model state on CPU with HF names, on rank 0; None on the
+        others. Collective. Floating tensors are in model.dtype (the float32 master
+        weights cast, as generators run them). Includes the tied output embedding
+        (lm_head.weight) when the model ties it: generators that reload weights need
+        every name."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        model = self._require_setup()
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None
+        if self._tied_names:
+            inp, out = self._tied_names
+            state.setdefault(out, state[inp])
+        return {k: v.to(self.compute_dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Write `directory`/hf/ (rank 0: safetensors weights + config + tokenizer, loadable
+        by transformers and vLLM) and `directory`/learner/ (every rank: its model and
+        optimizer shards, torch.distributed.checkpoint format). Collective. `directory`
+        must be on a filesystem every rank sees; making it atomic (temp dir + rename) is
+        the caller's job, but every file is fsynced before this returns."""
+        import torch.distributed.checkpoint as dcp
+
+        directory = Path(directory)
+        state = self.full_state_dict()
+        if self.rank == 0:
+            _write_hf_model(state, directory / "hf", self.model_path, self._tied_names)
+        del state
+        dcp.save(self._sharded_state(), storage_writer=dcp.FileSystemWriter(str(directory / "learner"),
+                                                                            sync_files=True))
+        if self.rank == 0:
+            _fsync_tree(directory / "learner")
+        dist.barrier()
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Restore model and optimizer from `directory`/learner/ (written by
+        save_checkpoint, possibly with a different number of ranks: DCP reshards)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        path = Path(directory) / "learner"
+        if not (path / ".metadata").is_file():
+            raise FileNotFoundError(f"{path} holds no learner checkpoint (no .metadata); pass a "
+                                    f"directory written by save_checkpoint")
+        state = self._sharded_state()
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        self.optimizer_steps = int(state["optimizer_steps"])
+
+    def _sharded_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model = self._require_setup()
+        if not self.optimizer.state:
+            # get_state_dict creates AdamW's state with a zero-gradient, lr=0 step, which
+            # also counts as step 1 in Adam's bias correction; reset the counter so the
+            # first real update stays a true first step (here and after a resume).
+            get_state_dict(model, self.optimizer)
+            for state in self.optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"].zero_()
+        model_state, optim_state = get_state_dict(model, self.optimizer)
+        return {"model": model_state, "optim": optim_state, "optimizer_steps": self.optimizer_steps}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _require_setup(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("FSDPLearner.setup() must be called (on every rank) first")
+        return self.model
+
+    def _all_reduce_sum(self, value: float) -> float:
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return float(t.item())
+
+    def _all_reduce_max(self, value: int) -> int:
+        t = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# How policy_loss's per-call metrics combine over micro-batches and ranks: pg_loss is
+# already divided by the global denominator, so it adds up (like the loss); ratio_max
+# is a maximum; every other metric is a mean over the call's tokens.
+_ADDITIVE_METRICS = ("pg_loss",)
+_MAX_METRICS = ("ratio_max",)
+
+
+def _accumulate(metrics: dict, sums: dict, weights: dict, maxima: dict) -> None:
+    """Fold one micro-batch's loss metrics into the running sums (see above)."""
+    tokens = float(metrics.get("num_tokens", 0.0))
+    for name, value in metrics.items():
+        if name == "num_tokens":
+            continue
+        if name in _MAX_METRICS:
+            maxima[name] = max(maxima.get(name, float("-inf")), float(value))
+        elif name in _ADDITIVE_METRICS:
+            sums[name] = sums.get(name, 0.0) + float(value)
+        else:
+            sums[name] = sums.get(name, 0.0) + float(value) * tokens
+            weights[name] = weights.get(name, 0.0) + tokens
+
+
+def _pick_backend(backend: str) -> str:
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("learner.backend=nccl but this rank sees no CUDA device; use "
+                         "learner.backend=gloo (or auto) on CPU, or give ranks GPUs (learner.gpus_per_rank)")
+    return backend
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks (FSDP2 shards each one as a unit), found by the class
+    names HF lists in `_no_split_modules`."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} "
+                         f"(_no_split_modules={sorted(names)}); this architecture is not supported")
+    return layers
+
+
+def _tied_embedding_names(model: nn.Module) -> tuple[str, str] | None:
+    """(input embedding weight name, output embedding weight name) if they are one tensor."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or inp.weight is not out.weight:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    return f"{names[id(inp)]}.weight", f"{names[id(out)]}.weight"
+
+
+def _to_device(mb: TrainBatch, device: torch.device) -> TrainBatch:
+    if device.type == "cpu":
+        return mb
+    return TrainBatch(**{k: v.to(device, non_blocking=True) for k, v in vars(mb).items()})
+
+
+def _write_hf_model(state: dict[str, torch.Tensor], out_dir: Path, source_dir: str,
+                    tied_names: tuple[str, str] | None) -> None:
+    """HF layout: safetensors shards (+ index when sharded) and every non-weight file of
+    the source model folder (config.json, generation_config.json, tokenizer files)."""
+    from huggingface_hub import save_torch_state_dict
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = dict(state)
+    if tied_names:  # HF convention: the tied copy is not stored; loaders re-tie it
+        weights.pop(tied_names[1], None)
+    save_torch_state_dict(weights, out_dir, max_shard_size="5GB", metadata={"format": "pt"})
+    for item in Path(source_dir).iterdir():
+        if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(item, out_dir / item.name)
+    _fsync_tree(out_dir)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for folder in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
