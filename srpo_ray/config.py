@@ -96,8 +96,28 @@ class RewardConfig:
     code_total_timeout_s: float = 10.0
     """Wall-clock limit for all cases of one program."""
     code_memory_mb: int = 512
+    """RLIMIT_AS of every process a program starts (MiB)."""
     code_partial_credit: bool = False
     """If true, a code reward is the fraction of cases passed, else 1 only if all pass."""
+    code_max_processes: int = 32
+    """RLIMIT_NPROC inside the sandbox: processes + threads of one program (fork bombs stop here)."""
+    code_max_open_files: int = 64
+    """RLIMIT_NOFILE of every process a program starts."""
+    code_max_output_bytes: int = 4194304
+    """Most stdout (or returned JSON) kept per case; a case also gets at most twice its
+    expected output + 64 KiB. More output fails the case."""
+    code_tmp_mb: int = 64
+    """Size of the program's private writable /tmp (MiB)."""
+    code_python: str = ""
+    """Interpreter that runs programs inside the sandbox ("" = the base interpreter of the
+    worker's own Python). Its prefix is mounted read-only; site-packages are importable."""
+    code_parallel: int = 1
+    """Programs one reward worker runs at the same time (our choice: 1 per reserved CPU)."""
+    math_processes: int = 2
+    """Child processes per reward worker that run math-verify checks (a stuck one is
+    killed and replaced, the others keep going)."""
+    math_memory_mb: int = 2048
+    """RLIMIT_AS of each math-check process (MiB)."""
 
 
 @dataclass
@@ -211,6 +231,8 @@ class MetricsConfig:
     progress_bar: bool = True
     tensorboard: bool = True
     """Also write TensorBoard event files when tensorboard is installed."""
+    rollouts_per_step: int = 2
+    """Rollout groups per step written in full to <run_dir>/rollouts.jsonl (0 = none)."""
 
 
 @dataclass

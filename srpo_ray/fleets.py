@@ -70,11 +70,13 @@ class RayRolloutFleet:
     def __init__(self, pool: WorkerPool, chunks_per_worker: int = 2):
         self.pool, self.chunks_per_worker = pool, chunks_per_worker
         self._weights: tuple[Any, int] | None = None  # latest (state ref, version) for replacements
+        self.version = 0  # what every worker must hold; a worker holding another refuses to generate
 
     def generate(self, prompts: list[Prompt], sampling: dict, seed: int) -> list[RolloutGroup]:
         chunks = split(prompts, len(self.pool.workers) * self.chunks_per_worker)
         results = self.pool.map_chunks(
-            chunks, lambda w, i, chunk: w.generate.remote(chunk, sampling, seed * 1000 + i),
+            chunks, lambda w, i, chunk: w.generate.remote(chunk, {**sampling, "seed": seed * 1000 + i},
+                                                          self.version),
             on_new_worker=self._sync_new_worker)
         return [group for chunk in results for group in chunk]
 
@@ -85,6 +87,7 @@ class RayRolloutFleet:
                                     on_new_worker=self._sync_new_worker)
         if any(v != version for v in held):
             raise RuntimeError(f"weight sync failed: generators hold versions {held}, expected {version}")
+        self.version = version
 
     def _sync_new_worker(self, worker: Any) -> None:
         if self._weights is not None:

@@ -45,6 +45,22 @@ class MetricsLogger:
             self._bar.set_postfix({k.split("/")[-2] if k.count("/") > 1 else k: _short(record[k])
                                    for k in PROGRESS_KEYS if k in record}, refresh=False)
 
+    def rollouts(self, step: int, scored: list, limit: int) -> None:
+        """Append up to `limit` scored groups to rollouts.jsonl, for reading what the
+        policy writes (and for checking weight sync: each sample keeps its log-probs)."""
+        if limit <= 0:
+            return
+        with open(self.path.with_name("rollouts.jsonl"), "a") as f:
+            for sg in scored[:limit]:
+                g = sg.group
+                f.write(json.dumps({
+                    "step": step, "prompt_id": g.prompt.prompt_id, "domain": g.prompt.domain,
+                    "policy_version": g.policy_version, "prompt_token_ids": g.prompt_token_ids,
+                    "samples": [{"text": s.text, "token_ids": s.token_ids, "logprobs": s.logprobs,
+                                 "finish_reason": s.finish_reason, "reward": r.reward, "correct": r.correct}
+                                for s, r in zip(g.samples, sg.results)],
+                }) + "\n")
+
     def event(self, message: str) -> None:
         """A one-off line (stage switch, epoch end, resume) above the progress bar."""
         if self._bar is not None:

@@ -94,6 +94,7 @@ class SRPOTrainer:
         self._check_versions(groups)
         with _timed(timings, "score"):
             scored = self.roles.rewards.score(groups)
+        self.metrics.rollouts(self.step, scored, self.cfg.metrics.rollouts_per_step)
         for sg in scored:
             self.ledger.observe(sg.group.prompt.prompt_id, sg.num_correct, len(sg.results))
         shaped, overlong_metrics = apply_overlong_policy(scored, self.cfg.algo.overlong, sampling["max_new_tokens"])
@@ -110,7 +111,7 @@ class SRPOTrainer:
         timings["step"] = time.perf_counter() - started
         epoch_metrics, self._epoch_metrics = self._epoch_metrics, {}
         return {
-            **summarize_rollouts(scored), **adv_metrics, **overlong_metrics, **train_metrics,
+            **summarize_rollouts(scored), **{f"adv/{k}": v for k, v in adv_metrics.items()}, **overlong_metrics, **train_metrics,
             **{f"epoch/{k}": v for k, v in epoch_metrics.items()},
             **{f"time/{k}": v for k, v in timings.items()},
             "pool/size": self.ledger.pool_size, "pool/removed": self.ledger.num_removed,

@@ -1,0 +1,125 @@
+"""The real loop end to end on a local Ray: vLLM generation, sandboxed rewards, a
+2-rank FSDP2 learner, History Resampling, the stage switch, checkpoints and resume.
+
+The policy is a scripted tiny model (tests/scripted_model.py) so outcomes are known:
+it answers \\boxed{7} or \\boxed{3}; at the stage-1 temperature (0.02) always 7.
+Math prompts whose answer is 7 are therefore all-correct in stage 1 and must leave the
+pool at the epoch's end; those whose answer is 3 are all-wrong and must stay. Stage 2
+samples at temperature 1, so groups are mixed, the learner updates and the weights
+must reach the generator (rollout log-probs equal the learner's)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from srpo_ray.data import write_verl_parquet
+from srpo_ray.driver import main
+
+pytestmark = pytest.mark.slow
+
+
+def write_data(path):
+    rows = []
+    for i in range(4):
+        for truth in ("7", "3"):
+            rows.append({"data_source": "test/arith", "ability": "math",
+                         "prompt": [{"role": "user", "content": f"Question {i} with answer {truth}?"}],
+                         "reward_model": {"ground_truth": truth}, "extra_info": {"id": f"q{i}-{truth}"}})
+    for i in range(2):
+        tests = json.dumps([{"input": "1 2\n", "output": "3\n", "testtype": "stdin"}])
+        rows.append({"data_source": "test/code", "ability": "code",
+                     "prompt": [{"role": "user", "content": f"Add two numbers ({i})."}],
+                     "reward_model": {"ground_truth": tests}, "extra_info": {"id": f"code{i}"}})
+    write_verl_parquet(rows, path)
+    return path
+
+
+def run_args(model_dir, data, run_dir, *extra):
+    return ["--config", "configs/tiny_test.yaml", f"model.path={model_dir}", f"data.train_files=[{data}]",
+            f"trainer.run_dir={run_dir}", "trainer.prompts_per_step=4", "trainer.save_every=1",
+            "trainer.keep_checkpoints=10", "metrics.rollouts_per_step=100",
+            "stages.0.temperature=0.02", "stages.0.until_epochs=1", "optim.lr=0.01", *extra]
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(scripted_model_dir, tmp_path_factory):
+    from conftest import ensure_local_ray
+    ensure_local_ray()
+    root = tmp_path_factory.mktemp("integration")
+    data = write_data(root / "data.parquet")
+    run_dir = root / "full"
+    assert main(run_args(scripted_model_dir, data, run_dir, "trainer.total_steps=4")) == 0
+    return root, data, run_dir
+
+
+def test_stage_one_resampling_drops_all_correct_prompts(full_run):
+    _, _, run_dir = full_run
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["stage"] for r in rows] == [0, 0, 1, 1]
+    assert rows[0]["correct/math/mean"] in (0.0, 0.5, 1.0)  # 7s all right, 3s all wrong
+    assert rows[0]["groups/zero_variance_frac"] == 1.0 and rows[0]["policy/version"] == 0
+    assert rows[2]["epoch/dropped"] == 4 and rows[2]["pool/removed"] == 4
+    assert rows[2]["pool/size"] == 4 + 2  # the 3s stay (all wrong), code joins in stage 2
+    state = torch.load(run_dir / "checkpoints" / "step_000004" / "trainer_state.pt", weights_only=False)
+    assert state["stages"] and state["step"] == 4
+
+
+def hf_logprobs(model_dir, prompt_ids, response_ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+    picked = logp.gather(1, ids[0, 1:, None])[:, 0]
+    return picked[len(prompt_ids) - 1:]
+
+
+def test_stage_two_learns_and_weights_reach_the_generator(full_run, scripted_model_dir):
+    _, _, run_dir = full_run
+    rows = metrics(run_dir)
+    assert "learner/loss" in rows[2] and rows[2]["policy/version"] == 1, "stage 2's mixed groups must train"
+    # Step 4 sampled with version 1, the weights right after step 3's update (checkpoint 3).
+    # vLLM's log-probs of those samples must be the learner's version-1 log-probs, and not
+    # the initial model's: only true if the new weights reached the generator.
+    step4 = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()
+             if json.loads(line)["step"] == 4]
+    assert step4 and all(g["policy_version"] == 1 for g in step4)
+    after_update = run_dir / "checkpoints" / "step_000003" / "hf"
+    for group in step4:
+        for sample in group["samples"]:
+            vllm = torch.tensor(sample["logprobs"])
+            synced = hf_logprobs(after_update, group["prompt_token_ids"], sample["token_ids"])
+            initial = hf_logprobs(scripted_model_dir, group["prompt_token_ids"], sample["token_ids"])
+            assert torch.allclose(vllm, synced, atol=2e-3), (vllm, synced)
+            assert (vllm - initial).abs().max() > 0.1
+
+
+def test_final_checkpoint_loads_in_transformers(full_run):
+    from transformers import AutoModelForCausalLM
+
+    _, _, run_dir = full_run
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / latest / "hf")
+    assert model.config.hidden_size == 64
+
+
+def test_resume_continues_at_the_next_step_with_the_same_ledger(full_run, scripted_model_dir):
+    root, data, full_dir = full_run
+    part = root / "part"
+    assert main(run_args(scripted_model_dir, data, part, "trainer.total_steps=2")) == 0
+    ledger_at_2 = torch.load(part / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=False)["ledger"]
+    assert main(run_args(scripted_model_dir, data, part, "trainer.total_steps=4", "--resume")) == 0
+    rows, full = metrics(part), metrics(full_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for a, b in zip(rows, full):
+        assert (a["stage"], a["pool/size"], a["epoch"]) == (b["stage"], b["pool/size"], b["epoch"])
+    full_at_2 = torch.load(full_dir / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=False)
+    assert str(full_at_2["ledger"]) == str(ledger_at_2)
