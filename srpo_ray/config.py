@@ -66,8 +66,10 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5
     """Share of GPU memory vLLM may take (GPU only)."""
-    kv_cache_memory_bytes: int = 268435456
-    """KV-cache size for vLLM on CPU (bytes)."""
+    kv_cache_memory_bytes: int = 1073741824
+    """KV-cache size for vLLM on CPU (bytes), allocated at start. It holds
+    bytes / (2 * layers * kv_heads * head_dim * 4) tokens in float32: SmolLM2-135M
+    takes 46 KB a token, so 1 GiB holds about 23k tokens (64 sequences of 360)."""
     max_model_len: int = 0
     """Longest prompt + response (tokens) a generation engine accepts; 0 means
     data.max_prompt_tokens + rollout.max_new_tokens. Raise it when a stage overrides
@@ -89,6 +91,7 @@ class RewardConfig:
     format_reward: float = 0.0
     """Bonus added when the response matches `format_pattern` (our choice: 0, off)."""
     format_pattern: str = r"(?s)^<think>.*</think>.*\\boxed\{.*\}"
+    """Regular expression searched in the whole response (math and code) for format_reward."""
     sandbox: str = "bubblewrap"
     """Code sandbox: bubblewrap, nsjail, or UNSAFE_no_sandbox (trusted data only)."""
     code_case_timeout_s: float = 2.0
@@ -100,14 +103,15 @@ class RewardConfig:
     code_partial_credit: bool = False
     """If true, a code reward is the fraction of cases passed, else 1 only if all pass."""
     code_max_processes: int = 32
-    """RLIMIT_NPROC inside the sandbox: processes + threads of one program (fork bombs stop here)."""
+    """RLIMIT_NPROC inside the sandbox: processes + threads of one program (fork bombs stop
+    here). A program's worst-case memory is this times code_memory_mb."""
     code_max_open_files: int = 64
     """RLIMIT_NOFILE of every process a program starts."""
     code_max_output_bytes: int = 4194304
     """Most stdout (or returned JSON) kept per case; a case also gets at most twice its
     expected output + 64 KiB. More output fails the case."""
     code_tmp_mb: int = 64
-    """Size of the program's private writable /tmp (MiB)."""
+    """Size of the program's private writable /tmp, and of its /dev/shm (MiB each)."""
     code_python: str = ""
     """Interpreter that runs programs inside the sandbox ("" = the base interpreter of the
     worker's own Python). Its prefix is mounted read-only; site-packages are importable."""

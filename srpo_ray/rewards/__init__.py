@@ -1,0 +1,6 @@
+"""Reward logic: math answers checked with math-verify, code run on its tests in a sandbox.
+
+Entry points: `scorer.RewardScorer` (what reward workers call), `code_tests.parse_code_tests`
+(test-case encodings -> CodeSpec), `math_check.extract_final_answer` (the final-answer rule).
+Nothing here imports ray; actors/reward.py wraps RewardScorer in a Ray actor.
+"""

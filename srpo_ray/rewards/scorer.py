@@ -1,0 +1,168 @@
+"""RewardScorer: one object that scores responses to math and code prompts.
+
+Math: the final answer (math_check.extract_final_answer on the response's last
+`math_max_chars` characters) is checked against the ground truth with math-verify,
+gold first, in a pool of capped child processes (math_pool). Code: the last python
+block runs on the prompt's tests in the sandbox (code_reward). Reward = verdict (1/0, or
+the pass fraction with code_partial_credit) + format_reward when the whole response
+matches format_pattern (every domain). `info` flags: {"timeout": True},
+{"error": "..."}, and for code {"passed": k, "total": n, "failure": "case i: why"}.
+"""
+from __future__ import annotations
+
+import queue
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+from srpo_ray.config import RewardConfig
+from srpo_ray.records import CodeSpec, Prompt, RewardResult
+from srpo_ray.rewards.code_reward import CodeScore, extract_code, score_programs
+from srpo_ray.rewards.code_tests import parse_code_tests
+from srpo_ray.rewards.math_check import extract_final_answer
+from srpo_ray.rewards.math_pool import MathCheckPool
+from srpo_ray.rewards.sandbox import SandboxLimits, make_sandbox
+
+
+class RewardScorer:
+    """Construction starts the math pool and checks that the sandbox works (RuntimeError
+    naming the fix if not). Call close() when done."""
+
+    def __init__(self, cfg: RewardConfig) -> None:
+        _check_config(cfg)
+        self.cfg = cfg
+        try:
+            self._format = re.compile(cfg.format_pattern)
+        except re.error as e:
+            raise ValueError(f"reward.format_pattern is not a valid regular expression: {e}") from None
+        limits = SandboxLimits(
+            case_timeout_s=cfg.code_case_timeout_s, total_timeout_s=cfg.code_total_timeout_s,
+            memory_bytes=cfg.code_memory_mb << 20, max_processes=cfg.code_max_processes,
+            max_open_files=cfg.code_max_open_files, tmp_bytes=cfg.code_tmp_mb << 20)
+        self._sandbox = make_sandbox(cfg.sandbox, limits, cfg.code_python)
+        self._sandbox.self_check()
+        self._math = MathCheckPool(cfg.math_processes, cfg.math_timeout_s, cfg.math_memory_mb)
+        self._slots: queue.Queue[int] = queue.Queue()
+        for slot in range(cfg.code_parallel):
+            self._slots.put(slot)
+        self._threads = ThreadPoolExecutor(cfg.code_parallel, thread_name_prefix="sandbox") \
+            if cfg.code_parallel > 1 else None
+
+    def score(self, prompt: Prompt, texts: list[str]) -> list[RewardResult]:
+        """One RewardResult per response text, in order."""
+        return self.score_batch([(prompt, texts)])[0]
+
+    def score_batch(self, items: list[tuple[Prompt, list[str]]]) -> list[list[RewardResult]]:
+        """Score several prompts' responses at once: math checks of all prompts share
+        the checker pool, and all programs share sandbox runs (start-up paid once)."""
+        results: list[list[RewardResult | None]] = [[None] * len(texts) for _, texts in items]
+        math_slots: list[tuple[int, int, str, str]] = []  # (item, text, gold, answer)
+        code_slots: list[tuple[int, int, CodeSpec, str]] = []
+        for n, (prompt, texts) in enumerate(items):
+            if prompt.domain == "math":
+                gold = prompt.ground_truth
+                if not isinstance(gold, str):
+                    raise TypeError(f"math prompt {prompt.prompt_id}: ground_truth must be the answer "
+                                    f"text, got {type(gold).__name__}")
+                for t, text in enumerate(texts):
+                    answer = extract_final_answer(text[-self.cfg.math_max_chars:], self.cfg.allow_answer_line)
+                    if answer is None:
+                        results[n][t] = RewardResult(0.0, False, {"error": "no final answer"})
+                    else:
+                        math_slots.append((n, t, gold, answer))
+            elif prompt.domain == "code":
+                spec = prompt.ground_truth
+                if not isinstance(spec, CodeSpec):
+                    spec = parse_code_tests(spec, prompt.extra_info)
+                for t, text in enumerate(texts):
+                    code = extract_code(text)
+                    if code is None:
+                        results[n][t] = RewardResult(0.0, False, {"error": "no code block"})
+                    else:
+                        code_slots.append((n, t, spec, code))
+            else:
+                raise ValueError(f"prompt {prompt.prompt_id}: unknown domain {prompt.domain!r}; "
+                                 f"use math or code")
+        self._score_math(math_slots, results)
+        self._score_code(code_slots, results)
+        if self.cfg.format_reward:
+            for row, (_, texts) in zip(results, items):
+                for result, text in zip(row, texts):
+                    if self._format.search(text):
+                        result.reward += self.cfg.format_reward  # type: ignore[union-attr]
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self._math.close()
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
+
+    # -- math -----------------------------------------------------------------------------
+    def _score_math(self, slots: list[tuple[int, int, str, str]], results) -> None:
+        unique = list(dict.fromkeys((gold, answer) for _, _, gold, answer in slots))
+        verdicts = dict(zip(unique, self._math.check(unique)))
+        for n, t, gold, answer in slots:
+            v = verdicts[(gold, answer)]
+            info: dict = {}
+            if v.timeout:
+                info["timeout"] = True
+            if v.error:
+                info["error"] = v.error
+            results[n][t] = RewardResult(1.0 if v.correct else 0.0, v.correct, info)
+
+    # -- code -----------------------------------------------------------------------------
+    def _score_code(self, slots: list[tuple[int, int, CodeSpec, str]], results) -> None:
+        # The same program for the same tests gets the same verdict (and runs once).
+        unique = list(dict.fromkeys((id(spec), code) for _, _, spec, code in slots))
+        spec_of = {id(spec): spec for _, _, spec, _ in slots}
+        scores = dict(zip(unique, self._run_programs([(spec_of[i], code) for i, code in unique])))
+        for n, t, spec, code in slots:
+            s = scores[(id(spec), code)]
+            correct = s.all_passed
+            reward = s.passed / s.total if self.cfg.code_partial_credit and s.total else float(correct)
+            results[n][t] = RewardResult(reward, correct, dict(s.info))
+
+    def _run_programs(self, programs: list[tuple[CodeSpec, str]]) -> list[CodeScore]:
+        """Split over code_parallel sandboxes (each its own uid slot), in order."""
+        if not programs:
+            return []
+        shares = [programs[i::self.cfg.code_parallel] for i in range(self.cfg.code_parallel)]
+        shares = [s for s in shares if s]
+        if self._threads is None or len(shares) == 1:
+            parts = [self._run_share(programs)]
+        else:
+            parts = list(self._threads.map(self._run_share, shares))
+        scores: list[CodeScore] = [None] * len(programs)  # type: ignore[list-item]
+        for i, part in enumerate(parts):
+            scores[i::len(parts)] = part
+        return scores
+
+    def _run_share(self, programs: list[tuple[CodeSpec, str]]) -> list[CodeScore]:
+        slot = self._slots.get()
+        try:
+            return score_programs(self._sandbox, programs, partial_credit=self.cfg.code_partial_credit,
+                                  max_output_bytes=self.cfg.code_max_output_bytes, slot=slot)
+        finally:
+            self._slots.put(slot)
+
+
+def _check_config(cfg: RewardConfig) -> None:
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ValueError(f"reward.{key}={getattr(cfg, key)!r}: {why}")
+
+    need(cfg.sandbox in ("bubblewrap", "nsjail", "UNSAFE_no_sandbox"), "sandbox",
+         "use bubblewrap, nsjail or UNSAFE_no_sandbox")
+    need(isinstance(cfg.math_timeout_s, int) and cfg.math_timeout_s >= 1, "math_timeout_s",
+         "must be a whole number of seconds >= 1 (math-verify's alarm takes whole seconds)")
+    need(cfg.math_max_chars >= 64, "math_max_chars", "must be >= 64")
+    need(cfg.math_processes >= 1, "math_processes", "need at least 1")
+    need(cfg.math_memory_mb >= 256, "math_memory_mb", "must be >= 256 (sympy alone needs ~150 MiB)")
+    need(cfg.code_case_timeout_s > 0, "code_case_timeout_s", "must be > 0")
+    need(cfg.code_total_timeout_s >= cfg.code_case_timeout_s, "code_total_timeout_s",
+         "must be >= code_case_timeout_s")
+    need(cfg.code_memory_mb >= 32, "code_memory_mb", "must be >= 32 (Python itself needs ~20 MiB)")
+    need(cfg.code_max_processes >= 2, "code_max_processes", "must be >= 2 (the harness and the program)")
+    need(cfg.code_max_open_files >= 16, "code_max_open_files", "must be >= 16")
+    need(cfg.code_max_output_bytes >= 1024, "code_max_output_bytes", "must be >= 1024")
+    need(cfg.code_tmp_mb >= 1, "code_tmp_mb", "must be >= 1")
+    need(1 <= cfg.code_parallel <= 64, "code_parallel", "must be between 1 and 64")

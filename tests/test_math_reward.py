@@ -1,0 +1,170 @@
+"""Math rewards: the final-answer rule, real math-verify equivalence, bounded checks."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from srpo_ray.config import RewardConfig
+from srpo_ray.records import Prompt
+from srpo_ray.rewards import math_pool
+from srpo_ray.rewards.math_check import extract_final_answer
+from srpo_ray.rewards.math_pool import MathCheckPool
+from srpo_ray.rewards.scorer import RewardScorer
+
+# Liveness bound for pathological inputs (a hang, not a speed check): the pool kills a
+# check at math_timeout_s + 2 s, so anything near this bound means it never returned.
+HANG_BOUND_S = 60.0
+
+
+def math_prompt(gold: str) -> Prompt:
+    return Prompt("m", "math", [{"role": "user", "content": "q"}], gold)
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    s = RewardScorer(RewardConfig(math_timeout_s=1, math_processes=2))
+    yield s
+    s.close()
+
+
+def rewards(scorer: RewardScorer, gold: str, *texts: str) -> list[float]:
+    return [r.reward for r in scorer.score(math_prompt(gold), list(texts))]
+
+
+# -- the final-answer rule ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, answer", [
+    ("so x = \\boxed{3}.", "3"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("\\boxed {\\{1, 2\\}}", "\\{1, 2\\}"),
+    ("first \\boxed{2}. Let me recheck the whole computation carefully from the start: 3 + 4 = 7, "
+     "so the answer is \\boxed{7}", "7"),
+    ("\\boxed{3} and again \\boxed{ 3 }", "3"),
+    ("\\boxed{\\boxed{5}}", "\\boxed{5}"),
+    ("\\boxed{1, 2}", "1, 2"),
+    ("\\boxed{\\operatorname{floor}(x)}", "\\operatorname{floor}(x)"),
+])
+def test_final_answer_is_the_last_box(text, answer):
+    assert extract_final_answer(text, allow_answer_line=False) == answer
+
+
+@pytest.mark.parametrize("text", [
+    "no box here",
+    "\\boxed{3} or \\boxed{4}",
+    "$\\boxed{3}$, $\\boxed{4}$",
+    "\\boxed{3}\n\nor maybe\n\n\\boxed{4}",
+    "It is \\boxed{3} (if we count zero) or else it might be \\boxed{4}",
+    "\\boxed{3 \\text{ or } 4}",
+    "\\boxed{3 \\lor 4}",
+    "\\boxed{\\text{either } 3}",
+    "\\boxed{3} then \\boxed{4",
+    "\\boxed{}",
+])
+def test_several_candidates_or_no_complete_box_is_no_answer(text):
+    assert extract_final_answer(text, allow_answer_line=False) is None
+
+
+def test_answer_line_only_when_allowed_and_last():
+    text = "We compute carefully.\n**Answer:** $\\frac{1}{2}$\n"
+    assert extract_final_answer(text, allow_answer_line=False) is None
+    assert extract_final_answer(text, allow_answer_line=True) == "\\frac{1}{2}"
+    assert extract_final_answer("Answer: 3 or 4", allow_answer_line=True) is None
+    assert extract_final_answer("Answer: 5\nbut wait", allow_answer_line=True) is None
+    assert extract_final_answer("Answer: 5\n\\boxed{6}", allow_answer_line=True) == "6"
+
+
+def test_extraction_is_linear_on_pathological_text():
+    nested = "\\boxed{" + "{" * 5000 + "1" + "}" * 5000 + "}"
+    assert extract_final_answer(nested, False) == "{" * 5000 + "1" + "}" * 5000
+    assert extract_final_answer("\\boxed{" * 20000, False) is None
+    assert extract_final_answer("x" * 10_000_000, False) is None
+
+
+# -- equivalence with real math-verify -----------------------------------------------------------
+
+@pytest.mark.parametrize("gold, right, wrong", [
+    ("\\frac{1}{2}", "0.5", "0.6"),
+    ("0.5", "\\frac12", "\\frac13"),
+    ("1/2", "\\dfrac{1}{2}", "2"),
+    ("(1, 2]", "(1,2]", "(1,2)"),
+    ("\\{1, 2\\}", "\\{2, 1\\}", "\\{1, 3\\}"),
+    ("1, 2", "2, 1", "1"),
+    ("x^2 + 2x + 1", "(x+1)^2", "(x-1)^2"),
+    ("$\\sqrt{8}$", "2\\sqrt{2}", "\\sqrt{2}"),
+    ("\\boxed{30\\%}", "0.3", "3"),
+])
+def test_equivalent_answers_score_one_and_others_zero(scorer, gold, right, wrong):
+    assert rewards(scorer, gold, f"so \\boxed{{{right}}}", f"so \\boxed{{{wrong}}}") == [1.0, 0.0]
+
+
+def test_several_candidates_earn_nothing_even_if_one_is_right(scorer):
+    assert rewards(scorer, "4", "\\boxed{3} or \\boxed{4}", "\\boxed{3 \\text{ or } 4}", "\\boxed{3, 4}",
+                   "\\boxed{3 \\lor 4}", "\\boxed{4}") == [0.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def test_answer_line_through_the_scorer():
+    s = RewardScorer(RewardConfig(allow_answer_line=True, math_processes=1))
+    try:
+        assert rewards(s, "12", "Adding up.\nAnswer: 12", "Answer: 13") == [1.0, 0.0]
+    finally:
+        s.close()
+
+
+def test_format_reward_is_added_to_the_verdict():
+    s = RewardScorer(RewardConfig(format_reward=0.5, math_processes=1))
+    try:
+        results = s.score(math_prompt("2"), ["<think>1+1</think> so \\boxed{2}", "\\boxed{2}",
+                                             "<think>hmm</think> \\boxed{3}"])
+        assert [(r.reward, r.correct) for r in results] == [(1.5, True), (1.0, True), (0.5, False)]
+    finally:
+        s.close()
+
+
+def test_no_answer_is_flagged(scorer):
+    result = scorer.score(math_prompt("2"), ["I think it is two"])[0]
+    assert (result.reward, result.correct, result.info) == (0.0, False, {"error": "no final answer"})
+
+
+# -- bounded -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", [
+    "\\boxed{9^{9^{9^9}}}",
+    "x" * 10_000_000 + "\\boxed{2}",
+    "\\boxed{" + "{" * 3000 + "2" + "}" * 3000 + "}",
+    "\\boxed{" + "(" * 2000 + "2" + ")" * 2000 + "}",
+])
+def test_pathological_answers_are_bounded(scorer, text):
+    start = time.monotonic()
+    result = scorer.score(math_prompt("2"), [text])[0]
+    assert time.monotonic() - start < HANG_BOUND_S
+    assert result.reward in (0.0, 1.0)
+    assert rewards(scorer, "2", "\\boxed{2}") == [1.0]  # and the checker still works
+
+
+def test_slow_check_times_out_and_is_flagged(scorer):
+    result = scorer.score(math_prompt("1"), ["\\boxed{9^{9^{9^9}}}"])[0]
+    assert (result.reward, result.correct, result.info.get("timeout")) == (0.0, False, True)
+
+
+def test_stuck_checker_is_killed_and_replaced(tmp_path, monkeypatch):
+    # A checker stuck where its alarm cannot reach it (e.g. in C code) stands in for
+    # the real one here; the real one's own timeout is tested above.
+    stuck = tmp_path / "stuck_child.py"
+    stuck.write_text("import sys, time\nprint('{\"ready\": true}', flush=True)\n"
+                     "for line in sys.stdin:\n    time.sleep(3600)\n")
+    monkeypatch.setattr(math_pool, "CHILD_SCRIPT", stuck)
+    monkeypatch.setattr(math_pool, "HARD_SLACK_S", 0.2)
+    pool = MathCheckPool(processes=1, timeout_s=1, memory_mb=512)
+    try:
+        old_pid = pool._children[0].proc.pid
+        verdicts = pool.check([("1", "1"), ("2", "2")])
+        assert all(v.timeout and not v.correct for v in verdicts)
+        assert pool.restarts == 2 and pool._children[0].proc.pid != old_pid
+    finally:
+        pool.close()
+
+
+def test_bad_timeout_config_is_rejected():
+    with pytest.raises(ValueError, match="math_timeout_s"):
+        RewardScorer(RewardConfig(math_timeout_s=0))
