@@ -74,9 +74,13 @@ class RayRolloutFleet:
 
     def generate(self, prompts: list[Prompt], sampling: dict, seed: int) -> list[RolloutGroup]:
         chunks = split(prompts, len(self.pool.workers) * self.chunks_per_worker)
+        starts = [sum(len(c) for c in chunks[:i]) for i in range(len(chunks))]
+        # Prompt k of this step draws its samples from seeds base + k*n + j: distinct
+        # within a step and across steps, whichever worker serves the chunk.
+        base = seed * 1_000_000
         results = self.pool.map_chunks(
-            chunks, lambda w, i, chunk: w.generate.remote(chunk, {**sampling, "seed": seed * 1000 + i},
-                                                          self.version),
+            chunks, lambda w, i, chunk: w.generate.remote(
+                chunk, {**sampling, "seed": base + starts[i] * int(sampling["n"])}, self.version),
             on_new_worker=self._sync_new_worker)
         return [group for chunk in results for group in chunk]
 

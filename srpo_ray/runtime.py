@@ -81,7 +81,9 @@ def _create_roles(cfg: SRPOConfig, model_path: str, placement) -> tuple[Roles, i
     from actors.reward import RewardWorker
 
     on_gpu = cfg.rollout.gpus_per_worker > 0
-    gen_env = {"OMP_NUM_THREADS": str(max(1, int(cfg.rollout.cpus_per_worker)))}
+    # PASSIVE: idle OpenMP threads sleep instead of spinning, so a generator waiting for
+    # the learner (or sharing cores with it) doesn't slow everything down.
+    gen_env = {"OMP_NUM_THREADS": str(max(1, int(cfg.rollout.cpus_per_worker))), "OMP_WAIT_POLICY": "PASSIVE"}
     if not on_gpu:
         gen_env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine: starts in seconds on CPU
 
