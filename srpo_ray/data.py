@@ -160,6 +160,23 @@ def _content_id(data_source: str, messages: list[dict], raw_truth: Any) -> str:
     return "h" + hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
+def check_prompt_lengths(tokenizer: Any, prompts: list[Prompt], max_tokens: int) -> None:
+    """Every prompt must fit in `max_tokens` after the chat template: checked before the
+    run starts, not discovered mid-run by a generation worker."""
+    from srpo_ray.models import chat_prompt_ids
+
+    too_long = []
+    for p in prompts:
+        length = len(chat_prompt_ids(tokenizer, p.messages))
+        if length > max_tokens:
+            too_long.append((p.prompt_id, length))
+    if too_long:
+        shown = ", ".join(f"{pid} ({n} tokens)" for pid, n in too_long[:5])
+        raise DataError(f"{len(too_long)} prompt(s) are longer than data.max_prompt_tokens={max_tokens} after "
+                        f"the chat template: {shown}{' ...' if len(too_long) > 5 else ''}; raise "
+                        f"data.max_prompt_tokens or drop them from the data")
+
+
 def write_verl_parquet(rows: list[dict[str, Any]], path: str | Path) -> None:
     """Write rows in verl layout (used by the builtin set and by tests). Atomic."""
     import pyarrow as pa

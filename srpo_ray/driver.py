@@ -1,7 +1,8 @@
 """Entry point: `python -m srpo_ray.driver [--config FILE] [--resume] [key=value ...]`.
 
 Runs alone (starts a local Ray on 127.0.0.1) or under
-`ray job submit -- python -m srpo_ray.driver ...` (joins that cluster)."""
+`ray job submit -- python -m srpo_ray.driver ...` (joins that cluster). The loop itself
+is `SRPOTrainer.fit` (srpo_ray/trainer.py)."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +10,14 @@ import sys
 
 from srpo_ray.config import ConfigError, parse_cli
 from srpo_ray.data import DataError
+from srpo_ray.models import ModelPathError
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's input: shown as one message, without a traceback."""
+    from cluster.placement import PlacementError
+    from cluster.ray_placement import PlacementTimeoutError
+    return ConfigError, DataError, ModelPathError, PlacementError, PlacementTimeoutError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
             if resume:
                 trainer.resume()
             trainer.fit()
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except user_errors() as e:
         print(f"srpo_ray: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -3,22 +3,23 @@ puts them, and assemble the trainer. The only module besides the fleets and the
 actors that talks to Ray."""
 from __future__ import annotations
 
-import logging
+import dataclasses
 import os
 from contextlib import contextmanager
 from typing import Iterator
 
 import ray
+from transformers import AutoTokenizer
 
+from srpo_ray.algo.stages import effective_sampling
 from srpo_ray.checkpoint import CheckpointManager
-from srpo_ray.config import SRPOConfig, as_dict
-from srpo_ray.data import DataError, load_prompts
+from srpo_ray.config import SRPOConfig
+from srpo_ray.data import DataError, check_prompt_lengths, load_prompts
 from srpo_ray.fleets import RayRewardFleet, RayRolloutFleet, WorkerPool
 from srpo_ray.metrics import MetricsLogger
 from srpo_ray.models import resolve_model_path
 from srpo_ray.trainer import Roles, SRPOTrainer
 
-log = logging.getLogger(__name__)
 
 
 def init_ray(cfg: SRPOConfig) -> bool:
@@ -52,6 +53,9 @@ def build_trainer(cfg: SRPOConfig) -> Iterator[SRPOTrainer]:
     model_path = resolve_model_path(cfg.model)
     prompts = load_prompts(cfg.data.train_files)
     check_stage_data(cfg, prompts)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    check_prompt_lengths(tokenizer, prompts, cfg.data.max_prompt_tokens)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     started_ray = init_ray(cfg)
     placement = None
     metrics = None
@@ -59,11 +63,11 @@ def build_trainer(cfg: SRPOConfig) -> Iterator[SRPOTrainer]:
         from cluster.ray_placement import create_placement_groups
         from cluster.placement import plan_placement
         placement = create_placement_groups(plan_placement(cfg), timeout_s=cfg.cluster.placement_timeout_s)
-        roles, pad_token_id = _create_roles(cfg, model_path, placement)
+        roles = _create_roles(cfg, model_path, placement)
         metrics = MetricsLogger(cfg.trainer.run_dir, cfg.trainer.total_steps,
                                 progress_bar=cfg.metrics.progress_bar, tensorboard=cfg.metrics.tensorboard)
         checkpoints = CheckpointManager(cfg.trainer.run_dir, keep=cfg.trainer.keep_checkpoints)
-        yield SRPOTrainer(cfg, prompts, roles, pad_token_id, metrics, checkpoints)
+        yield SRPOTrainer(cfg, prompts, roles, int(pad_token_id), metrics, checkpoints)
     finally:
         if metrics is not None:
             metrics.close()
@@ -73,9 +77,7 @@ def build_trainer(cfg: SRPOConfig) -> Iterator[SRPOTrainer]:
             ray.shutdown()
 
 
-def _create_roles(cfg: SRPOConfig, model_path: str, placement) -> tuple[Roles, int]:
-    from transformers import AutoTokenizer
-
+def _create_roles(cfg: SRPOConfig, model_path: str, placement) -> Roles:
     from actors.generation import GenerationWorker
     from actors.learner import create_learner_group
     from actors.reward import RewardWorker
@@ -83,14 +85,18 @@ def _create_roles(cfg: SRPOConfig, model_path: str, placement) -> tuple[Roles, i
     on_gpu = cfg.rollout.gpus_per_worker > 0
     # PASSIVE: idle OpenMP threads sleep instead of spinning, so a generator waiting for
     # the learner (or sharing cores with it) doesn't slow everything down.
-    gen_env = {"OMP_NUM_THREADS": str(max(1, int(cfg.rollout.cpus_per_worker))), "OMP_WAIT_POLICY": "PASSIVE"}
+    gen_env = {"OMP_NUM_THREADS": str(max(1, int(cfg.rollout.cpus_per_worker))),
+               "OMP_WAIT_POLICY": "PASSIVE"}
     if not on_gpu:
         gen_env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine: starts in seconds on CPU
+
+    rollout_cfg = dataclasses.replace(cfg.rollout, max_model_len=cfg.rollout.max_model_len or (
+        cfg.data.max_prompt_tokens + max(effective_sampling(cfg.rollout, st)["max_new_tokens"] for st in cfg.stages)))
 
     def new_generator(i: int):
         return GenerationWorker.options(**placement.actor_options("rollout", i),
                                         runtime_env={"env_vars": gen_env}).remote(
-            model_path, cfg.rollout, cfg.model.dtype, cfg.data.max_prompt_tokens, i)
+            model_path, rollout_cfg, cfg.model.dtype, cfg.data.max_prompt_tokens, i)
 
     def new_scorer(i: int):
         return RewardWorker.options(**placement.actor_options("reward", i)).remote(cfg.reward)
@@ -100,6 +106,4 @@ def _create_roles(cfg: SRPOConfig, model_path: str, placement) -> tuple[Roles, i
     rollout = RayRolloutFleet(WorkerPool("generation", new_generator, cfg.rollout.num_workers))
     rewards = RayRewardFleet(WorkerPool("reward", new_scorer, cfg.reward.num_workers))
     learner.setup()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Roles(rollout=rollout, rewards=rewards, learner=learner), int(pad)
+    return Roles(rollout=rollout, rewards=rewards, learner=learner)

@@ -1,0 +1,33 @@
+"""Bad input stops the driver before any actor starts, with one clear message."""
+import pytest
+
+from srpo_ray.data import write_verl_parquet
+from srpo_ray.driver import main
+
+
+def test_unknown_key(capsys):
+    assert main(["trainer.totl_steps=3"]) == 2
+    assert "trainer.totl_steps" in capsys.readouterr().err
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    assert main([f"model.path={tmp_path / 'nope'}"]) == 2
+    assert str(tmp_path / "nope") in capsys.readouterr().err
+
+
+def test_stage_without_data(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "math_only.parquet"
+    write_verl_parquet([{"prompt": [{"role": "user", "content": "1+1?"}], "ability": "math",
+                         "data_source": "t", "reward_model": {"ground_truth": "2"}}], data)
+    assert main([f"model.path={tiny_model_dir}", f"data.train_files=[{data}]"]) == 2
+    assert "has no such rows" in capsys.readouterr().err
+
+
+def test_prompt_too_long(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "long.parquet"
+    rows = [{"prompt": [{"role": "user", "content": "word " * 300}], "ability": d, "data_source": "t",
+             "reward_model": {"ground_truth": "2" if d == "math" else '[{"input": "", "output": "", "testtype": "stdin"}]'}}
+            for d in ("math", "code")]
+    write_verl_parquet(rows, data)
+    assert main([f"model.path={tiny_model_dir}", f"data.train_files=[{data}]", "data.max_prompt_tokens=64"]) == 2
+    assert "data.max_prompt_tokens=64" in capsys.readouterr().err
