@@ -10,6 +10,7 @@ import sys
 
 from srpo_ray.config import ConfigError, parse_cli
 from srpo_ray.data import DataError
+from srpo_ray.learner_group import LearnerRankDiedError
 from srpo_ray.models import ModelPathError
 
 
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as e:
         print(f"srpo_ray: error: {e}", file=sys.stderr)
         return 2
+    except LearnerRankDiedError as e:
+        print(f"srpo_ray: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -5,7 +5,10 @@ for the default `get` (imported lazily so this module stays importable without R
 
 Every learner method is collective, so each call here goes to ALL ranks at once and
 waits for all of them: a rank that fails surfaces its exception instead of leaving its
-peers blocked in a collective.
+peers blocked in a collective. A rank whose actor dies (node lost, OOM kill) stops the
+run with LearnerRankDiedError naming the rank and the checkpoint to resume from: the
+surviving ranks hold a partial update and wait in a collective, so the group cannot go
+on, and FSDP shards cannot be rebuilt from the survivors alone.
 """
 from __future__ import annotations
 
@@ -20,22 +23,81 @@ def _ray_get(refs: Any) -> Any:
     return ray.get(refs)
 
 
+DEATH_NOTICE_S = 10.0
+"""How long a failed group call waits for the other ranks' results, to tell a dead rank
+from its peers' errors: when a rank is killed its peers' collectives usually fail first
+(connection closed), and Ray reports the death itself a moment later."""
+
+
+def _dead_rank(error: BaseException, refs: Sequence[Any], ranks: Sequence[int]) -> tuple[int, BaseException] | None:
+    """(rank, its RayActorError) if one of `refs` (results of `ranks`) failed because its
+    actor died; None for errors that are not Ray's (fakes) or when no actor died."""
+    try:
+        import ray
+        from ray.exceptions import RayActorError, RayError
+    except ImportError:
+        return None
+    if not isinstance(error, RayError):
+        return None
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=DEATH_NOTICE_S, fetch_local=False)
+    done = {r.hex() for r in ready}
+    for ref, rank in zip(refs, ranks):
+        if ref.hex() in done:
+            try:
+                ray.get(ref)
+            except RayActorError as died:
+                if died.actor_init_failed:  # its constructor raised: that error says more
+                    return None
+                return rank, died
+            except Exception:  # a peer's error, e.g. its collective lost the dead rank
+                pass
+    return None
+
+
+class LearnerRankDiedError(RuntimeError):
+    """A learner rank's actor died during a group call; the run cannot continue."""
+
+    def __init__(self, rank: int, method: str, cause: BaseException, checkpoint: Any = None):
+        self.rank, self.method = rank, method
+        where = checkpoint if checkpoint else "the last checkpoint in trainer.run_dir (if any)"
+        super().__init__(f"learner rank {rank} died during {method}; the other ranks cannot go on "
+                         f"without it, so the run stops. Restart with --resume to continue from "
+                         f"{where}. Ray's report: {cause}")
+
+
 class LearnerGroup:
-    def __init__(self, handles: Sequence[Any], loss_agg: str, get: Callable[[Any], Any] = _ray_get):
+    def __init__(self, handles: Sequence[Any], loss_agg: str, get: Callable[[Any], Any] = _ray_get,
+                 last_checkpoint: Callable[[], Any] | None = None):
         """handles: one per rank, in rank order. loss_agg: algo.loss_agg, which decides
-        the global denominator (response tokens or sequences of the whole batch)."""
+        the global denominator (response tokens or sequences of the whole batch).
+        last_checkpoint: returns the checkpoint a restart would resume from (e.g.
+        CheckpointManager.latest), named in the error when a rank dies; settable later."""
         if not handles:
             raise ValueError("LearnerGroup needs at least one rank handle (learner.num_ranks >= 1)")
         self.handles = list(handles)
         self.loss_agg = loss_agg
         self.get = get
+        self.last_checkpoint = last_checkpoint
 
     @property
     def world_size(self) -> int:
         return len(self.handles)
 
     def _all(self, method: str, *args: Any) -> list[Any]:
-        return self.get([getattr(h, method).remote(*args) for h in self.handles])
+        return self._get(method, [getattr(h, method).remote(*args) for h in self.handles])
+
+    def _get(self, method: str, refs: list[Any], ranks: Sequence[int] | None = None) -> list[Any]:
+        """Wait for the results of `ranks` (default: all, in order); if a rank's actor
+        died, raise LearnerRankDiedError naming it rather than its peers' errors."""
+        ranks = list(range(len(refs))) if ranks is None else list(ranks)
+        try:
+            return self.get(refs)
+        except Exception as e:
+            dead = _dead_rank(e, refs, ranks)
+            if dead is None:
+                raise
+            checkpoint = self.last_checkpoint() if self.last_checkpoint is not None else None
+            raise LearnerRankDiedError(dead[0], method, dead[1], checkpoint) from e
 
     def setup(self) -> None:
         self._all("setup")
@@ -53,14 +115,15 @@ class LearnerGroup:
         shards = split_for_ranks(batch, self.world_size)
         refs = [h.train_step.remote(shard, denominator, temperature)
                 for h, shard in zip(self.handles, shards)]
-        return self.get(refs)[0]
+        return self._get("train", refs)[0]
 
     def state_dict_ref(self) -> Any:
         """An object ref to rank 0's full state dict (HF names, CPU tensors). Every rank
         takes part in the gather; only rank 0's result is kept, and it is not pulled to
         the driver: pass the ref on to the generators."""
         refs = [h.full_state_dict.remote() for h in self.handles]
-        self.get(refs[1:])  # the other ranks return None; waiting surfaces their errors
+        # the other ranks return None; waiting surfaces their errors
+        self._get("full_state_dict", refs[1:], range(1, len(refs)))
         return refs[0]
 
     def save(self, directory: str) -> None:

@@ -67,6 +67,7 @@ def build_trainer(cfg: SRPOConfig) -> Iterator[SRPOTrainer]:
         metrics = MetricsLogger(cfg.trainer.run_dir, cfg.trainer.total_steps,
                                 progress_bar=cfg.metrics.progress_bar, tensorboard=cfg.metrics.tensorboard)
         checkpoints = CheckpointManager(cfg.trainer.run_dir, keep=cfg.trainer.keep_checkpoints)
+        roles.learner.last_checkpoint = checkpoints.latest  # named when a learner rank dies
         yield SRPOTrainer(cfg, prompts, roles, int(pad_token_id), metrics, checkpoints)
     finally:
         if metrics is not None:

@@ -1,0 +1,318 @@
+"""Faults on a real run (local Ray, real vLLM / reward / FSDP2 actors, the scripted tiny
+model of tests/scripted_model.py):
+
+- a generation or reward worker that dies mid-call is replaced and its chunk re-issued:
+  the step completes with every prompt scored exactly once;
+- a learner rank that dies stops the run with an error naming the rank, and `--resume`
+  continues from the last checkpoint;
+- a run killed while writing a checkpoint keeps the previous one intact;
+- a collective whose peer never arrives fails after learner.collective_timeout_s.
+
+Faults are injected by standing in for an actor class in the module the runtime imports
+it from (`ActorClassHook`): the real actors are created, and one of them is wrapped so
+that a chosen call is submitted and the actor is then killed while that call is pending.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import ray
+import torch
+
+from srpo_ray.driver import main
+from test_integration import hf_logprobs, metrics, run_args, write_data
+
+REPO = Path(__file__).resolve().parent.parent
+N_SAMPLES = 4  # rollout.n in configs/tiny_test.yaml
+PROMPTS_PER_STEP = 4  # run_args
+
+
+# ----------------------------------------------------------------------------- fault hooks
+
+# The hooks send functions of this module to actors (`__ray_call__`); the workers cannot
+# import tests/ modules, so ship them by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _hold(actor_self: Any, seconds: float) -> None:
+    time.sleep(seconds)
+
+
+class KillDuringCall:
+    """An actor handle whose `method`, called with arguments accepted by `when`, is
+    submitted and then the actor is killed (no restart) while the call is pending: a
+    sleep queued on the actor first keeps the call from finishing before the kill lands.
+    Every other attribute is the real handle's."""
+
+    def __init__(self, handle: Any, method: str, when: Callable[..., bool] = lambda *a, **k: True):
+        self._handle, self._method, self._when = handle, method, when
+        self.killed = False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._handle, name)
+        if name != self._method:
+            return attr
+        proxy = self
+
+        class _Method:
+            def remote(self, *args: Any, **kwargs: Any) -> Any:
+                if proxy.killed or not proxy._when(*args, **kwargs):
+                    return attr.remote(*args, **kwargs)
+                proxy._handle.__ray_call__.remote(_hold, 60.0)
+                ref = attr.remote(*args, **kwargs)
+                ray.kill(proxy._handle, no_restart=True)
+                proxy.killed = True
+                return ref
+
+        return _Method()
+
+
+def _node_id(actor_self: Any) -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+class ActorClassHook:
+    """Stands in for a Ray actor class (`ActorClass.options(...).remote(...)`): creates the
+    real actors, records their handles in creation order plus an early query of the node
+    each one runs on (answered while it lives, readable after the run), and wraps the
+    `fault_index`-th actor created with `fault(handle)`."""
+
+    def __init__(self, real: Any, fault: Callable[[Any], Any] | None = None, fault_index: int = 0):
+        self.real, self.fault, self.fault_index = real, fault, fault_index
+        self.handles: list[Any] = []
+        self.node_refs: list[Any] = []
+        self.wrapped: Any = None
+
+    def options(self, **kwargs: Any) -> "_Creator":
+        return _Creator(self, self.real.options(**kwargs))
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return _Creator(self, self.real).remote(*args, **kwargs)
+
+    def node_ids(self) -> list[str]:
+        return ray.get(self.node_refs, timeout=60)
+
+
+class _Creator:
+    def __init__(self, hook: ActorClassHook, creator: Any):
+        self.hook, self.creator = hook, creator
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        handle = self.creator.remote(*args, **kwargs)
+        hook = self.hook
+        hook.handles.append(handle)
+        hook.node_refs.append(handle.__ray_call__.remote(_node_id))
+        if hook.fault is not None and len(hook.handles) == hook.fault_index + 1:
+            hook.wrapped = hook.fault(handle)
+            return hook.wrapped
+        return handle
+
+
+def hook_actor_class(monkeypatch, module_name: str, class_name: str, **hook_args: Any) -> ActorClassHook:
+    """Replace `module.class_name` (where the runtime imports it from at run time)."""
+    module = __import__(module_name, fromlist=[class_name])
+    hook = ActorClassHook(getattr(module, class_name), **hook_args)
+    monkeypatch.setattr(module, class_name, hook)
+    return hook
+
+
+# ----------------------------------------------------------------------------- helpers
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    return write_data(tmp_path_factory.mktemp("faults") / "data.parquet")
+
+
+def mixed_run_args(model_dir: str, data: Path, run_dir: Path, *extra: str) -> list[str]:
+    """Stage 1 at temperature 1: groups are mixed, so step 1 trains and syncs weights
+    (with run_args' lr the policy is nearly certain afterwards; a small lr keeps it mixed)."""
+    return run_args(model_dir, data, run_dir, "stages.0.temperature=1.0", *extra)
+
+
+def rollouts(run_dir: Path, step: int) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["step"] == step]
+
+
+def ledger_samples(run_dir: Path, step: int) -> list[int]:
+    """Rollouts the ledger counted per prompt in the open epoch (nonzero entries only)."""
+    state = torch.load(run_dir / "checkpoints" / f"step_{step:06d}" / "trainer_state.pt", weights_only=False)
+    return sorted(int(x) for x in state["ledger"]["ep_samples"] if x)
+
+
+def assert_each_prompt_scored_once(run_dir: Path, step: int) -> None:
+    groups = rollouts(run_dir, step)
+    ids = [g["prompt_id"] for g in groups]
+    assert len(ids) == PROMPTS_PER_STEP and len(set(ids)) == PROMPTS_PER_STEP, ids
+    assert all(len(g["samples"]) == N_SAMPLES for g in groups)
+    # the ledger saw each of the step's prompts once: N_SAMPLES rollouts each, none twice
+    assert ledger_samples(run_dir, step) == [N_SAMPLES] * PROMPTS_PER_STEP * step
+
+
+# ----------------------------------------------------------------------------- worker deaths
+
+@pytest.mark.slow  # a full driver run
+def test_generation_worker_killed_mid_step_is_replaced_and_synced(
+        ray_local, monkeypatch, capsys, scripted_model_dir, data_file, tmp_path):
+    """Worker 0 of two dies in step 2, i.e. after step 1's weight update: its replacement
+    must get the new weights (else it refuses to generate: version mismatch) and redo
+    the lost chunk; nothing is lost or scored twice."""
+    hook = hook_actor_class(
+        monkeypatch, "actors.generation", "GenerationWorker",
+        fault=lambda h: KillDuringCall(h, "generate", when=lambda prompts, sampling, version=None: version == 1))
+    run_dir = tmp_path / "run"
+    assert main(mixed_run_args(scripted_model_dir, data_file, run_dir, "trainer.total_steps=2",
+                               "rollout.num_workers=2")) == 0
+    assert hook.wrapped.killed, "the fault never fired: step 1 did not update the weights"
+    assert len(hook.handles) == 3  # two workers + one replacement
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["policy/version"] == 1
+    assert_each_prompt_scored_once(run_dir, 2)
+    # Step 2 sampled with version 1 (checkpoint 1): the replacement's rollouts too.
+    after_update = run_dir / "checkpoints" / "step_000001" / "hf"
+    for group in rollouts(run_dir, 2):
+        assert group["policy_version"] == 1
+        for sample in group["samples"]:
+            synced = hf_logprobs(after_update, group["prompt_token_ids"], sample["token_ids"])
+            assert torch.allclose(torch.tensor(sample["logprobs"]), synced, atol=2e-3)
+
+
+@pytest.mark.slow  # a full driver run
+def test_reward_worker_killed_mid_step_is_replaced(ray_local, monkeypatch, scripted_model_dir, data_file, tmp_path):
+    hook = hook_actor_class(monkeypatch, "actors.reward", "RewardWorker",
+                            fault=lambda h: KillDuringCall(h, "score_groups"))
+    run_dir = tmp_path / "run"
+    assert main(run_args(scripted_model_dir, data_file, run_dir, "trainer.total_steps=1")) == 0
+    assert hook.wrapped.killed and len(hook.handles) == 2  # one worker + one replacement
+    assert [r["step"] for r in metrics(run_dir)] == [1]
+    assert_each_prompt_scored_once(run_dir, 1)
+
+
+# ----------------------------------------------------------------------------- learner death
+
+@pytest.mark.slow  # a full driver run
+def test_dead_learner_rank_stops_the_run_and_resume_continues(
+        ray_local, monkeypatch, capsys, scripted_model_dir, data_file, tmp_path):
+    calls = {"train_step": 0}
+
+    def second_train_step(*args: Any) -> bool:
+        calls["train_step"] += 1
+        return calls["train_step"] == 2
+
+    hook = hook_actor_class(monkeypatch, "actors.learner", "LearnerRank", fault_index=1,
+                            fault=lambda h: KillDuringCall(h, "train_step", when=second_train_step))
+    run_dir = tmp_path / "run"
+    # a small lr keeps the groups mixed after an update, so step 2 trains too
+    args = mixed_run_args(scripted_model_dir, data_file, run_dir, "trainer.total_steps=3", "optim.lr=1e-4")
+    assert main(args) == 1  # the driver prints the message and exits non-zero
+    assert hook.wrapped.killed
+    message = capsys.readouterr().err
+    assert "learner rank 1 died during train" in message
+    assert "Restart with --resume to continue from" in message and "step_000001" in message
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000001"
+    assert [r["step"] for r in metrics(run_dir)] == [1]
+
+    monkeypatch.undo()  # the real learner class again
+    assert main(args + ["--resume"]) == 0
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[1]["policy/version"] == 2  # continued from version 1, not from scratch
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000003"
+
+
+# ----------------------------------------------------------------------------- checkpoint kill
+
+def _wait_for(predicate: Callable[[], Any], proc: subprocess.Popen, what: str, timeout_s: float = 300) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        if proc.poll() is not None:
+            raise AssertionError(f"driver exited ({proc.returncode}) before {what}")
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow  # a full driver run
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(
+        ray_local, scripted_model_dir, data_file, tmp_path):
+    """The driver (a subprocess joined to the test's Ray) is frozen with SIGSTOP the
+    moment a `step_k.tmp` folder appears (k >= 2), then SIGKILLed: only the driver
+    renames a finished checkpoint, so a frozen driver with the .tmp folder still there
+    was caught mid-write. If the write finished first, it is resumed and caught at the
+    next checkpoint."""
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    address = ray.get_runtime_context().gcs_address
+    args = run_args(scripted_model_dir, data_file, run_dir, "trainer.total_steps=4",
+                    f"cluster.address={address}")
+    log = open(tmp_path / "driver.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "srpo_ray.driver", *args], cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def new_write() -> list[Path]:  # a first write of checkpoint k >= 2 in progress
+        return [p for p in ckpts.glob("step_*.tmp")
+                if p.name != "step_000001.tmp" and not p.with_suffix("").exists()]
+
+    try:
+        caught = None
+        while caught is None:
+            tmp = _wait_for(new_write, proc, "a checkpoint write after the first")[0]
+            os.kill(proc.pid, signal.SIGSTOP)
+            if tmp.exists():
+                caught = tmp
+            else:  # committed before the stop landed: try the next checkpoint
+                os.kill(proc.pid, signal.SIGCONT)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+        log.close()
+    k = int(caught.name[len("step_"):-len(".tmp")])
+    previous = f"step_{k - 1:06d}"
+    assert (ckpts / "latest").read_text().strip() == previous
+    assert not (ckpts / caught.name[:-len(".tmp")]).exists()
+    state = torch.load(ckpts / previous / "trainer_state.pt", weights_only=False)
+    assert state["step"] == k - 1
+
+    assert main(run_args(scripted_model_dir, data_file, run_dir, "trainer.total_steps=4", "--resume")) == 0
+    assert not list(ckpts.glob("*.tmp")), "resume cleans the partial checkpoint"
+    assert (ckpts / "latest").read_text().strip() == "step_000004"
+    assert [r["step"] for r in metrics(run_dir)][-(4 - k + 1):] == list(range(k, 5))
+
+
+# ----------------------------------------------------------------------------- collective timeout
+
+def test_collective_with_a_missing_peer_fails_after_the_timeout(ray_local, scripted_model_dir):
+    """Only rank 0 of two is asked for the (collective) full state dict: instead of
+    waiting for rank 1 forever it fails once learner.collective_timeout_s has passed."""
+    from actors.learner import create_learner_group
+    from srpo_ray.config import load_config
+
+    cfg = load_config(REPO / "configs" / "tiny_test.yaml")
+    # The timeout also bounds the rendezvous and set-up collectives, so it leaves room
+    # for a slow rank on a busy machine; both ranks exist before set-up starts.
+    cfg.learner.collective_timeout_s = 10
+    group = create_learner_group(cfg, scripted_model_dir, setup=False)
+    try:
+        ray.get([h.ping.remote() for h in group.handles], timeout=120)
+        ray.get([h.setup.remote() for h in group.handles], timeout=120)
+        lonely = group.handles[0].full_state_dict.remote()
+        with pytest.raises(ray.exceptions.RayTaskError) as failed:
+            ray.get(lonely, timeout=120)  # a hang fails the test here instead of blocking it
+        # gloo's own error, with the configured timeout: the collective gave up, not Ray
+        assert "timed out waiting 10000ms" in str(failed.value).lower()
+    finally:
+        for handle in group.handles:
+            ray.kill(handle)
