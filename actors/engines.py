@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol
 
 from srpo_ray.records import Sample
 
@@ -35,6 +35,10 @@ class GenerationEngine(Protocol):
 
     def load_weights(self, state_dict: dict[str, "torch.Tensor"]) -> None:
         """Replace every weight in place with the full HF-named `state_dict`."""
+
+    def load_weight_stream(self, names: Iterable[str], weights: Iterator[tuple[str, "torch.Tensor"]]) -> None:
+        """Same, from (name, tensor) pairs that arrive one bucket at a time; `names`
+        lists them all in advance, so a mismatch is refused before anything loads."""
 
     def token_logprobs(self, prompt_token_ids: list[int], response_token_ids: list[int],
                        temperature: float = 1.0) -> list[float]:
@@ -168,29 +172,39 @@ class VLLMEngine:
     # ------------------------------------------------------------------ weights
 
     def load_weights(self, state_dict: dict[str, "torch.Tensor"]) -> None:
-        """Load a full HF-named state dict in place (any dtype; vLLM casts).
+        """Load a full HF-named state dict in place (any dtype; vLLM casts)."""
+        self.load_weight_stream(list(state_dict), iter(state_dict.items()))
+
+    def load_weight_stream(self, names: Iterable[str], weights: Iterator[tuple[str, "torch.Tensor"]]) -> None:
+        """Load weights in place from a stream of (name, tensor) pairs, e.g. one
+        bucket after another as they arrive; `names` lists every name the stream will
+        yield, checked before anything is loaded.
 
         Every checkpoint tensor must be present: vLLM keeps the old value of a missing
         one without complaint (a silent half-sync). For tied embeddings the lm_head entry
         is filled from the embedding if absent, because vLLM's CPU backend keeps a
         separate processed copy of the output layer that only an lm_head entry refreshes."""
-        weights = dict(state_dict)
-        if TIED_LM_HEAD in self._expected_names and TIED_LM_HEAD not in weights and TIED_EMBEDDING in weights:
-            weights[TIED_LM_HEAD] = weights[TIED_EMBEDDING]
-        missing = sorted(self._expected_names - weights.keys())
-        unknown = sorted(weights.keys() - self._expected_names)
+        names = set(names)
+        fill_lm_head = (TIED_LM_HEAD in self._expected_names and TIED_LM_HEAD not in names
+                        and TIED_EMBEDDING in names)
+        if fill_lm_head:
+            names.add(TIED_LM_HEAD)
+        missing = sorted(self._expected_names - names)
+        unknown = sorted(names - self._expected_names)
         if missing or unknown:
             raise ValueError(f"state dict does not match the model at {self.model_path}: missing "
                              f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unknown {unknown[:5]}"
                              f"{'...' if len(unknown) > 5 else ''}; send the full HF-named state dict "
                              "(model.state_dict() / get_model_state_dict(full_state_dict=True))")
+        if fill_lm_head:
+            weights = _with_tied_lm_head(weights)
         if self.in_process:
             self._llm.collective_rpc("reload_weights", kwargs={
-                "weights_iterator": iter(weights.items()), "is_checkpoint_format": True})
+                "weights_iterator": weights, "is_checkpoint_format": True})
         else:
             # Worker processes cannot receive tensors through RPC: hand them a file.
             self._llm.collective_rpc("reload_weights", kwargs={
-                "weights_path": self._write_weights(weights), "is_checkpoint_format": True})
+                "weights_path": self._write_weights(dict(weights)), "is_checkpoint_format": True})
         self._llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
 
     def _write_weights(self, weights: dict[str, "torch.Tensor"]) -> str:
@@ -208,6 +222,13 @@ class VLLMEngine:
         # at start-up, not in the first training step.
         self.generate([[0, 1, 2]], n=2, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=0)
         self.token_logprobs([0, 1], [2, 3], temperature=1.0)
+
+
+def _with_tied_lm_head(weights: Iterator[tuple[str, "torch.Tensor"]]) -> Iterator[tuple[str, "torch.Tensor"]]:
+    for name, tensor in weights:
+        yield name, tensor
+        if name == TIED_EMBEDDING:
+            yield TIED_LM_HEAD, tensor
 
 
 def _to_sample(completion: Any, text: str) -> Sample:

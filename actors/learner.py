@@ -4,6 +4,12 @@
     metrics = group.train(batch, temperature)
     ref = group.state_dict_ref()                              # rank 0's full state dict
 
+Weights for the generators: `publish_weights()` on every rank (the gather is
+collective) returns, on rank 0, a PublishedWeights record of buckets in the object
+store or ready to broadcast (srpo_ray/weight_sync.py); the rollout fleet delivers it.
+Rank 0 also answers the fleet's broadcast calls (`open_weight_group`,
+`broadcast_weights`, `weight_catch_up`), through its WeightPublisher.
+
 Rank 0 picks the rendezvous endpoint (its node's IP and a free port) when created;
 the other ranks are created with it. On GPUs Ray gives each actor its own device
 through CUDA_VISIBLE_DEVICES, so every rank uses local device 0.
@@ -20,12 +26,131 @@ import torch
 from srpo_ray.batch import TrainBatch
 from srpo_ray.config import SRPOConfig
 from srpo_ray.learner_group import LearnerGroup
+from srpo_ray.weight_sync import (BroadcastGroup, PublishedWeights, bucket_parts, open_store, pack_bucket,
+                                  packed_parts, plan_buckets, resolve_transport)
+
+MB = 1 << 20
 
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+class WeightPublisher:
+    """The sending side of weight sync, kept by the actor that owns the weights
+    (learner rank 0, or a WeightSource).
+
+    object_store: every bucket goes into Ray's object store as a list of per-tensor
+    byte views (one copy, into shared memory); the refs are owned by this actor and
+    live while the fleet holds the record. broadcast: the buckets are packed into
+    flat buffers (reused from one publish to the next) that stay here until
+    `broadcast` sends them to the group the fleet formed, and for late joiners
+    (`catch_up`, an object-store copy made on first request)."""
+
+    def __init__(self, transport: str, bucket_bytes: int, backend: str = "gloo", timeout_s: float = 600.0):
+        if transport not in ("object_store", "broadcast"):
+            raise ValueError(f"weight transport {transport!r}: resolve `auto` first (resolve_transport)")
+        self.transport, self.bucket_bytes = transport, int(bucket_bytes)
+        self.backend, self.timeout_s = backend, float(timeout_s)
+        self._packed: list[torch.Tensor] = []
+        self._published: PublishedWeights | None = None
+        self._catch_up: PublishedWeights | None = None
+        self._store: Any = None
+        self._endpoint: tuple[str, int] | None = None
+        self._group: BroadcastGroup | None = None
+
+    def publish(self, state: dict[str, torch.Tensor], transport: str | None = None) -> PublishedWeights:
+        """Bucket `state` (HF names, CPU tensors) and make it available to the fleet."""
+        transport = transport or self.transport
+        buckets = plan_buckets(state, self.bucket_bytes)
+        me = ray.get_runtime_context().current_actor
+        self._catch_up = None
+        if transport == "object_store":
+            self._packed = []
+            # a list of per-tensor byte views: Ray copies each straight into shared memory
+            refs = [ray.put([part.numpy() for part in bucket_parts(state, meta)]) for meta in buckets]
+            self._published = PublishedWeights("object_store", buckets, refs=refs, source=me)
+        else:
+            device = "cuda" if self.backend == "nccl" else "cpu"
+            # the layout is the same every time: refill the last buffers (no fresh page faults)
+            old = self._packed + [None] * len(buckets)
+            self._packed = [pack_bucket(state, meta, device, out=old[i]) for i, meta in enumerate(buckets)]
+            self._published = PublishedWeights("broadcast", buckets, source=me, endpoint=self._store_endpoint(),
+                                               backend=self.backend, timeout_s=self.timeout_s)
+        return self._published
+
+    def _store_endpoint(self) -> tuple[str, int]:
+        if self._endpoint is None:
+            host, port = ray.util.get_node_ip_address(), _free_port()
+            self._store = open_store(host, port, is_master=True, timeout_s=self.timeout_s)
+            self._endpoint = (host, port)
+        return self._endpoint
+
+    def open_group(self, name: str, world_size: int) -> None:
+        """Be rank 0 of broadcast group `name` (world_size = 1 + receivers); the
+        receivers join at the same time (GenerationWorker.join_weight_group)."""
+        host = self._store_endpoint()[0]
+        if self._group is not None:
+            self._group.close()
+        self._group = None
+        self._group = BroadcastGroup(self._store, name, 0, world_size, self.backend, self.timeout_s, host=host)
+
+    def broadcast(self, name: str) -> int:
+        """Send the buckets of the last publish to group `name`, in order; returns bytes sent."""
+        if self._group is None or self._group.name != name:
+            raise RuntimeError(f"weight group {name!r} is not open here (open: "
+                               f"{self._group.name if self._group else None!r})")
+        if not self._packed:
+            raise RuntimeError("nothing to broadcast: publish broadcast weights first")
+        for flat in self._packed:
+            self._group.broadcast(flat)
+        return sum(flat.numel() for flat in self._packed)
+
+    def catch_up(self) -> PublishedWeights:
+        """The last published weights as object-store buckets, for a generator that
+        joins between broadcasts (put once per publish, on first request)."""
+        if self._published is None:
+            raise RuntimeError("no weights published yet")
+        if self._published.transport == "object_store":
+            return self._published
+        if self._catch_up is None:
+            refs = [ray.put([part.cpu().numpy() for part in packed_parts(flat, meta)])
+                    for flat, meta in zip(self._packed, self._published.buckets)]
+            self._catch_up = PublishedWeights("object_store", self._published.buckets, refs=refs,
+                                              source=self._published.source)
+        return self._catch_up
+
+
+def publisher_for(cfg: SRPOConfig) -> WeightPublisher:
+    """The WeightPublisher `cfg` asks for (rollout.weight_transport resolved here)."""
+    learner_gpu = cfg.learner.gpus_per_rank > 0
+    rollout_gpu = cfg.rollout.gpus_per_worker > 0
+    transport = resolve_transport(cfg.rollout.weight_transport, learner_gpu, rollout_gpu, cfg.cluster.colocate)
+    backend = "nccl" if learner_gpu and rollout_gpu else "gloo"
+    return WeightPublisher(transport, int(cfg.rollout.weight_bucket_mb * MB), backend,
+                           timeout_s=cfg.learner.collective_timeout_s)
+
+
+class WeightSource:
+    """Publishes a given state dict like a learner's rank 0 does, without FSDP: for
+    benchmarks and tests of the transports, or to serve weights from a file."""
+
+    def __init__(self, transport: str, bucket_bytes: int, backend: str = "gloo", timeout_s: float = 600.0):
+        self.publisher = WeightPublisher(transport, bucket_bytes, backend, timeout_s)
+
+    def publish(self, state: dict[str, torch.Tensor], transport: str | None = None) -> PublishedWeights:
+        return self.publisher.publish(state, transport)
+
+    def open_weight_group(self, name: str, world_size: int) -> None:
+        self.publisher.open_group(name, world_size)
+
+    def broadcast_weights(self, name: str) -> int:
+        return self.publisher.broadcast(name)
+
+    def weight_catch_up(self) -> PublishedWeights:
+        return self.publisher.catch_up()
 
 
 class LearnerRankImpl:
@@ -45,6 +170,7 @@ class LearnerRankImpl:
                           RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0")
         torch.set_num_threads(max(1, int(cfg.learner.cpus_per_rank)))
         self.learner = FSDPLearner(model_path, cfg, rank, world_size)
+        self.publisher = publisher_for(cfg) if rank == 0 else None
 
     def get_master_endpoint(self) -> tuple[str, int]:
         return self.master_addr, self.master_port
@@ -64,6 +190,25 @@ class LearnerRankImpl:
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         return self.learner.full_state_dict()
 
+    def publish_weights(self, transport: str | None = None) -> PublishedWeights | None:
+        """Collective (every rank joins the gather): the weights as buckets for the
+        generators, on rank 0; None on the others. transport: override
+        rollout.weight_transport (object_store or broadcast)."""
+        state = self.learner.full_state_dict()
+        if state is None:
+            return None
+        return self.publisher.publish(state, transport)
+
+    # rank 0 only: the fleet's calls for broadcast delivery
+    def open_weight_group(self, name: str, world_size: int) -> None:
+        self.publisher.open_group(name, world_size)
+
+    def broadcast_weights(self, name: str) -> int:
+        return self.publisher.broadcast(name)
+
+    def weight_catch_up(self) -> PublishedWeights:
+        return self.publisher.catch_up()
+
     def save_checkpoint(self, directory: str) -> None:
         self.learner.save_checkpoint(directory)
 
@@ -76,6 +221,7 @@ class LearnerRankImpl:
 
 
 LearnerRank = ray.remote(LearnerRankImpl)
+WeightSourceActor = ray.remote(WeightSource)
 
 
 def create_learner_group(cfg: SRPOConfig, model_path: str, num_ranks: int | None = None,

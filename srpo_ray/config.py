@@ -75,6 +75,23 @@ class RolloutConfig:
     data.max_prompt_tokens + rollout.max_new_tokens. Raise it when a stage overrides
     max_new_tokens upward."""
     seed: int = 0
+    weight_transport: str = "auto"
+    """How new weights reach the generators after each update, chosen at start-up:
+    object_store (learner rank 0 puts weight buckets into Ray's object store; every
+    generator fetches them), broadcast (rank 0 and the generators form a
+    torch.distributed group of their own, gloo on CPU or NCCL on GPU, and each bucket
+    is one broadcast), or auto: broadcast when learner and generators sit on separate
+    GPUs (NCCL), else object_store (measured faster on CPU: bench/bench_weight_sync.py)."""
+    weight_bucket_mb: float = 256.0
+    """Size of one weight bucket (MiB): the unit that is sent, received and loaded at a
+    time (a larger tensor travels alone). Bigger buckets mean fewer transfers; smaller
+    ones bound the extra memory a generator holds while loading (our choice)."""
+    max_staleness: int = 0
+    """How many weight versions a rollout may lag the latest update. A rollout from an
+    older version is discarded and regenerated with current weights (never used),
+    counted in rollout/stale_discarded. 0: on-policy, every rollout comes from the
+    latest weights (the loop is synchronous: weights reach every generator before the
+    next step samples)."""
 
 
 @dataclass
@@ -360,6 +377,13 @@ def validate(cfg: SRPOConfig) -> None:
     need(cfg.learner.num_ranks >= 1, "learner.num_ranks", "need at least one learner rank")
     need(cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0 (sampling, not greedy)")
     need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    need(cfg.rollout.weight_transport in ("auto", "object_store", "broadcast"), "rollout.weight_transport",
+         "must be auto, object_store or broadcast")
+    need(cfg.rollout.weight_bucket_mb > 0, "rollout.weight_bucket_mb", "must be > 0 (MiB per weight bucket)")
+    need(cfg.rollout.max_staleness >= 0, "rollout.max_staleness", "must be >= 0 (0 = on-policy)")
+    need(not (cfg.rollout.weight_transport == "broadcast" and cfg.cluster.colocate and cfg.rollout.gpus_per_worker > 0),
+         "rollout.weight_transport", "broadcast needs the generators on GPUs of their own (NCCL refuses two "
+         "ranks on one GPU); use object_store (or auto) with cluster.colocate=true")
     need(0 <= cfg.algo.eps_low < 1, "algo.eps_low", "must be in [0, 1)")
     need(cfg.algo.eps_high >= 0, "algo.eps_high", "must be >= 0")
     need(cfg.algo.loss_agg in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),

@@ -16,6 +16,13 @@ Precision. Parameters and AdamW state are float32 on every rank; model.dtype
 (bfloat16/float16) is the compute dtype FSDP2 casts gathered weights to, with fp32
 gradient reduction. Weights handed out (full_state_dict, hf/) are in model.dtype.
 
+Reference policy. With algo.kl_coef > 0 every rank also keeps a frozen copy of the
+initial policy (model.path), sharded the same way, held in model.dtype, with no
+gradients and no optimizer state. It is rebuilt from model.path at setup (a resumed run
+keeps the same reference) and is never checkpointed. A training pass runs the reference
+forward first (no grad, so its activations are freed before the policy's are built);
+a dummy pass does too, so the ranks' all-gathers stay in step.
+
 Every model is loaded whole on every rank before sharding (host memory: one full fp32
 copy per rank during setup); fine up to a few billion parameters per node.
 """
@@ -83,6 +90,7 @@ class FSDPLearner:
         self.rank = rank
         self.world_size = world_size
         self.model: nn.Module | None = None
+        self.ref_model: nn.Module | None = None  # frozen initial policy, only when algo.kl_coef > 0
         self.optimizer: torch.optim.Optimizer | None = None
         self.device = torch.device("cpu")
         self.optimizer_steps = 0
@@ -92,15 +100,12 @@ class FSDPLearner:
     def setup(self) -> None:
         """Join the process group (MASTER_ADDR/MASTER_PORT from the environment), load
         the HF model, shard it with FSDP2 (each decoder layer, then the root) and build
-        AdamW."""
+        AdamW; with algo.kl_coef > 0 also load and shard the frozen reference model."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
         from transformers import AutoModelForCausalLM
 
         cfg = self.cfg
-        if cfg.algo.kl_coef > 0:
-            raise ValueError("algo.kl_coef > 0 needs a reference policy, which this learner does "
-                             "not keep; set algo.kl_coef=0 (SRPO uses no KL term)")
         backend = _pick_backend(cfg.learner.backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -131,6 +136,23 @@ class FSDPLearner:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
                                            betas=tuple(cfg.optim.betas),
                                            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+        if cfg.algo.kl_coef > 0:
+            self.ref_model = self._build_reference(mesh)
+
+    def _build_reference(self, mesh) -> nn.Module:
+        """The initial policy, frozen: loaded straight in the compute dtype (what FSDP2
+        casts the policy's fp32 weights to, so both agree exactly before any update) and
+        sharded like the policy, without mixed precision, gradients or optimizer."""
+        from torch.distributed.fsdp import fully_shard
+        from transformers import AutoModelForCausalLM
+
+        ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.compute_dtype)
+        ref.config.use_cache = False
+        ref.requires_grad_(False)
+        for layer in _decoder_layers(ref):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(ref, mesh=mesh)
+        return ref.eval()
 
     # ------------------------------------------------------------------ training
 
@@ -148,6 +170,10 @@ class FSDPLearner:
         the first update, the shard is cut into k contiguous chunks and each is one
         optimizer step whose denominator is that chunk's global count (all-reduced;
         `loss_denominator` is then unused).
+
+        algo.kl_coef > 0: each micro-batch's reference log-probs [b, T] (frozen initial
+        policy, same temperature) enter the loss as kl_coef * k3 per token; `kl_ref` is
+        their token-weighted mean over the batch.
 
         Returns the same dict on every rank (all-reduced over ranks): `loss` (batch loss,
         mean over optimizer steps), `grad_norm` (global pre-clip norm, mean over steps),
@@ -193,16 +219,18 @@ class FSDPLearner:
         for i in range(passes):
             if i < len(mbs):
                 mb = _to_device(mbs[i], self.device)
+                ref_lp = self._ref_logprobs(mb, temperature)
                 lp, entropy = self._forward_logprobs(mb, temperature, with_entropy=True,
                                                      entropy_grad=cfg.algo.entropy_coef > 0)
                 old_lp = lp.detach() if old is None else old[i].to(self.device)
                 loss, metrics = policy_loss(lp, old_lp, mb.advantages, mb.response_mask, cfg.algo,
                                             loss_denominator=denominator,
-                                            rollout_logprobs=mb.rollout_logprobs, entropy=entropy)
+                                            rollout_logprobs=mb.rollout_logprobs, ref_logprobs=ref_lp,
+                                            entropy=entropy)
                 _accumulate(metrics, sums, weights, maxima)
                 local_loss += loss.item()
             else:
-                loss = self._dummy_loss()
+                loss = self._dummy_loss(with_reference=True)
             loss.backward()
         grad_norm = self._clip_gradients()
         if math.isfinite(grad_norm):
@@ -241,10 +269,23 @@ class FSDPLearner:
         logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
         return token_logprobs(logits, mb.input_ids, mb.response_mask, temperature, with_entropy, entropy_grad)
 
-    def _dummy_loss(self) -> torch.Tensor:
+    @torch.no_grad()
+    def _ref_logprobs(self, mb: TrainBatch, temperature: float) -> torch.Tensor | None:
+        """[b, T] log-probs of the response tokens under the reference model, or None
+        when there is none (algo.kl_coef == 0)."""
+        if self.ref_model is None:
+            return None
+        logits = self.ref_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+        return token_logprobs(logits, mb.input_ids, mb.response_mask, temperature)[0]
+
+    def _dummy_loss(self, with_reference: bool = False) -> torch.Tensor:
         """A zero loss through the whole model: one 2-token forward, so this rank joins
-        the all-gathers (and, on backward, the reduce-scatters) of a real pass."""
+        the all-gathers (and, on backward, the reduce-scatters) of a real pass.
+        with_reference: first a reference forward too, as a real training pass runs."""
         ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+        if with_reference and self.ref_model is not None:
+            with torch.no_grad():
+                self.ref_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
         return logits.float().sum() * 0.0
 

@@ -126,6 +126,13 @@ class LearnerGroup:
         self._get("full_state_dict", refs[1:], range(1, len(refs)))
         return refs[0]
 
+    def publish_weights(self) -> Any:
+        """The new weights in the transport the ranks were set up with (bucketed in the
+        object store, or announced for a broadcast): every rank joins the gather; rank
+        0's record goes to the rollout fleet's push_weights."""
+        refs = [h.publish_weights.remote() for h in self.handles]
+        return self._get("publish_weights", refs)[0]
+
     def save(self, directory: str) -> None:
         """Checkpoint into `directory` (hf/ and learner/); see FSDPLearner.save_checkpoint."""
         self._all("save_checkpoint", str(directory))

@@ -4,7 +4,15 @@ event files when tensorboard is installed, and a progress bar on stderr.
 Metric names (also explained in README.md):
     reward/<domain>/mean, response_len/<domain>/mean   per domain, this step's rollouts
     correct/<domain>/mean         verifier-correct fraction per domain
-    groups/zero_variance_frac     share of groups whose rewards are all equal (no gradient)
+    groups/zero_variance_frac     share of groups whose rewards are all equal (no gradient),
+                                   over every group generated in the step
+    collect/rounds, collect/prompts_drawn   rounds of generate + score in the step and
+                                   prompts they drew (1 and prompts_per_step unless
+                                   algo.dynamic_sampling draws more)
+    collect/groups_kept            groups passed on to advantages and the batch
+                                   (dynamic sampling: those with reward variance, at most
+                                   prompts_per_step); collect/filled: 1 if that many were found
+    learner/kl_ref                 mean k3 KL to the reference policy (algo.kl_coef > 0)
     pool/size, pool/removed        prompts eligible now / dropped by History Resampling
     policy/version                 weights version the rollouts were sampled from
     time/generate, time/score, time/train, time/weight_sync, time/step   seconds

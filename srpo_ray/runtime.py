@@ -94,9 +94,17 @@ def _create_roles(cfg: SRPOConfig, model_path: str, placement) -> Roles:
     rollout_cfg = dataclasses.replace(cfg.rollout, max_model_len=cfg.rollout.max_model_len or (
         cfg.data.max_prompt_tokens + max(effective_sampling(cfg.rollout, st)["max_new_tokens"] for st in cfg.stages)))
 
+    def rollout_options(i: int) -> dict:
+        if i < placement.num_actors("rollout"):
+            return placement.actor_options("rollout", i)
+        # Workers added while the run goes (srpo_ray.scale) live outside the placement
+        # group: plain resources, plus the rollout pool's label if there is one.
+        label = cfg.cluster.rollout_node_label
+        return {"num_cpus": cfg.rollout.cpus_per_worker, "num_gpus": cfg.rollout.gpus_per_worker,
+                "resources": {label: 0.001} if label else {}}
+
     def new_generator(i: int):
-        return GenerationWorker.options(**placement.actor_options("rollout", i),
-                                        runtime_env={"env_vars": gen_env}).remote(
+        return GenerationWorker.options(**rollout_options(i), runtime_env={"env_vars": gen_env}).remote(
             model_path, rollout_cfg, cfg.model.dtype, cfg.data.max_prompt_tokens, i)
 
     def new_scorer(i: int):
@@ -104,7 +112,8 @@ def _create_roles(cfg: SRPOConfig, model_path: str, placement) -> Roles:
 
     learner = create_learner_group(cfg, model_path,
                                    actor_options=lambda r: placement.actor_options("learner", r), setup=False)
-    rollout = RayRolloutFleet(WorkerPool("generation", new_generator, cfg.rollout.num_workers))
+    rollout = RayRolloutFleet(WorkerPool("generation", new_generator, cfg.rollout.num_workers),
+                              max_staleness=cfg.rollout.max_staleness, control_dir=cfg.trainer.run_dir)
     rewards = RayRewardFleet(WorkerPool("reward", new_scorer, cfg.reward.num_workers))
     learner.setup()
     return Roles(rollout=rollout, rewards=rewards, learner=learner)

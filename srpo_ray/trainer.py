@@ -4,7 +4,9 @@
 calls the roles through small objects built by the runtime: a rollout fleet, a reward
 fleet and a learner group. It imports neither Ray nor vLLM, so tests can drive it with
 fakes. One step: prompts from the ledger -> rollouts -> rewards -> ledger update ->
-group advantages -> learner update -> weights pushed to the generators.
+group advantages -> learner update -> weights pushed to the generators. How many rounds
+of rollouts a step runs is the batch collector's business (srpo_ray/collect.py: one
+round, or DAPO-style dynamic sampling), chosen when the trainer is built.
 """
 from __future__ import annotations
 
@@ -24,16 +26,21 @@ from srpo_ray.algo.overlong import apply_overlong_policy
 from srpo_ray.algo.stages import StageSchedule, effective_sampling, prompts_per_step
 from srpo_ray.batch import build_train_batch
 from srpo_ray.checkpoint import CheckpointManager
+from srpo_ray.collect import make_collector
 from srpo_ray.config import SRPOConfig, to_yaml
 from srpo_ray.metrics import MetricsLogger, summarize_rollouts
 from srpo_ray.records import Prompt, RolloutGroup, ScoredGroup
 
 STATE_FILE = "trainer_state.pt"
+# Rollout seed of a step's extra dynamic-sampling rounds: seed + step + round * stride,
+# so a prompt drawn twice in one step gets fresh samples.
+_ROUND_SEED_STRIDE = 1_000_003
 
 
 class RolloutFleet(Protocol):
     def generate(self, prompts: list[Prompt], sampling: dict, seed: int) -> list[RolloutGroup]: ...
-    def push_weights(self, state_dict_ref: Any, version: int) -> None: ...
+    def push_weights(self, weights: Any, version: int) -> None: ...
+    def pop_metrics(self) -> dict: ...
 
 
 class RewardFleet(Protocol):
@@ -42,7 +49,7 @@ class RewardFleet(Protocol):
 
 class Learner(Protocol):
     def train(self, batch: Any, temperature: float) -> dict: ...
-    def state_dict_ref(self) -> Any: ...
+    def publish_weights(self) -> Any: ...
     def save(self, directory: str) -> None: ...
     def load(self, directory: str) -> None: ...
 
@@ -62,9 +69,11 @@ class SRPOTrainer:
         self.by_id = {p.prompt_id: p for p in prompts}
         self.ledger = HistoryLedger(cfg.resample, seed=cfg.trainer.seed)
         self.stages = StageSchedule(cfg.stages)
+        self.collector = make_collector(cfg.algo)
         self.step = 0
         self.version = 0  # number of weight updates the generators have received
         self._epoch_metrics: dict = {}
+        self._saved_step = -1
 
     # ---- the loop -------------------------------------------------------------------
     def fit(self) -> None:
@@ -81,25 +90,22 @@ class SRPOTrainer:
             self.stages.record_step(step_metrics)
             if self.cfg.trainer.save_every and self.step % self.cfg.trainer.save_every == 0:
                 self.save()
-        self.save()
+        if self._saved_step != self.step:  # never re-write (and briefly lose) the newest checkpoint
+            self.save()
 
     def train_step(self, prompt_ids: list[str]) -> dict[str, Any]:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         stage = self.stages.current
         sampling = effective_sampling(self.cfg.rollout, stage)
-        prompts = [self.by_id[i] for i in prompt_ids]
-        with _timed(timings, "generate"):
-            groups = self.roles.rollout.generate(prompts, sampling, seed=self.cfg.rollout.seed + self.step)
-        self._check_versions(groups)
-        with _timed(timings, "score"):
-            scored = self.roles.rewards.score(groups)
-        self.metrics.rollouts(self.step, scored, self.cfg.metrics.rollouts_per_step)
-        for sg in scored:
-            self.ledger.observe(sg.group.prompt.prompt_id, sg.num_correct, len(sg.results))
+        collected = self.collector.collect(
+            prompt_ids, prompts_per_step(self.cfg.trainer, stage), draw=self._draw_more,
+            run_round=lambda ids, round_index: self._rollout_round(ids, round_index, sampling, timings))
+        scored = collected.train
         shaped, overlong_metrics = apply_overlong_policy(scored, self.cfg.algo.overlong, sampling["max_new_tokens"])
-        advantages, adv_metrics = group_advantages(torch.tensor(shaped, dtype=torch.float32),
-                                                   self.cfg.algo.normalize_adv_by_std)
+        # [G, n]; G is 0 when dynamic sampling kept no group
+        rewards = torch.tensor(shaped, dtype=torch.float32).reshape(len(shaped), sampling["n"])
+        advantages, adv_metrics = group_advantages(rewards, self.cfg.algo.normalize_adv_by_std)
         batch = build_train_batch(scored, advantages.tolist(), self.pad_token_id)
         train_metrics: dict[str, Any] = {"train/skipped": 1.0}
         if batch.input_ids.shape[0] > 0:  # all groups zero-variance: nothing to learn from
@@ -107,37 +113,69 @@ class SRPOTrainer:
                 train_metrics = self.roles.learner.train(batch, temperature=sampling["temperature"])
             with _timed(timings, "weight_sync"):
                 self.version += 1
-                self.roles.rollout.push_weights(self.roles.learner.state_dict_ref(), self.version)
+                self.roles.rollout.push_weights(self.roles.learner.publish_weights(), self.version)
         timings["step"] = time.perf_counter() - started
         epoch_metrics, self._epoch_metrics = self._epoch_metrics, {}
         return {
-            **summarize_rollouts(scored), **{f"adv/{k}": v for k, v in adv_metrics.items()}, **overlong_metrics, **train_metrics,
+            **summarize_rollouts(collected.generated), **collected.metrics,
+            **{f"adv/{k}": v for k, v in adv_metrics.items()}, **overlong_metrics, **train_metrics,
             **{f"epoch/{k}": v for k, v in epoch_metrics.items()},
-            **{f"time/{k}": v for k, v in timings.items()},
+            **{f"time/{k}": v for k, v in timings.items()}, **self.roles.rollout.pop_metrics(),
             "pool/size": self.ledger.pool_size, "pool/removed": self.ledger.num_removed,
             "epoch": self.ledger.epoch, "stage": self.stages.index, "policy/version": self.version,
             "batch/sequences": int(batch.input_ids.shape[0]),
         }
 
+    def _rollout_round(self, prompt_ids: list[str], round_index: int, sampling: dict,
+                       timings: dict[str, float]) -> list[ScoredGroup]:
+        """Generate and score one round of the step; every group is recorded in the
+        ledger (and in rollouts.jsonl), whether or not the collector keeps it."""
+        prompts = [self.by_id[i] for i in prompt_ids]
+        seed = self.cfg.rollout.seed + self.step + round_index * _ROUND_SEED_STRIDE
+        with _timed(timings, "generate"):
+            groups = self.roles.rollout.generate(prompts, sampling, seed=seed)
+        self._check_versions(groups)
+        with _timed(timings, "score"):
+            scored = self.roles.rewards.score(groups)
+        self.metrics.rollouts(self.step, scored, self.cfg.metrics.rollouts_per_step)
+        for sg in scored:
+            self.ledger.observe(sg.group.prompt.prompt_id, sg.num_correct, len(sg.results))
+        return scored
+
     # ---- prompts, epochs and stages ---------------------------------------------------
     def _next_prompt_ids(self) -> list[str]:
         while True:
-            if self.stages.should_switch() and not self.stages.is_last:
+            if self._switch_due():
                 self._enter_stage(first=False)
-            k = prompts_per_step(self.cfg.trainer, self.stages.current)
-            ids, epoch_metrics = self.ledger.next_batch(k)
-            if epoch_metrics:  # History Resampling was applied at this epoch's end
-                self._epoch_metrics = epoch_metrics
-                self.metrics.event(f"step {self.step}: epoch end, History Resampling: "
-                                   + ", ".join(f"{k}={v}" for k, v in epoch_metrics.items()))
-                self.stages.record_epoch()
-                if self.stages.should_switch() and not self.stages.is_last:
-                    continue
+            ids = self._take_from_ledger(prompts_per_step(self.cfg.trainer, self.stages.current))
+            if self._switch_due():  # an epoch just closed and ended the stage
+                continue
             if ids:
                 return ids
             if self.stages.is_last:
                 return []
             self._enter_stage(first=False)  # this stage's pool is empty: move on
+
+    def _draw_more(self, k: int) -> list[str]:
+        """Up to k more prompt ids within the current step (dynamic sampling). A stage
+        switch waits for the next step, so a step never mixes two stages' settings:
+        [] when one is due."""
+        if self._switch_due():
+            return []
+        ids = self._take_from_ledger(k)
+        return [] if self._switch_due() else ids
+
+    def _take_from_ledger(self, k: int) -> list[str]:
+        ids, epoch_metrics = self.ledger.next_batch(k)
+        if epoch_metrics:  # History Resampling was applied at this epoch's end
+            self._epoch_metrics = epoch_metrics
+            self.metrics.event(f"step {self.step}: epoch end, History Resampling: "
+                               + ", ".join(f"{k}={v}" for k, v in epoch_metrics.items()))
+            self.stages.record_epoch()
+        return ids
+
+    def _switch_due(self) -> bool:
+        return self.stages.should_switch() and not self.stages.is_last
 
     def _enter_stage(self, first: bool) -> None:
         if not first:
@@ -161,6 +199,7 @@ class SRPOTrainer:
         torch.save(self.state_dict(), tmp / STATE_FILE)
         (tmp / "config.yaml").write_text(to_yaml(self.cfg))
         final = self.checkpoints.commit(tmp, self.step)
+        self._saved_step = self.step
         self.metrics.event(f"step {self.step}: checkpoint {final}")
         return final
 
@@ -174,7 +213,7 @@ class SRPOTrainer:
             return None
         self.roles.learner.load(str(latest))
         self.load_state_dict(torch.load(latest / STATE_FILE, weights_only=False))
-        self.roles.rollout.push_weights(self.roles.learner.state_dict_ref(), self.version)
+        self.roles.rollout.push_weights(self.roles.learner.publish_weights(), self.version)
         self.metrics.event(f"resumed from {latest} at step {self.step} (stage {self.stages.index}, "
                            f"epoch {self.ledger.epoch}, policy version {self.version})")
         return latest
@@ -189,6 +228,7 @@ class SRPOTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.version = state["step"], state["version"]
+        self._saved_step = self.step  # this state is the checkpoint it came from
         self.ledger.load_state_dict(state["ledger"])
         self.stages.load_state_dict(state["stages"])
         random.setstate(state["rng"]["python"])

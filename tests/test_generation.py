@@ -132,7 +132,8 @@ def test_prompt_too_long_for_the_engine_is_an_error(engine):
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from conftest import ensure_local_ray
+    ensure_local_ray()  # the session's Ray; shut down after this module to free its actors
     yield
     ray.shutdown()
 

@@ -4,9 +4,7 @@ the tests; each test starts from a saved checkpoint, so the order does not matte
 from __future__ import annotations
 
 import functools
-import os
 import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -170,9 +168,8 @@ def ray_groups(tiny_model, tmp_path_factory):
     ray = pytest.importorskip("ray")
     from actors.learner import create_learner_group
 
-    root = str(Path(__file__).resolve().parent.parent)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}})
+    from conftest import ensure_local_ray
+    ensure_local_ray()  # the session's Ray; shut down after this module to free its actors
     try:
         cfg = _cfg()
         options = lambda rank: {"num_cpus": 0.5}  # noqa: E731

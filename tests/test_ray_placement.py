@@ -32,6 +32,7 @@ class WhereAmI:
 def two_nodes():
     """Head = learner pool (with two logical GPUs: Ray hands out GPU ids without
     hardware), second node = rollout pool; one CPU each. Yields node ids by label."""
+    ray.shutdown()  # this test needs a two-node cluster of its own
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "num_gpus": 2, "resources": {"srpo_learner": 1}, "include_dashboard": False})
     cluster.add_node(num_cpus=1, resources={"srpo_rollout": 1})

@@ -11,7 +11,8 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=1, include_dashboard=False)
+    from conftest import ensure_local_ray
+    ensure_local_ray()  # the session's Ray; shut down after this module to free its actors
     yield
     ray.shutdown()
 

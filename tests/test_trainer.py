@@ -32,6 +32,9 @@ class FakeRollout:
         self.pushes.append((ref, version))
         self.version = version
 
+    def pop_metrics(self):
+        return {"rollout/workers": 1}
+
 
 class FakeRewards:
     def score(self, groups):
@@ -47,7 +50,7 @@ class FakeLearner:
         self.batches.append(batch)
         return {"train/loss": 0.5}
 
-    def state_dict_ref(self):
+    def publish_weights(self):
         return f"weights-{len(self.batches)}"
 
     def save(self, directory):

@@ -1,0 +1,112 @@
+"""Where a training step's time goes, from a real short run.
+
+    .venv/bin/python bench/bench_step_overhead.py [--steps 10] [--model PATH] [--transport auto]
+
+Runs the real loop (local Ray, vLLM generation, sandboxed rewards, 2-rank FSDP2
+learner) on the scripted tiny model of tests/scripted_model.py (or --model, any HF
+folder, e.g. ~/.cache/srpo_ray/models/smollm2-135m-instruct) at temperature 1, so
+every step trains and syncs weights. From metrics.jsonl and the wall clock of
+`trainer.fit()`:
+
+    work       = generate + score + train + weight_sync     (the trainer's time/... figures)
+    in-step    = time/step - work    (batch building, advantages, ledger, rollout dumps, ...)
+    between    = fit wall - sum(time/step) - checkpoint saves   (prompt choice, metrics, stage logic)
+    overhead   = (in-step + between) / (fit wall - checkpoint saves)
+
+The first step is reported apart (first calls into each actor). Goal: overhead <= 3%.
+Prints figures only; asserts nothing about time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from srpo_ray.config import load_config  # noqa: E402
+from srpo_ray.data import write_verl_parquet  # noqa: E402
+
+WORK = ("generate", "score", "train", "weight_sync")
+
+
+def write_data(path: Path, n: int = 16) -> Path:
+    rows = [{"data_source": "bench/arith", "ability": "math",
+             "prompt": [{"role": "user", "content": f"Question {i} with answer {truth}?"}],
+             "reward_model": {"ground_truth": truth}, "extra_info": {"id": f"q{i}-{truth}"}}
+            for i in range(n // 2) for truth in ("7", "3")]
+    tests = json.dumps([{"input": "1 2\n", "output": "3\n", "testtype": "stdin"}])
+    rows += [{"data_source": "bench/code", "ability": "code",  # for stage 2, which this run never reaches
+              "prompt": [{"role": "user", "content": f"Add two numbers ({i})."}],
+              "reward_model": {"ground_truth": tests}, "extra_info": {"id": f"code{i}"}} for i in range(2)]
+    write_verl_parquet(rows, path)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--model", default=None, help="HF model folder (default: the scripted tiny model)")
+    ap.add_argument("--transport", default="auto", help="rollout.weight_transport")
+    args = ap.parse_args()
+
+    from srpo_ray.runtime import build_trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if args.model is None:
+            from scripted_model import build_scripted_model
+            model = build_scripted_model(str(root / "model"))
+        else:
+            model = args.model
+        data = write_data(root / "data.parquet")
+        cfg = load_config(REPO / "configs" / "tiny_test.yaml", [
+            f"model.path={model}", f"data.train_files=[{data}]", f"trainer.run_dir={root / 'run'}",
+            f"trainer.total_steps={args.steps}", "trainer.save_every=0", "stages.0.temperature=1.0",
+            "stages.0.until_epochs=1000", "trainer.prompts_per_step=8", "rollout.n=8",
+            # a small step keeps the scripted policy's groups mixed, so every step trains
+            "optim.lr=1e-4", f"rollout.weight_transport={args.transport}"])
+        with build_trainer(cfg) as trainer:
+            saves: list[float] = []
+            real_save = trainer.save
+
+            def timed_save():
+                start = time.perf_counter()
+                try:
+                    return real_save()
+                finally:
+                    saves.append(time.perf_counter() - start)
+            trainer.save = timed_save
+            start = time.perf_counter()
+            trainer.fit()
+            wall = time.perf_counter() - start
+        rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    print(f"{len(rows)} steps in {wall:.1f} s (checkpoint saves {sum(saves):.1f} s, not counted)")
+    print(f"{'step':>4} {'step s':>7} " + " ".join(f"{k:>11}" for k in WORK) + f" {'in-step':>8} {'share':>6}")
+    for r in rows:
+        work = [r.get(f"time/{k}", 0.0) for k in WORK]
+        rest = r["time/step"] - sum(work)
+        print(f"{r['step']:>4} {r['time/step']:7.3f} " + " ".join(f"{w:11.3f}" for w in work)
+              + f" {rest:8.3f} {rest / r['time/step']:6.1%}")
+    steps_total = sum(r["time/step"] for r in rows)
+    between = wall - sum(saves) - steps_total
+    for label, picked in (("all steps", rows), ("steps 2..", rows[1:])):
+        if not picked:
+            continue
+        step_time = sum(r["time/step"] for r in picked)
+        in_step = step_time - sum(r.get(f"time/{k}", 0.0) for r in picked for k in WORK)
+        # time between steps is spread evenly over the steps for the per-range figure
+        gap = between * len(picked) / len(rows)
+        print(f"{label}: {step_time / len(picked):.3f} s a step; orchestration overhead "
+              f"{in_step + gap:.3f} s = {(in_step + gap) / (step_time + gap):.2%} of the time "
+              f"(in-step {in_step / (step_time + gap):.2%}, between steps {gap / (step_time + gap):.2%})")
+
+
+if __name__ == "__main__":
+    main()

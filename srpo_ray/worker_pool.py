@@ -1,0 +1,194 @@
+"""An elastic pool of actors of one role, and the chunked work loop over it.
+
+Work is handed out in chunks as workers become free (`ray.wait`), so a fast worker is
+not left idle while a slow one has a queue. A worker that dies mid-call (its actor is
+gone) is replaced by a fresh one from its factory and the chunk is re-issued: the call
+completes with every chunk done exactly once. The pool can be resized while it works
+(`scale_to`): a new worker takes work once it has started (the others keep working
+meanwhile); a retired worker finishes the chunk it is serving before it is stopped.
+Runtime glue: talks to Ray.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import ray
+from ray.exceptions import RayActorError
+
+log = logging.getLogger(__name__)
+MAX_REPLACEMENTS_PER_CALL = 3
+MAX_RETRIES_PER_CHUNK = 3
+RETRY = object()  # a chunk's result was refused (e.g. stale): issue the chunk again
+
+
+@dataclass(eq=False)
+class Member:
+    """One worker of a pool. index: its slot, the factory's argument (placement bundle,
+    worker index); the lowest free slot is reused. version: the policy version a
+    generation worker holds (None: not known yet, sync before it serves)."""
+
+    index: int
+    handle: Any
+    starting: Any = None  # the ping in flight until the actor has started
+    busy: bool = False
+    draining: bool = False  # retire after the current chunk
+    version: int | None = None
+    pending_sync: Any = None  # a weight load submitted ahead of its next chunk
+
+
+class WorkerPool:
+    """Actor handles of one role, resizable while work is running."""
+
+    def __init__(self, role: str, factory: Callable[[int], Any], size: int):
+        self.role, self.factory = role, factory
+        self.members: list[Member] = []
+        self.target = 0
+        self.replacements = 0  # workers lost and replaced since the pool was made
+        self._losses_this_call = 0
+        self._cold = True  # no call has run yet
+        self.scale_to(size)
+
+    @property
+    def workers(self) -> list[Any]:
+        """Handles of every live worker (started or starting)."""
+        return [m.handle for m in self.members]
+
+    def ready(self) -> list[Member]:
+        """Started workers that take new work, by slot."""
+        return sorted((m for m in self.members if m.starting is None and not m.draining), key=lambda m: m.index)
+
+    def scale_to(self, size: int) -> None:
+        """Start or retire workers until `size` are live; returns at once (new ones
+        start in the background, busy ones retire after their chunk)."""
+        if size < 1:
+            raise ValueError(f"{self.role} pool size {size}: need at least one worker")
+        self.target = size
+        live = [m for m in self.members if not m.draining]
+        for _ in range(size - len(live)):
+            self._start()
+        # retire the ones that cost least to lose: not started yet, then idle, then busy
+        by_cost = sorted(live, key=lambda m: (m.starting is None, m.busy, -m.index))
+        for m in by_cost[:max(0, len(live) - size)]:
+            if m.busy:
+                m.draining = True
+            else:
+                self._stop(m)
+
+    def poll(self) -> None:
+        """Take in the workers that have started since the last look (no waiting)."""
+        starting = {m.starting: m for m in self.members if m.starting is not None}
+        if starting:
+            done, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0)
+            for ref in done:
+                self._started(starting[ref])
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Block until every starting worker has started (or failed and been replaced)."""
+        while True:
+            starting = {m.starting: m for m in self.members if m.starting is not None}
+            if not starting:
+                return
+            done, _ = ray.wait(list(starting), num_returns=len(starting), timeout=timeout_s)
+            if not done:
+                raise TimeoutError(f"{len(starting)} {self.role} worker(s) did not start within {timeout_s} s")
+            for ref in done:
+                self._started(starting[ref])
+
+    def map_chunks(self, chunks: Sequence[Any], submit: Callable[[Member, int, Any], Any],
+                   receive: Callable[[Member, int, Any], Any] | None = None) -> list[Any]:
+        """Run `submit(member, chunk_index, chunk) -> ref` for every chunk on whichever
+        started worker is free; `receive(member, chunk_index, ref)` turns a finished ref
+        into the chunk's result (default: ray.get) or RETRY. Results in chunk order.
+        The pool's first call waits until all its workers have started; later, workers
+        still starting join in when ready."""
+        receive = receive or (lambda member, index, ref: ray.get(ref))
+        self._losses_this_call = 0
+        if self._cold:  # a run starts at its configured size: the first call is start-up anyway
+            self._cold = False
+            self.wait_ready()
+        results: list[Any] = [None] * len(chunks)
+        pending = deque(range(len(chunks)))
+        running: dict[Any, tuple[int, Member]] = {}
+        retries: Counter = Counter()
+        while pending or running:
+            for m in self.ready():
+                if not pending:
+                    break
+                if not m.busy:
+                    index = pending.popleft()
+                    m.busy = True
+                    running[submit(m, index, chunks[index])] = (index, m)
+            starting = {m.starting: m for m in self.members if m.starting is not None}
+            if not running and not starting:
+                raise RuntimeError(f"no {self.role} workers left to run {len(pending)} chunk(s)")
+            done, _ = ray.wait(list(running) + list(starting), num_returns=1)
+            if done[0] in starting:
+                self._started(starting[done[0]])
+                continue
+            index, m = running.pop(done[0])
+            m.busy = False
+            try:
+                result = receive(m, index, done[0])
+            except RayActorError:
+                self._lost(m)
+                pending.appendleft(index)
+                continue
+            if result is RETRY:
+                retries[index] += 1
+                if retries[index] > MAX_RETRIES_PER_CHUNK:
+                    raise RuntimeError(f"{self.role} chunk {index} was refused {retries[index]} times")
+                pending.appendleft(index)
+            else:
+                results[index] = result
+            if m.draining:
+                self._stop(m)
+        return results
+
+    def lost(self, member: Member) -> None:
+        """`member`'s actor died: drop it and start a replacement if below target."""
+        self._lost(member)
+
+    # ---------------------------------------------------------------- internals
+    def _start(self) -> Member:
+        taken = {m.index for m in self.members}
+        index = next(i for i in itertools.count() if i not in taken)
+        handle = self.factory(index)
+        member = Member(index, handle, starting=handle.ping.remote())
+        self.members.append(member)
+        return member
+
+    def _started(self, member: Member) -> None:
+        try:
+            ray.get(member.starting)
+        except RayActorError:
+            self._lost(member)
+            return
+        member.starting = None
+        log.info("%s worker %d started", self.role, member.index)
+
+    def _stop(self, member: Member) -> None:
+        self.members.remove(member)
+        ray.kill(member.handle, no_restart=True)
+        log.info("%s worker %d retired", self.role, member.index)
+
+    def _lost(self, member: Member) -> None:
+        if member in self.members:
+            self.members.remove(member)
+        self.replacements += 1
+        self._losses_this_call += 1
+        if self._losses_this_call > MAX_REPLACEMENTS_PER_CALL:
+            raise RuntimeError(f"{self.role} workers keep dying ({self._losses_this_call} replacements in one "
+                               f"call); see the worker logs above")
+        log.warning("%s worker %d died; starting a replacement", self.role, member.index)
+        if len([m for m in self.members if not m.draining]) < self.target:
+            self._start()
+
+
+def split(items: Sequence[Any], parts: int) -> list[list[Any]]:
+    size = max(1, math.ceil(len(items) / max(1, parts)))
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
