@@ -3,6 +3,7 @@
     .venv/bin/python bench/experiment_srpo.py --quick            # about 15 min on 2 CPU cores
     .venv/bin/python bench/experiment_srpo.py                    # longer runs, same questions
     .venv/bin/python bench/experiment_srpo.py --quick --runs math_hr,math_no_hr --steps 4
+    .venv/bin/python bench/experiment_srpo.py --report-only      # remake tables/plot from --out
 
 Six runs of `python -m srpo_ray.driver` (SmolLM2-135M-Instruct by default) with config
 overrides, then tables and a plot from their metrics.jsonl:
@@ -14,8 +15,8 @@ overrides, then tables and a plot from their metrics.jsonl:
     and two-stage (math, then math + code) runs. The math-only run is (a)'s HR run.
 
 Writes into --out (default bench/results/): results.md (the tables), summary.csv,
-steps.csv (per run and step), experiment.png, and metrics/<run>.jsonl. Checkpoints and
-logs stay in --work-dir.
+steps.csv (per run and step), experiment.png, metrics/<run>.jsonl and runs.json (wall
+seconds, scale). Checkpoints are deleted after each run; logs stay in --work-dir.
 
 Data. The experiment writes its own small prompt set: on the builtin set's prompts
 SmolLM2-135M almost never writes \\boxed{} (reward ~0, every group zero-variance), so
@@ -236,7 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct", help="model.path of every run")
     ap.add_argument("--runs", default=None, help="comma-separated subset of: " + ", ".join(run_specs(QUICK)))
     ap.add_argument("--steps", type=int, default=None, help="override the scale's step budget")
+    ap.add_argument("--report-only", action="store_true",
+                    help="only remake the tables and plot from --out's metrics/ and runs.json")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.report_only:
+        return report(out)
 
     scale = QUICK if args.quick else FULL
     if args.steps is not None:
@@ -248,20 +254,28 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in names if r not in specs]
     if unknown:
         raise SystemExit(f"--runs: unknown run(s) {unknown}; choose from {list(specs)}")
-    out = Path(args.out)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="srpo_experiment_"))
     data = [work / "data" / "math.parquet", work / "data" / "code.parquet"]
     write_verl_parquet(math_rows(scale.math_prompts), data[0])
     write_verl_parquet(code_rows(scale.code_prompts), data[1])
 
-    seconds: dict[str, float] = {}
+    (out / "metrics").mkdir(parents=True, exist_ok=True)
+    done = {"scale": f"{'quick' if args.quick else 'full'} scale: {vars(scale)}; model {args.model}",
+            "seconds": {}}
     for name in names:
         run_dir = work / "runs" / name
-        seconds[name] = launch(name, [*common_overrides(scale, data, run_dir, args.model), *specs[name]], run_dir)
-        (out / "metrics").mkdir(parents=True, exist_ok=True)
+        done["seconds"][name] = launch(name, [*common_overrides(scale, data, run_dir, args.model), *specs[name]],
+                                       run_dir)
         copy_metrics(run_dir, out / "metrics" / f"{name}.jsonl")
-    write_report(out, {name: out / "metrics" / f"{name}.jsonl" for name in names}, seconds,
-                 scale_note=f"{'quick' if args.quick else 'full'} scale: {vars(scale)}; model {args.model}")
+        (out / "runs.json").write_text(json.dumps(done, indent=1))
+    return report(out)
+
+
+def report(out: Path) -> int:
+    """Tables and plot from out/metrics/<run>.jsonl and out/runs.json (wall seconds, scale)."""
+    done = json.loads((out / "runs.json").read_text())
+    write_report(out, {name: out / "metrics" / f"{name}.jsonl" for name in done["seconds"]}, done["seconds"],
+                 scale_note=done["scale"])
     print((out / "results.md").read_text())
     return 0
 

@@ -187,10 +187,12 @@ class SRPOTrainer:
                            f"{len(pool)} prompts in domains {list(stage.domains)}")
 
     def _check_versions(self, groups: list[RolloutGroup]) -> None:
-        stale = [g.policy_version for g in groups if g.policy_version != self.version]
+        oldest = self.version - self.cfg.rollout.max_staleness  # the fleet regenerates older ones
+        stale = [g.policy_version for g in groups if not oldest <= g.policy_version <= self.version]
         if stale:
             raise RuntimeError(f"rollouts from policy versions {sorted(set(stale))} but the learner is at "
-                               f"version {self.version}: a generation worker missed a weight update")
+                               f"version {self.version} (rollout.max_staleness={self.cfg.rollout.max_staleness}):"
+                               f" a generation worker missed a weight update")
 
     # ---- checkpoints ----------------------------------------------------------------
     def save(self) -> Path:
