@@ -119,7 +119,8 @@ def write_report(out: Path, metrics_files: dict[str, Path], seconds: dict[str, f
     runs = {name: load_metrics(path) for name, path in metrics_files.items()}
     zv_header, zv_rows = zero_variance_summary(runs, seconds)
     len_header, len_rows = length_summary(runs, seconds)
-    zv_steps = per_step_table(runs, [(n, "groups/zero_variance_frac", label) for n, label in ZERO_VARIANCE_RUNS.items()])
+    zv_steps = per_step_table(runs, [(n, "groups/zero_variance_frac", label)
+                                     for n, label in ZERO_VARIANCE_RUNS.items()])
     len_steps = per_step_table(runs, [(n, f"response_len/{d}/mean", f"{label}: {d}")
                                       for n, label in LENGTH_RUNS.items() for d in ("math", "code")
                                       if any(f"response_len/{d}/mean" in r for r in runs.get(n, []))])
@@ -156,14 +157,15 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, label in ZERO_VARIANCE_RUNS.items():
-        if name in runs:
-            left.plot([r["step"] for r in runs[name]], [r["groups/zero_variance_frac"] for r in runs[name]],
-                      marker="o", label=label)
-    left.set(title="(a) zero-variance groups (math)", xlabel="step", ylabel="share of generated groups",
-             ylim=(-0.05, 1.05))
-    left.legend(fontsize=8)
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 4.5))
+    for axis, key, title in ((left, "groups/zero_variance_frac", "(a) zero-variance groups (math)"),
+                             (middle, "groups/all_correct_frac", "(a) all-correct groups (math)")):
+        for name, label in ZERO_VARIANCE_RUNS.items():
+            rows = [r for r in runs.get(name, []) if key in r]
+            if rows:
+                axis.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", label=label)
+        axis.set(title=title, xlabel="step", ylabel="share of generated groups", ylim=(-0.05, 1.05))
+        axis.legend(fontsize=8)
     for i, (name, label) in enumerate(LENGTH_RUNS.items()):
         for domain, style in (("math", "-"), ("code", "--")):
             key = f"response_len/{domain}/mean"

@@ -1,6 +1,6 @@
 """SRPO's qualitative effects at small scale, with real training runs through the driver.
 
-    .venv/bin/python bench/experiment_srpo.py --quick            # about 15 min on 2 CPU cores
+    .venv/bin/python bench/experiment_srpo.py --quick            # 17 min on 2 busy CPU cores
     .venv/bin/python bench/experiment_srpo.py                    # longer runs, same questions
     .venv/bin/python bench/experiment_srpo.py --quick --runs math_hr,math_no_hr --steps 4
     .venv/bin/python bench/experiment_srpo.py --report-only      # remake tables/plot from --out
@@ -231,7 +231,7 @@ def copy_metrics(run_dir: Path, dest: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="few steps, small batches (about 15 min on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="few steps, small batches (15-20 min on 2 cores)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="tables, plot and metrics go here")
     ap.add_argument("--work-dir", default=None, help="run directories (default: a new temporary folder)")
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct", help="model.path of every run")
@@ -262,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "metrics").mkdir(parents=True, exist_ok=True)
     done = {"scale": f"{'quick' if args.quick else 'full'} scale: {vars(scale)}; model {args.model}",
             "seconds": {}}
+    previous = out / "runs.json"
+    if previous.exists() and json.loads(previous.read_text())["scale"] == done["scale"]:
+        done = json.loads(previous.read_text())  # a subset re-run joins the other runs of the same scale
     for name in names:
         run_dir = work / "runs" / name
         done["seconds"][name] = launch(name, [*common_overrides(scale, data, run_dir, args.model), *specs[name]],

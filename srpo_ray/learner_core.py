@@ -211,7 +211,7 @@ class FSDPLearner:
 
     def _optimizer_step(self, chunk: TrainBatch, denominator: float, old: list[torch.Tensor] | None,
                         temperature: float, sums: dict, weights: dict, maxima: dict) -> tuple[float, float]:
-        model, optimizer, cfg = self.model, self.optimizer, self.cfg
+        optimizer, cfg = self.optimizer, self.cfg
         mbs = micro_batches(chunk, cfg.learner.micro_batch_size)
         passes = self._all_reduce_max(len(mbs))
         optimizer.zero_grad(set_to_none=True)

@@ -40,7 +40,7 @@ def group_advantages(rewards: torch.Tensor, normalize_by_std: bool,
     constant = zero_variance_mask(r)
     centered = r - r.mean(dim=1, keepdim=True)
     # n == 1: every group is constant; skip torch.std, which would warn and return NaN.
-    std = r.std(dim=1, keepdim=True) if n > 1 else torch.zeros_like(r[:, :1])
+    std = r.std(dim=1, keepdim=True) if n > 1 and num_groups else torch.zeros_like(r[:, :1])
     adv = centered / (std + eps) if normalize_by_std else centered
     adv = torch.where(constant[:, None], torch.zeros_like(adv), adv)
     metrics = {
