@@ -1,6 +1,7 @@
 """Where a training step's time goes, from a real short run.
 
     .venv/bin/python bench/bench_step_overhead.py [--steps 10] [--model PATH] [--transport auto]
+        [--one-step-off | --compare-one-step-off]
 
 Runs the real loop (local Ray, vLLM generation, sandboxed rewards, 2-rank FSDP2
 learner) on the scripted tiny model of tests/scripted_model.py (or --model, any HF
@@ -14,6 +15,9 @@ every step trains and syncs weights. From metrics.jsonl and the wall clock of
     overhead   = (in-step + between) / (fit wall - checkpoint saves)
 
 The first step is reported apart (first calls into each actor). Goal: overhead <= 3%.
+With --one-step-off generation overlaps training (rollout.one_step_off), so work can
+exceed a step's time; --compare-one-step-off runs the same job both ways, one after the
+other, and prints the one-step-off / on-policy ratio of the mean step time (steps 2..).
 Prints figures only; asserts nothing about time.
 """
 from __future__ import annotations
@@ -48,13 +52,8 @@ def write_data(path: Path, n: int = 16) -> Path:
     return path
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--model", default=None, help="HF model folder (default: the scripted tiny model)")
-    ap.add_argument("--transport", default="auto", help="rollout.weight_transport")
-    args = ap.parse_args()
-
+def run(args: argparse.Namespace, one_step_off: bool) -> tuple[list[dict], float, list[float]]:
+    """One short training job: (metrics rows, fit wall seconds, checkpoint save seconds)."""
     from srpo_ray.runtime import build_trainer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +69,8 @@ def main() -> None:
             f"trainer.total_steps={args.steps}", "trainer.save_every=0", "stages.0.temperature=1.0",
             "stages.0.until_epochs=1000", "trainer.prompts_per_step=8", "rollout.n=8",
             # a small step keeps the scripted policy's groups mixed, so every step trains
-            "optim.lr=1e-4", f"rollout.weight_transport={args.transport}"])
+            "optim.lr=1e-4", f"rollout.weight_transport={args.transport}",
+            f"rollout.one_step_off={one_step_off}", f"rollout.max_staleness={int(one_step_off)}"])
         with build_trainer(cfg) as trainer:
             saves: list[float] = []
             real_save = trainer.save
@@ -86,7 +86,11 @@ def main() -> None:
             trainer.fit()
             wall = time.perf_counter() - start
         rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    return rows, wall, saves
 
+
+def report(rows: list[dict], wall: float, saves: list[float]) -> float:
+    """Print the step table and overhead; return the mean step time of steps 2.."""
     print(f"{len(rows)} steps in {wall:.1f} s (checkpoint saves {sum(saves):.1f} s, not counted)")
     print(f"{'step':>4} {'step s':>7} " + " ".join(f"{k:>11}" for k in WORK) + f" {'in-step':>8} {'share':>6}")
     for r in rows:
@@ -106,6 +110,27 @@ def main() -> None:
         print(f"{label}: {step_time / len(picked):.3f} s a step; orchestration overhead "
               f"{in_step + gap:.3f} s = {(in_step + gap) / (step_time + gap):.2%} of the time "
               f"(in-step {in_step / (step_time + gap):.2%}, between steps {gap / (step_time + gap):.2%})")
+    later = rows[1:] or rows
+    return sum(r["time/step"] for r in later) / len(later)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--model", default=None, help="HF model folder (default: the scripted tiny model)")
+    ap.add_argument("--transport", default="auto", help="rollout.weight_transport")
+    ap.add_argument("--one-step-off", action="store_true", help="run with rollout.one_step_off=true")
+    ap.add_argument("--compare-one-step-off", action="store_true",
+                    help="run on-policy, then one-step-off, and print the step-time ratio")
+    args = ap.parse_args()
+    modes = [False, True] if args.compare_one_step_off else [args.one_step_off]
+    step_times = {}
+    for one_step_off in modes:
+        print(f"\n== {'one-step-off' if one_step_off else 'on-policy'} ==", flush=True)
+        step_times[one_step_off] = report(*run(args, one_step_off))
+    if len(step_times) == 2:
+        print(f"\none-step-off / on-policy mean step time (steps 2..): {step_times[True]:.3f} / "
+              f"{step_times[False]:.3f} s = {step_times[True] / step_times[False]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,15 @@ class RolloutConfig:
     counted in rollout/stale_discarded. 0: on-policy, every rollout comes from the
     latest weights (the loop is synchronous: weights reach every generator before the
     next step samples)."""
+    one_step_off: bool = False
+    """One-step-off-policy pipelining: generate and score step k+1's rollouts while step
+    k trains, with the weights step k started from; step k+1 then trains on rollouts one
+    version old (rollout/staleness_max = 1, per rollout in rollouts.jsonl). Hides
+    generation behind training (or the reverse) at the cost of that lag. Needs
+    max_staleness >= 1. Pair it with algo.tis_cap (e.g. 2) to correct the loss for the
+    lag. No step collects ahead across a checkpoint save, so a checkpoint never holds
+    untrained rollouts."""
+
 
 
 @dataclass
@@ -219,7 +228,10 @@ class StageConfig:
     until_epochs: Optional[int] = None
     """Switch after this many epochs in this stage."""
     until_metric: Optional[str] = None
-    """Switch when this metric (e.g. reward/math/mean) reaches `until_threshold`."""
+    """Switch when this metric reaches `until_threshold`: one of the step's rollout
+    metrics, known when its rollouts are scored (reward/..., correct/...,
+    response_len/..., truncated/..., groups/..., collect/...; e.g. reward/math/mean)."""
+
     until_threshold: Optional[float] = None
     until_metric_window: int = 1
     """Compare the mean of `until_metric` over this stage's last this-many steps that
@@ -381,6 +393,8 @@ def validate(cfg: SRPOConfig) -> None:
          "must be auto, object_store or broadcast")
     need(cfg.rollout.weight_bucket_mb > 0, "rollout.weight_bucket_mb", "must be > 0 (MiB per weight bucket)")
     need(cfg.rollout.max_staleness >= 0, "rollout.max_staleness", "must be >= 0 (0 = on-policy)")
+    need(not cfg.rollout.one_step_off or cfg.rollout.max_staleness >= 1, "rollout.one_step_off",
+         "trains on rollouts one weight version old: set rollout.max_staleness >= 1 too")
     need(not (cfg.rollout.weight_transport == "broadcast" and cfg.cluster.colocate and cfg.rollout.gpus_per_worker > 0),
          "rollout.weight_transport", "broadcast needs the generators on GPUs of their own (NCCL refuses two "
          "ranks on one GPU); use object_store (or auto) with cluster.colocate=true")

@@ -14,14 +14,22 @@ Metric names (also explained in README.md):
                                    prompts_per_step); collect/filled: 1 if that many were found
     learner/kl_ref                 mean k3 KL to the reference policy (algo.kl_coef > 0)
     pool/size, pool/removed        prompts eligible now / dropped by History Resampling
-    policy/version                 weights version the rollouts were sampled from
+    policy/version                 weights version the learner holds after the step
+    rollout/staleness_mean, _max   weight versions between the policy that sampled the step's
+                                   rollouts and the learner that trained on them (0 on-policy,
+                                   1 with rollout.one_step_off)
     time/generate, time/score, time/train, time/weight_sync, time/step   seconds
+    time/wait_rollouts             the step waiting for its rollouts (with one_step_off: the
+                                   generation time training did not hide)
+    time/wait_collect_ahead        training done, waiting for the next step's collection to
+                                   finish before the weight push (one_step_off)
 """
 from __future__ import annotations
 
 import json
 import math
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +44,18 @@ class MetricsLogger:
         self._file = open(self.path, "a", buffering=1)
         self._tb = _tensorboard_writer(Path(run_dir) / "tensorboard") if tensorboard else None
         self._bar = None
+        # the trainer collects the next step's rollouts in a thread (rollout.one_step_off)
+        self._lock = threading.Lock()
         if progress_bar:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, desc="srpo", file=sys.stderr,
                              dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        with self._lock:
+            self._log(step, metrics)
+
+    def _log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         if self._tb is not None:
@@ -53,17 +67,20 @@ class MetricsLogger:
             self._bar.set_postfix({k.split("/")[-2] if k.count("/") > 1 else k: _short(record[k])
                                    for k in PROGRESS_KEYS if k in record}, refresh=False)
 
-    def rollouts(self, step: int, scored: list, limit: int) -> None:
+    def rollouts(self, step: int, scored: list, limit: int, learner_version: int) -> None:
         """Append up to `limit` scored groups to rollouts.jsonl, for reading what the
-        policy writes (and for checking weight sync: each sample keeps its log-probs)."""
+        policy writes (and for checking weight sync: each sample keeps its log-probs).
+        staleness: how many weight versions the learner that trains on the group is
+        ahead of the policy that sampled it."""
         if limit <= 0:
             return
-        with open(self.path.with_name("rollouts.jsonl"), "a") as f:
+        with self._lock, open(self.path.with_name("rollouts.jsonl"), "a") as f:
             for sg in scored[:limit]:
                 g = sg.group
                 f.write(json.dumps({
                     "step": step, "prompt_id": g.prompt.prompt_id, "domain": g.prompt.domain,
-                    "policy_version": g.policy_version, "prompt_token_ids": g.prompt_token_ids,
+                    "policy_version": g.policy_version, "staleness": learner_version - g.policy_version,
+                    "prompt_token_ids": g.prompt_token_ids,
                     "samples": [{"text": s.text, "token_ids": s.token_ids, "logprobs": s.logprobs,
                                  "finish_reason": s.finish_reason, "reward": r.reward, "correct": r.correct}
                                 for s, r in zip(g.samples, sg.results)],
@@ -71,6 +88,10 @@ class MetricsLogger:
 
     def event(self, message: str) -> None:
         """A one-off line (stage switch, epoch end, resume) above the progress bar."""
+        with self._lock:
+            self._event(message)
+
+    def _event(self, message: str) -> None:
         if self._bar is not None:
             self._bar.write(message, file=sys.stderr)
         else:

@@ -6,7 +6,11 @@ fleet and a learner group. It imports neither Ray nor vLLM, so tests can drive i
 fakes. One step: prompts from the ledger -> rollouts -> rewards -> ledger update ->
 group advantages -> learner update -> weights pushed to the generators. How many rounds
 of rollouts a step runs is the batch collector's business (srpo_ray/collect.py: one
-round, or DAPO-style dynamic sampling), chosen when the trainer is built.
+round, or DAPO-style dynamic sampling), chosen when the trainer is built. When a step's
+rollouts are collected is the pipeline's (srpo_ray/pipeline.py): just before the step
+trains, or, with rollout.one_step_off, while the previous step trains. Everything that
+draws prompts or records rewards (ledger, stage schedule) happens in `collect`;
+`learn` turns one step's rollouts into an update.
 """
 from __future__ import annotations
 
@@ -28,7 +32,9 @@ from srpo_ray.batch import build_train_batch
 from srpo_ray.checkpoint import CheckpointManager
 from srpo_ray.collect import make_collector
 from srpo_ray.config import SRPOConfig, to_yaml
+from srpo_ray.collect import Collected
 from srpo_ray.metrics import MetricsLogger, summarize_rollouts
+from srpo_ray.pipeline import RolloutPipeline
 from srpo_ray.records import Prompt, RolloutGroup, ScoredGroup
 
 STATE_FILE = "trainer_state.pt"
@@ -55,6 +61,19 @@ class Learner(Protocol):
 
 
 @dataclass
+class StepRollouts:
+    """One step's scored rollouts and what the trainer knew when it collected them:
+    the sampling settings (the stage's), the rollout, collection, ledger and stage
+    metrics, and the seconds spent generating and scoring."""
+
+    step: int
+    collected: Collected
+    sampling: dict[str, Any]
+    metrics: dict[str, Any]
+    timings: dict[str, float]
+
+
+@dataclass
 class Roles:
     rollout: RolloutFleet
     rewards: RewardFleet
@@ -72,118 +91,151 @@ class SRPOTrainer:
         self.collector = make_collector(cfg.algo)
         self.step = 0
         self.version = 0  # number of weight updates the generators have received
-        self._epoch_metrics: dict = {}
         self._saved_step = -1
 
     # ---- the loop -------------------------------------------------------------------
     def fit(self) -> None:
         if self.step == 0:
             self._enter_stage(first=True)
+        pipeline = RolloutPipeline(self.collect, lookahead=self.cfg.rollout.one_step_off,
+                                   may_prefetch=self._may_collect_ahead)
         while self.step < self.cfg.trainer.total_steps:
-            prompt_ids = self._next_prompt_ids()
-            if not prompt_ids:
+            started = time.perf_counter()
+            rollouts = pipeline.take(self.step + 1)
+            if rollouts is None:
                 self.metrics.event(f"step {self.step}: no prompts left in the pool (all solved); stopping")
                 break
             self.step += 1
-            step_metrics = self.train_step(prompt_ids)
-            self.metrics.log(self.step, step_metrics)
-            self.stages.record_step(step_metrics)
-            if self.cfg.trainer.save_every and self.step % self.cfg.trainer.save_every == 0:
+            self.metrics.log(self.step, self.learn(rollouts, pipeline, started))
+            if self._save_due(self.step):
                 self.save()
         if self._saved_step != self.step:  # never re-write (and briefly lose) the newest checkpoint
             self.save()
 
-    def train_step(self, prompt_ids: list[str]) -> dict[str, Any]:
+    def collect(self, step: int) -> StepRollouts | None:
+        """Draw step `step`'s prompts, generate, score and record them in the ledger and
+        the stage schedule; None when no prompts are left. Runs ahead of the training
+        loop with rollout.one_step_off (srpo_ray/pipeline.py)."""
+        prompt_ids, epoch_metrics = self._next_prompt_ids(step)
+        if not prompt_ids:
+            return None
         timings: dict[str, float] = {}
-        started = time.perf_counter()
         stage = self.stages.current
         sampling = effective_sampling(self.cfg.rollout, stage)
         collected = self.collector.collect(
-            prompt_ids, prompts_per_step(self.cfg.trainer, stage), draw=self._draw_more,
-            run_round=lambda ids, round_index: self._rollout_round(ids, round_index, sampling, timings))
-        scored = collected.train
+            prompt_ids, prompts_per_step(self.cfg.trainer, stage), draw=lambda k: self._draw_more(step, k, epoch_metrics),
+            run_round=lambda ids, round_index: self._rollout_round(step, ids, round_index, sampling, timings))
+        metrics = {
+            **summarize_rollouts(collected.generated), **collected.metrics,
+            **{f"epoch/{k}": v for k, v in epoch_metrics.items()},
+            "pool/size": self.ledger.pool_size, "pool/removed": self.ledger.num_removed,
+            "epoch": self.ledger.epoch, "stage": self.stages.index,
+        }
+        self.stages.record_step(metrics)  # stage rules see the step's rollout metrics
+        return StepRollouts(step, collected, sampling, metrics, timings)
+
+    def learn(self, rollouts: StepRollouts, pipeline: RolloutPipeline, started: float) -> dict[str, Any]:
+        """Advantages, the learner update and the weight push for one step's rollouts;
+        returns the step's metrics. `started`: when the step began waiting for them."""
+        timings = {"wait_rollouts": time.perf_counter() - started, **rollouts.timings}
+        sampling, scored = rollouts.sampling, rollouts.collected.train
         shaped, overlong_metrics = apply_overlong_policy(scored, self.cfg.algo.overlong, sampling["max_new_tokens"])
         # [G, n]; G is 0 when dynamic sampling kept no group
         rewards = torch.tensor(shaped, dtype=torch.float32).reshape(len(shaped), sampling["n"])
         advantages, adv_metrics = group_advantages(rewards, self.cfg.algo.normalize_adv_by_std)
         batch = build_train_batch(scored, advantages.tolist(), self.pad_token_id)
+        staleness = [self.version - sg.group.policy_version for sg in rollouts.collected.generated]
+        self.metrics.rollouts(self.step, rollouts.collected.generated, self.cfg.metrics.rollouts_per_step,
+                              learner_version=self.version)
         train_metrics: dict[str, Any] = {"train/skipped": 1.0}
-        if batch.input_ids.shape[0] > 0:  # all groups zero-variance: nothing to learn from
+        learned = batch.input_ids.shape[0] > 0  # all groups zero-variance: nothing to learn from
+        if learned:
             with _timed(timings, "train"):
                 train_metrics = self.roles.learner.train(batch, temperature=sampling["temperature"])
+        with _timed(timings, "wait_collect_ahead"):
+            pipeline.settle()  # weights never change under a running collection
+        if learned:
             with _timed(timings, "weight_sync"):
                 self.version += 1
                 self.roles.rollout.push_weights(self.roles.learner.publish_weights(), self.version)
         timings["step"] = time.perf_counter() - started
-        epoch_metrics, self._epoch_metrics = self._epoch_metrics, {}
         return {
-            **summarize_rollouts(collected.generated), **collected.metrics,
-            **{f"adv/{k}": v for k, v in adv_metrics.items()}, **overlong_metrics, **train_metrics,
-            **{f"epoch/{k}": v for k, v in epoch_metrics.items()},
-            **{f"time/{k}": v for k, v in timings.items()}, **self.roles.rollout.pop_metrics(),
-            "pool/size": self.ledger.pool_size, "pool/removed": self.ledger.num_removed,
-            "epoch": self.ledger.epoch, "stage": self.stages.index, "policy/version": self.version,
-            "batch/sequences": int(batch.input_ids.shape[0]),
+            **rollouts.metrics, **{f"adv/{k}": v for k, v in adv_metrics.items()}, **overlong_metrics,
+            **train_metrics, **{f"time/{k}": v for k, v in timings.items()}, **self.roles.rollout.pop_metrics(),
+            "rollout/staleness_mean": sum(staleness) / max(1, len(staleness)),
+            "rollout/staleness_max": max(staleness, default=0),
+            "policy/version": self.version, "batch/sequences": int(batch.input_ids.shape[0]),
         }
 
-    def _rollout_round(self, prompt_ids: list[str], round_index: int, sampling: dict,
+    def _rollout_round(self, step: int, prompt_ids: list[str], round_index: int, sampling: dict,
                        timings: dict[str, float]) -> list[ScoredGroup]:
         """Generate and score one round of the step; every group is recorded in the
-        ledger (and in rollouts.jsonl), whether or not the collector keeps it."""
+        ledger, whether or not the collector keeps it."""
         prompts = [self.by_id[i] for i in prompt_ids]
-        seed = self.cfg.rollout.seed + self.step + round_index * _ROUND_SEED_STRIDE
+        seed = self.cfg.rollout.seed + step + round_index * _ROUND_SEED_STRIDE
         with _timed(timings, "generate"):
             groups = self.roles.rollout.generate(prompts, sampling, seed=seed)
         self._check_versions(groups)
         with _timed(timings, "score"):
             scored = self.roles.rewards.score(groups)
-        self.metrics.rollouts(self.step, scored, self.cfg.metrics.rollouts_per_step)
         for sg in scored:
             self.ledger.observe(sg.group.prompt.prompt_id, sg.num_correct, len(sg.results))
         return scored
 
+    def _may_collect_ahead(self, step: int) -> bool:
+        """Collect step `step` while the one before trains, unless there is no such step
+        or the one before saves a checkpoint (which must not hold untrained rollouts)."""
+        return step <= self.cfg.trainer.total_steps and not self._save_due(step - 1)
+
+    def _save_due(self, step: int) -> bool:
+        return bool(self.cfg.trainer.save_every) and step % self.cfg.trainer.save_every == 0
+
     # ---- prompts, epochs and stages ---------------------------------------------------
-    def _next_prompt_ids(self) -> list[str]:
+    def _next_prompt_ids(self, step: int) -> tuple[list[str], dict]:
+        """Step `step`'s prompt ids ([] when every stage's pool is empty) and the History
+        Resampling metrics of an epoch that closed while drawing them ({} if none)."""
+        epoch_metrics: dict = {}
         while True:
             if self._switch_due():
-                self._enter_stage(first=False)
-            ids = self._take_from_ledger(prompts_per_step(self.cfg.trainer, self.stages.current))
+                self._enter_stage(first=False, step=step)
+            ids = self._take_from_ledger(step, prompts_per_step(self.cfg.trainer, self.stages.current),
+                                         epoch_metrics)
             if self._switch_due():  # an epoch just closed and ended the stage
                 continue
             if ids:
-                return ids
+                return ids, epoch_metrics
             if self.stages.is_last:
-                return []
-            self._enter_stage(first=False)  # this stage's pool is empty: move on
+                return [], epoch_metrics
+            self._enter_stage(first=False, step=step)  # this stage's pool is empty: move on
 
-    def _draw_more(self, k: int) -> list[str]:
-        """Up to k more prompt ids within the current step (dynamic sampling). A stage
-        switch waits for the next step, so a step never mixes two stages' settings:
-        [] when one is due."""
+    def _draw_more(self, step: int, k: int, epoch_metrics: dict) -> list[str]:
+        """Up to k more prompt ids within step `step` (dynamic sampling). A stage switch
+        waits for the next step, so a step never mixes two stages' settings: [] when one
+        is due."""
         if self._switch_due():
             return []
-        ids = self._take_from_ledger(k)
+        ids = self._take_from_ledger(step, k, epoch_metrics)
         return [] if self._switch_due() else ids
 
-    def _take_from_ledger(self, k: int) -> list[str]:
-        ids, epoch_metrics = self.ledger.next_batch(k)
-        if epoch_metrics:  # History Resampling was applied at this epoch's end
-            self._epoch_metrics = epoch_metrics
-            self.metrics.event(f"step {self.step}: epoch end, History Resampling: "
-                               + ", ".join(f"{k}={v}" for k, v in epoch_metrics.items()))
+    def _take_from_ledger(self, step: int, k: int, epoch_metrics: dict) -> list[str]:
+        ids, closed = self.ledger.next_batch(k)
+        if closed:  # History Resampling was applied at this epoch's end
+            epoch_metrics.update(closed)
+            self.metrics.event(f"before step {step}: epoch end, History Resampling: "
+                               + ", ".join(f"{k}={v}" for k, v in closed.items()))
             self.stages.record_epoch()
         return ids
 
     def _switch_due(self) -> bool:
         return self.stages.should_switch() and not self.stages.is_last
 
-    def _enter_stage(self, first: bool) -> None:
+    def _enter_stage(self, first: bool, step: int = 0) -> None:
         if not first:
             self.stages.advance()
         stage = self.stages.current
         pool = [pid for pid, p in self.by_id.items() if p.domain in stage.domains]
         self.ledger.set_pool(pool)
-        self.metrics.event(f"step {self.step}: stage {self.stages.index} ({stage.name}): "
+        self.metrics.event(f"from step {step + 1}: stage {self.stages.index} ({stage.name}): "
                            f"{len(pool)} prompts in domains {list(stage.domains)}")
 
     def _check_versions(self, groups: list[RolloutGroup]) -> None:
