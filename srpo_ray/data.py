@@ -160,21 +160,65 @@ def _content_id(data_source: str, messages: list[dict], raw_truth: Any) -> str:
     return "h" + hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def check_prompt_lengths(tokenizer: Any, prompts: list[Prompt], max_tokens: int) -> None:
+PROMPT_LENGTH_CHUNK = 2048  # prompts rendered and tokenized per batch call: bounds the texts held at once
+_BYTES_BOUND_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD"}  # the identity on ASCII text
+_BYTES_BOUND_SPLITTERS = {"Split", "Digits", "Punctuation", "Whitespace", "WhitespaceSplit"}  # split, add nothing
+
+
+def check_prompt_lengths(tokenizer: Any, prompts: list[Prompt], max_tokens: int,
+                         chunk_size: int = PROMPT_LENGTH_CHUNK) -> None:
     """Every prompt must fit in `max_tokens` after the chat template: checked before the
-    run starts, not discovered mid-run by a generation worker."""
+    run starts, not discovered mid-run by a generation worker. Raises DataError naming
+    the first offending prompt ids and data.max_prompt_tokens.
+
+    Counts the same tokens as `chat_prompt_ids` (what the workers feed vLLM) but for
+    millions of prompts: the template renders `chunk_size` prompts per call, and with a
+    byte-level BPE tokenizer (Qwen, Llama 3, SmolLM) an ASCII text of at most
+    `max_tokens` characters is not encoded at all, since every token covers at least one
+    byte. The rest are encoded in one batch call per chunk (Rust, all cores)."""
     from srpo_ray.models import chat_prompt_ids
 
+    if not prompts:
+        return
+    chat_prompt_ids(tokenizer, prompts[0].messages)  # clear errors for a template-less tokenizer / bad messages
+    bounded = _tokens_at_most_bytes(tokenizer)
     too_long = []
-    for p in prompts:
-        length = len(chat_prompt_ids(tokenizer, p.messages))
-        if length > max_tokens:
-            too_long.append((p.prompt_id, length))
+    for start in range(0, len(prompts), chunk_size):
+        chunk = prompts[start:start + chunk_size]
+        texts = tokenizer.apply_chat_template([p.messages for p in chunk], tokenize=False,
+                                              add_generation_prompt=True)
+        unsure = [i for i, text in enumerate(texts)
+                  if not (bounded and len(text) <= max_tokens and text.isascii())]
+        if unsure:
+            ids = tokenizer([texts[i] for i in unsure], add_special_tokens=False,
+                            return_attention_mask=False)["input_ids"]
+            too_long += [(chunk[i].prompt_id, len(t)) for i, t in zip(unsure, ids) if len(t) > max_tokens]
     if too_long:
         shown = ", ".join(f"{pid} ({n} tokens)" for pid, n in too_long[:5])
         raise DataError(f"{len(too_long)} prompt(s) are longer than data.max_prompt_tokens={max_tokens} after "
                         f"the chat template: {shown}{' ...' if len(too_long) > 5 else ''}; raise "
                         f"data.max_prompt_tokens or drop them from the data")
+
+
+def _tokens_at_most_bytes(tokenizer: Any) -> bool:
+    """True if the tokenizer provably yields at most one token per byte of an ASCII text
+    (without added special tokens): a BPE model behind a byte-level pre-tokenizer that
+    adds no prefix space, and only normalisers and splitters that leave ASCII as is.
+    Anything else (SentencePiece's prefix, slow tokenizers) is encoded in full."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    spec = json.loads(backend.to_str())
+
+    def parts(node: dict | None, key: str) -> list[dict]:
+        return [] if node is None else node.get(key, []) if node["type"] == "Sequence" else [node]
+
+    normalizers_ok = all(n["type"] in _BYTES_BOUND_NORMALIZERS for n in parts(spec.get("normalizer"), "normalizers"))
+    pre = parts(spec.get("pre_tokenizer"), "pretokenizers")
+    byte_level = [p for p in pre if p["type"] == "ByteLevel"]
+    return (spec["model"]["type"] == "BPE" and normalizers_ok and len(byte_level) == 1
+            and not byte_level[0].get("add_prefix_space", False)
+            and all(p["type"] in _BYTES_BOUND_SPLITTERS | {"ByteLevel"} for p in pre))
 
 
 def write_verl_parquet(rows: list[dict[str, Any]], path: str | Path) -> None:

@@ -9,12 +9,11 @@ model of tests/scripted_model.py):
 - a collective whose peer never arrives fails after learner.collective_timeout_s.
 
 Faults are injected by standing in for an actor class in the module the runtime imports
-it from (`ActorClassHook`): the real actors are created, and one of them is wrapped so
+it from (`ActorClassHook`, tests/helpers_run.py): the real actors are created, and one of them is wrapped so
 that a chosen call is submitted and the actor is then killed while that call is pending.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -27,101 +26,12 @@ import pytest
 import ray
 import torch
 
+from helpers_run import KillDuringCall, assert_sampled_with, hook_actor_class, metrics, rollouts, run_args, write_data
 from srpo_ray.driver import main
-from test_integration import hf_logprobs, metrics, run_args, write_data
 
 REPO = Path(__file__).resolve().parent.parent
 N_SAMPLES = 4  # rollout.n in configs/tiny_test.yaml
 PROMPTS_PER_STEP = 4  # run_args
-
-
-# ----------------------------------------------------------------------------- fault hooks
-
-# The hooks send functions of this module to actors (`__ray_call__`); the workers cannot
-# import tests/ modules, so ship them by value.
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-def _hold(actor_self: Any, seconds: float) -> None:
-    time.sleep(seconds)
-
-
-class KillDuringCall:
-    """An actor handle whose `method`, called with arguments accepted by `when`, is
-    submitted and then the actor is killed (no restart) while the call is pending: a
-    sleep queued on the actor first keeps the call from finishing before the kill lands.
-    Every other attribute is the real handle's."""
-
-    def __init__(self, handle: Any, method: str, when: Callable[..., bool] = lambda *a, **k: True):
-        self._handle, self._method, self._when = handle, method, when
-        self.killed = False
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._handle, name)
-        if name != self._method:
-            return attr
-        proxy = self
-
-        class _Method:
-            def remote(self, *args: Any, **kwargs: Any) -> Any:
-                if proxy.killed or not proxy._when(*args, **kwargs):
-                    return attr.remote(*args, **kwargs)
-                proxy._handle.__ray_call__.remote(_hold, 60.0)
-                ref = attr.remote(*args, **kwargs)
-                ray.kill(proxy._handle, no_restart=True)
-                proxy.killed = True
-                return ref
-
-        return _Method()
-
-
-def _node_id(actor_self: Any) -> str:
-    return ray.get_runtime_context().get_node_id()
-
-
-class ActorClassHook:
-    """Stands in for a Ray actor class (`ActorClass.options(...).remote(...)`): creates the
-    real actors, records their handles in creation order plus an early query of the node
-    each one runs on (answered while it lives, readable after the run), and wraps the
-    `fault_index`-th actor created with `fault(handle)`."""
-
-    def __init__(self, real: Any, fault: Callable[[Any], Any] | None = None, fault_index: int = 0):
-        self.real, self.fault, self.fault_index = real, fault, fault_index
-        self.handles: list[Any] = []
-        self.node_refs: list[Any] = []
-        self.wrapped: Any = None
-
-    def options(self, **kwargs: Any) -> "_Creator":
-        return _Creator(self, self.real.options(**kwargs))
-
-    def remote(self, *args: Any, **kwargs: Any) -> Any:
-        return _Creator(self, self.real).remote(*args, **kwargs)
-
-    def node_ids(self) -> list[str]:
-        return ray.get(self.node_refs, timeout=60)
-
-
-class _Creator:
-    def __init__(self, hook: ActorClassHook, creator: Any):
-        self.hook, self.creator = hook, creator
-
-    def remote(self, *args: Any, **kwargs: Any) -> Any:
-        handle = self.creator.remote(*args, **kwargs)
-        hook = self.hook
-        hook.handles.append(handle)
-        hook.node_refs.append(handle.__ray_call__.remote(_node_id))
-        if hook.fault is not None and len(hook.handles) == hook.fault_index + 1:
-            hook.wrapped = hook.fault(handle)
-            return hook.wrapped
-        return handle
-
-
-def hook_actor_class(monkeypatch, module_name: str, class_name: str, **hook_args: Any) -> ActorClassHook:
-    """Replace `module.class_name` (where the runtime imports it from at run time)."""
-    module = __import__(module_name, fromlist=[class_name])
-    hook = ActorClassHook(getattr(module, class_name), **hook_args)
-    monkeypatch.setattr(module, class_name, hook)
-    return hook
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -135,11 +45,6 @@ def mixed_run_args(model_dir: str, data: Path, run_dir: Path, *extra: str) -> li
     """Stage 1 at temperature 1: groups are mixed, so step 1 trains and syncs weights
     (with run_args' lr the policy is nearly certain afterwards; a small lr keeps it mixed)."""
     return run_args(model_dir, data, run_dir, "stages.0.temperature=1.0", *extra)
-
-
-def rollouts(run_dir: Path, step: int) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["step"] == step]
 
 
 def ledger_samples(run_dir: Path, step: int) -> list[int]:
@@ -177,12 +82,9 @@ def test_generation_worker_killed_mid_step_is_replaced_and_synced(
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["policy/version"] == 1
     assert_each_prompt_scored_once(run_dir, 2)
     # Step 2 sampled with version 1 (checkpoint 1): the replacement's rollouts too.
-    after_update = run_dir / "checkpoints" / "step_000001" / "hf"
-    for group in rollouts(run_dir, 2):
-        assert group["policy_version"] == 1
-        for sample in group["samples"]:
-            synced = hf_logprobs(after_update, group["prompt_token_ids"], sample["token_ids"])
-            assert torch.allclose(torch.tensor(sample["logprobs"]), synced, atol=2e-3)
+    step2 = rollouts(run_dir, 2)
+    assert all(g["policy_version"] == 1 for g in step2)
+    assert_sampled_with(step2, run_dir / "checkpoints" / "step_000001" / "hf")
 
 
 @pytest.mark.slow  # a full driver run

@@ -130,53 +130,47 @@ def test_prompt_too_long_for_the_engine_is_an_error(engine):
 
 # ----------------------------------------------------------------------------- Ray actor
 
-@pytest.fixture(scope="module")
-def ray_session():
-    from conftest import ensure_local_ray
-    ensure_local_ray()  # the session's Ray; shut down after this module to free its actors
-    yield
-    ray.shutdown()
-
-
 def _prompt(pid: str, text: str) -> Prompt:
     return Prompt(prompt_id=pid, domain="math", messages=[{"role": "user", "content": text}], ground_truth="5")
 
 
-def test_worker_generates_and_syncs_tied_weights_inside_ray(ray_session, tiny_tied_model_dir):
+def test_worker_generates_and_syncs_tied_weights_inside_ray(ray_local, tiny_tied_model_dir):
     """The tied-embedding model (like SmolLM2): lm_head shares the embedding, and a
     sync must still reach vLLM's output layer."""
     cfg = small_rollout_config()
     worker = GenerationWorker.options(num_cpus=1, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}).remote(
         tiny_tied_model_dir, cfg, "float32", 64, 0)
-    assert ray.get(worker.ping.remote()) and ray.get(worker.version.remote()) == 0
-    tok = AutoTokenizer.from_pretrained(tiny_tied_model_dir)
-    prompts = [_prompt("p0", "What is 2+3?"), _prompt("p1", "Write a function.")]
-    sampling = {"n": 3, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 5}
+    try:  # the session's Ray: kill the worker whatever happens, to free its CPU for later tests
+        assert ray.get(worker.ping.remote()) and ray.get(worker.version.remote()) == 0
+        tok = AutoTokenizer.from_pretrained(tiny_tied_model_dir)
+        prompts = [_prompt("p0", "What is 2+3?"), _prompt("p1", "Write a function.")]
+        sampling = {"n": 3, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 5}
 
-    groups = ray.get(worker.generate.remote(prompts, sampling))
-    assert [g.prompt.prompt_id for g in groups] == ["p0", "p1"]
-    assert all(g.policy_version == 0 and len(g.samples) == 3 for g in groups)
-    assert groups[0].prompt_token_ids == chat_prompt_ids(tok, prompts[0].messages)
+        groups = ray.get(worker.generate.remote(prompts, sampling))
+        assert [g.prompt.prompt_id for g in groups] == ["p0", "p1"]
+        assert all(g.policy_version == 0 and len(g.samples) == 3 for g in groups)
+        assert groups[0].prompt_token_ids == chat_prompt_ids(tok, prompts[0].messages)
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_tied_model_dir, dtype=torch.float32).eval()
-    new_weights = perturbed_state_dict(model, seed=5)
-    new_weights.pop("lm_head.weight")  # a tied learner may send only the embedding
-    assert ray.get(worker.update_weights.remote(new_weights, 7)) == 7
-    assert ray.get(worker.version.remote()) == 7
-    groups = ray.get(worker.generate.remote(prompts, sampling, policy_version_expected=7))
-    assert all(g.policy_version == 7 for g in groups)
-    ids, sample = groups[0].prompt_token_ids, groups[0].samples[0]
-    assert torch.allclose(torch.tensor(sample.logprobs), hf_logprobs(model, ids, sample.token_ids), atol=TOL)
-    got = ray.get(worker.token_logprobs.remote(ids, [11, 22, 33]))
-    assert torch.allclose(torch.tensor(got), hf_logprobs(model, ids, [11, 22, 33]), atol=TOL)
+        model = AutoModelForCausalLM.from_pretrained(tiny_tied_model_dir, dtype=torch.float32).eval()
+        new_weights = perturbed_state_dict(model, seed=5)
+        new_weights.pop("lm_head.weight")  # a tied learner may send only the embedding
+        assert ray.get(worker.update_weights.remote(new_weights, 7)) == 7
+        assert ray.get(worker.version.remote()) == 7
+        groups = ray.get(worker.generate.remote(prompts, sampling, policy_version_expected=7))
+        assert all(g.policy_version == 7 for g in groups)
+        ids, sample = groups[0].prompt_token_ids, groups[0].samples[0]
+        assert torch.allclose(torch.tensor(sample.logprobs), hf_logprobs(model, ids, sample.token_ids), atol=TOL)
+        got = ray.get(worker.token_logprobs.remote(ids, [11, 22, 33]))
+        assert torch.allclose(torch.tensor(got), hf_logprobs(model, ids, [11, 22, 33]), atol=TOL)
 
-    with pytest.raises(RuntimeError, match="holds policy version 7"):
-        ray.get(worker.generate.remote(prompts, sampling, policy_version_expected=6))
-    with pytest.raises(ValueError, match="prompt 'long'"):
-        ray.get(worker.generate.remote([_prompt("long", "x " * 200)], sampling))
-    with pytest.raises(ValueError, match="unknown keys \\['top_k'\\]"):
-        ray.get(worker.generate.remote(prompts, {**sampling, "top_k": 5}))
-    ray.kill(worker)
+        with pytest.raises(RuntimeError, match="holds policy version 7"):
+            ray.get(worker.generate.remote(prompts, sampling, policy_version_expected=6))
+        with pytest.raises(ValueError, match="prompt 'long'"):
+            ray.get(worker.generate.remote([_prompt("long", "x " * 200)], sampling))
+        with pytest.raises(ValueError, match="unknown keys \\['top_k'\\]"):
+            ray.get(worker.generate.remote(prompts, {**sampling, "top_k": 5}))
+    finally:
+        ray.kill(worker)
 
 
 # ----------------------------------------------------------------------------- SmolLM2 (slow)

@@ -9,42 +9,13 @@ samples at temperature 1, so groups are mixed, the learner updates and the weigh
 must reach the generator (rollout log-probs equal the learner's)."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from srpo_ray.data import write_verl_parquet
+from helpers_run import assert_sampled_with, metrics, rollouts, run_args, write_data
 from srpo_ray.driver import main
 
 pytestmark = pytest.mark.slow
-
-
-def write_data(path):
-    rows = []
-    for i in range(4):
-        for truth in ("7", "3"):
-            rows.append({"data_source": "test/arith", "ability": "math",
-                         "prompt": [{"role": "user", "content": f"Question {i} with answer {truth}?"}],
-                         "reward_model": {"ground_truth": truth}, "extra_info": {"id": f"q{i}-{truth}"}})
-    for i in range(2):
-        tests = json.dumps([{"input": "1 2\n", "output": "3\n", "testtype": "stdin"}])
-        rows.append({"data_source": "test/code", "ability": "code",
-                     "prompt": [{"role": "user", "content": f"Add two numbers ({i})."}],
-                     "reward_model": {"ground_truth": tests}, "extra_info": {"id": f"code{i}"}})
-    write_verl_parquet(rows, path)
-    return path
-
-
-def run_args(model_dir, data, run_dir, *extra):
-    return ["--config", "configs/tiny_test.yaml", f"model.path={model_dir}", f"data.train_files=[{data}]",
-            f"trainer.run_dir={run_dir}", "trainer.prompts_per_step=4", "trainer.save_every=1",
-            "trainer.keep_checkpoints=10", "metrics.rollouts_per_step=100",
-            "stages.0.temperature=0.02", "stages.0.until_epochs=1", "optim.lr=0.01", *extra]
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -71,17 +42,6 @@ def test_stage_one_resampling_drops_all_correct_prompts(full_run):
     assert state["stages"] and state["step"] == 4
 
 
-def hf_logprobs(model_dir, prompt_ids, response_ids):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ids = torch.tensor([prompt_ids + response_ids])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
-    picked = logp.gather(1, ids[0, 1:, None])[:, 0]
-    return picked[len(prompt_ids) - 1:]
-
-
 def test_stage_two_learns_and_weights_reach_the_generator(full_run, scripted_model_dir):
     _, _, run_dir = full_run
     rows = metrics(run_dir)
@@ -89,17 +49,9 @@ def test_stage_two_learns_and_weights_reach_the_generator(full_run, scripted_mod
     # Step 4 sampled with version 1, the weights right after step 3's update (checkpoint 3).
     # vLLM's log-probs of those samples must be the learner's version-1 log-probs, and not
     # the initial model's: only true if the new weights reached the generator.
-    step4 = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()
-             if json.loads(line)["step"] == 4]
+    step4 = rollouts(run_dir, 4)
     assert step4 and all(g["policy_version"] == 1 for g in step4)
-    after_update = run_dir / "checkpoints" / "step_000003" / "hf"
-    for group in step4:
-        for sample in group["samples"]:
-            vllm = torch.tensor(sample["logprobs"])
-            synced = hf_logprobs(after_update, group["prompt_token_ids"], sample["token_ids"])
-            initial = hf_logprobs(scripted_model_dir, group["prompt_token_ids"], sample["token_ids"])
-            assert torch.allclose(vllm, synced, atol=2e-3), (vllm, synced)
-            assert (vllm - initial).abs().max() > 0.1
+    assert_sampled_with(step4, run_dir / "checkpoints" / "step_000003" / "hf", not_with=scripted_model_dir)
 
 
 def test_final_checkpoint_loads_in_transformers(full_run):

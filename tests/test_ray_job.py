@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from test_integration import write_data
+from helpers_run import write_data
 
 pytestmark = pytest.mark.slow
 

@@ -9,21 +9,13 @@ from srpo_ray.records import CodeCase, CodeSpec, Prompt, RolloutGroup, Sample
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    from conftest import ensure_local_ray
-    ensure_local_ray()  # the session's Ray; shut down after this module to free its actors
-    yield
-    ray.shutdown()
-
-
 def group(prompt: Prompt, texts: list[str]) -> RolloutGroup:
     return RolloutGroup(prompt=prompt, prompt_token_ids=[1, 2], policy_version=0,
                         samples=[Sample(token_ids=[3], logprobs=[-0.1], text=t, finish_reason="stop")
                                  for t in texts])
 
 
-def test_reward_worker_in_a_ray_actor(ray_session):
+def test_reward_worker_in_a_ray_actor(ray_local):  # the session's Ray; the worker is killed at the end
     from actors.reward import RewardWorker
 
     worker = RewardWorker.options(num_cpus=1).remote(RewardConfig(math_timeout_s=1, math_processes=1))
