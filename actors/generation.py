@@ -4,10 +4,11 @@ It turns prompts into chat-templated token ids, asks the engine for n samples ea
 and tags every group with the policy version of the weights it holds. Resources are
 set by the caller: `GenerationWorker.options(num_cpus=..., num_gpus=...).remote(...)`.
 
-Weights arrive three ways (srpo_ray/weight_sync.py), each ending with the version now
-held: a whole state dict (`update_weights`), buckets in the object store
-(`load_weight_buckets`), or buckets broadcast by the learner's rank 0 over a group the
-worker joined (`join_weight_group`, then `receive_weights`).
+Weights arrive four ways (srpo_ray/weight_sync.py), each ending with the version now
+held: a whole state dict (`update_weights`), the publisher's shared-memory file on this
+node (`load_shared_weights`), buckets in the object store (`load_weight_buckets`), or
+buckets broadcast by the learner's rank 0 over a group the worker joined
+(`join_weight_group`, then `receive_weights`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import ray
 from actors.engines import GenerationEngine, create_engine, set_engine_env
 from srpo_ray.models import chat_prompt_ids
 from srpo_ray.records import Prompt, RolloutGroup
+from srpo_ray.weight_shm import SharedWeightReader
 from srpo_ray.weight_sync import (BroadcastGroup, BucketMeta, PublishedWeights, StalePolicyError,
                                   bucket_tensor_names, open_store, tensor_from_buffer, unpack_bucket,
                                   unpack_parts)
@@ -49,6 +51,7 @@ class GenerationWorkerImpl:
         self._store: Any = None  # connection to the weight sender's TCPStore (broadcast)
         self._store_endpoint: tuple[str, int] | None = None
         self._group: BroadcastGroup | None = None
+        self._shared: SharedWeightReader | None = None  # the mapping, kept across versions
 
     def generate(self, prompts: list[Prompt], sampling: dict[str, Any],
                  policy_version_expected: int | None = None) -> list[RolloutGroup]:
@@ -82,6 +85,8 @@ class GenerationWorkerImpl:
         object ref to published weights reached the fleet unresolved); return the
         version now held."""
         if isinstance(state_dict, PublishedWeights):
+            if state_dict.transport == "shared_memory":
+                return self.load_shared_weights(state_dict, version)
             if state_dict.transport != "object_store":
                 raise ValueError(f"{state_dict.transport} weights cannot be loaded alone: pass the "
                                  "PublishedWeights record itself (ray.get it), not its object ref, to "
@@ -101,6 +106,20 @@ class GenerationWorkerImpl:
             for meta, ref in zip(published.buckets, published.refs):
                 yield from unpack_parts([tensor_from_buffer(part) for part in ray.get(ref)], meta)
         return self._load(published.names, stream(), version)
+
+    def load_shared_weights(self, published: PublishedWeights, version: int) -> int:
+        """Load the weights of `published` from its publisher's shared-memory file,
+        each tensor as soon as its bytes are written; return the version now held. On
+        another node than the file, load an object-store copy the publisher makes."""
+        ref = published.shared
+        if ref is None:
+            raise ValueError("load_shared_weights needs published weights of the shared_memory transport")
+        if ref.node_id != ray.get_runtime_context().get_node_id():
+            return self.load_weight_buckets(ray.get(published.source.weight_catch_up.remote()), version)
+        if self._shared is None:
+            self._shared = SharedWeightReader()
+        with self._shared.reading(ref, published.buckets) as stream:  # checks the version first
+            return self._load(published.names, stream, version)
 
     def join_weight_group(self, endpoint: tuple[str, int], name: str, rank: int, world_size: int,
                           backend: str, timeout_s: float) -> None:

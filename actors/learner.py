@@ -5,10 +5,11 @@
     ref = group.state_dict_ref()                              # rank 0's full state dict
 
 Weights for the generators: `publish_weights()` on every rank (the gather is
-collective) returns, on rank 0, a PublishedWeights record of buckets in the object
-store or ready to broadcast (srpo_ray/weight_sync.py); the rollout fleet delivers it.
-Rank 0 also answers the fleet's broadcast calls (`open_weight_group`,
-`broadcast_weights`, `weight_catch_up`), through its WeightPublisher.
+collective) returns, on rank 0, a PublishedWeights record of buckets in a shared-memory
+file, in the object store or ready to broadcast (srpo_ray/weight_sync.py); the rollout
+fleet delivers it. Rank 0 also answers the fleet's calls (`open_weight_group`,
+`broadcast_weights`, `weight_catch_up`, `close_weights`: the WeightServing mixin),
+through its WeightPublisher.
 
 Rank 0 picks the rendezvous endpoint (its node's IP and a free port) when created;
 the other ranks are created with it. On GPUs Ray gives each actor its own device
@@ -26,6 +27,7 @@ import torch
 from srpo_ray.batch import TrainBatch
 from srpo_ray.config import SRPOConfig
 from srpo_ray.learner_group import LearnerGroup
+from srpo_ray.weight_shm import SharedWeightBuffer
 from srpo_ray.weight_sync import (BroadcastGroup, PublishedWeights, bucket_parts, open_store, pack_bucket,
                                   packed_parts, plan_buckets, resolve_transport)
 
@@ -42,15 +44,18 @@ class WeightPublisher:
     """The sending side of weight sync, kept by the actor that owns the weights
     (learner rank 0, or a WeightSource).
 
-    object_store: every bucket goes into Ray's object store as a list of per-tensor
-    byte views (one copy, into shared memory); the refs are owned by this actor and
-    live while the fleet holds the record. broadcast: the buckets are packed into
-    flat buffers (reused from one publish to the next) that stay here until
-    `broadcast` sends them to the group the fleet formed, and for late joiners
-    (`catch_up`, an object-store copy made on first request)."""
+    shared_memory: the buckets are copied (in the background, see
+    srpo_ray/weight_shm.py) into this actor's /dev/shm file, reused from one publish
+    to the next; `close` removes it. object_store: every bucket goes into Ray's object
+    store as a list of per-tensor byte views (one copy, into shared memory); the refs
+    are owned by this actor and live while the fleet holds the record. broadcast: the
+    buckets are packed into flat buffers (reused from one publish to the next) that
+    stay here until `broadcast` sends them to the group the fleet formed. For late
+    joiners of a broadcast and for generators on other nodes than a shared-memory
+    file, `catch_up` makes an object-store copy on first request."""
 
     def __init__(self, transport: str, bucket_bytes: int, backend: str = "gloo", timeout_s: float = 600.0):
-        if transport not in ("object_store", "broadcast"):
+        if transport not in ("shared_memory", "object_store", "broadcast"):
             raise ValueError(f"weight transport {transport!r}: resolve `auto` first (resolve_transport)")
         self.transport, self.bucket_bytes = transport, int(bucket_bytes)
         self.backend, self.timeout_s = backend, float(timeout_s)
@@ -60,6 +65,7 @@ class WeightPublisher:
         self._store: Any = None
         self._endpoint: tuple[str, int] | None = None
         self._group: BroadcastGroup | None = None
+        self._shared: SharedWeightBuffer | None = None
 
     def publish(self, state: dict[str, torch.Tensor], transport: str | None = None) -> PublishedWeights:
         """Bucket `state` (HF names, CPU tensors) and make it available to the fleet."""
@@ -67,7 +73,14 @@ class WeightPublisher:
         buckets = plan_buckets(state, self.bucket_bytes)
         me = ray.get_runtime_context().current_actor
         self._catch_up = None
-        if transport == "object_store":
+        if transport == "shared_memory":
+            self._packed = []
+            if self._shared is None:
+                self._shared = SharedWeightBuffer(ray.get_runtime_context().get_node_id(), self.timeout_s)
+            # returns while the copy goes on: generators load each tensor as it lands
+            self._published = PublishedWeights("shared_memory", buckets, source=me, timeout_s=self.timeout_s,
+                                               shared=self._shared.write(state, buckets))
+        elif transport == "object_store":
             self._packed = []
             # a list of per-tensor byte views: Ray copies each straight into shared memory
             refs = [ray.put([part.numpy() for part in bucket_parts(state, meta)]) for meta in buckets]
@@ -116,11 +129,28 @@ class WeightPublisher:
         if self._published.transport == "object_store":
             return self._published
         if self._catch_up is None:
+            pub = self._published
+            flats = self._shared.bucket_bytes(pub.shared, pub.buckets) if pub.transport == "shared_memory" \
+                else self._packed
             refs = [ray.put([part.cpu().numpy() for part in packed_parts(flat, meta)])
-                    for flat, meta in zip(self._packed, self._published.buckets)]
+                    for flat, meta in zip(flats, pub.buckets)]
             self._catch_up = PublishedWeights("object_store", self._published.buckets, refs=refs,
                                               source=self._published.source)
         return self._catch_up
+
+    def wait(self) -> None:
+        """Until the last shared-memory publish is copied (its state may then change)."""
+        if self._shared is not None:
+            self._shared.wait()
+
+    def close(self) -> None:
+        """Remove the shared-memory file (if any) and leave the broadcast group."""
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
+        if self._group is not None:
+            self._group.close()
+            self._group = None
 
 
 def publisher_for(cfg: SRPOConfig) -> WeightPublisher:
@@ -133,7 +163,40 @@ def publisher_for(cfg: SRPOConfig) -> WeightPublisher:
                            timeout_s=cfg.learner.collective_timeout_s)
 
 
-class WeightSource:
+class WeightServing:
+    """The calls the rollout fleet makes on whoever publishes weights (learner rank 0,
+    a WeightSource): passed through to `self.publisher` (None on other learner ranks)."""
+
+    publisher: WeightPublisher | None
+
+    def open_weight_group(self, name: str, world_size: int) -> None:
+        self._weight_publisher().open_group(name, world_size)
+
+    def broadcast_weights(self, name: str) -> int:
+        return self._weight_publisher().broadcast(name)
+
+    def weight_catch_up(self) -> PublishedWeights:
+        return self._weight_publisher().catch_up()
+
+    def close_weights(self) -> None:
+        """Remove the shared-memory weight file (also done at a normal process exit)."""
+        if self.publisher is not None:
+            self.publisher.close()
+
+    def _weights_copied(self) -> None:
+        """Before the weights change in place: a shared-memory publish copies them in
+        the background, and on one CPU rank the gathered state may be the parameters
+        themselves."""
+        if self.publisher is not None:
+            self.publisher.wait()
+
+    def _weight_publisher(self) -> WeightPublisher:
+        if self.publisher is None:
+            raise RuntimeError("only learner rank 0 publishes weights: send weight calls to rank 0")
+        return self.publisher
+
+
+class WeightSource(WeightServing):
     """Publishes a given state dict like a learner's rank 0 does, without FSDP: for
     benchmarks and tests of the transports, or to serve weights from a file."""
 
@@ -143,17 +206,8 @@ class WeightSource:
     def publish(self, state: dict[str, torch.Tensor], transport: str | None = None) -> PublishedWeights:
         return self.publisher.publish(state, transport)
 
-    def open_weight_group(self, name: str, world_size: int) -> None:
-        self.publisher.open_group(name, world_size)
 
-    def broadcast_weights(self, name: str) -> int:
-        return self.publisher.broadcast(name)
-
-    def weight_catch_up(self) -> PublishedWeights:
-        return self.publisher.catch_up()
-
-
-class LearnerRankImpl:
+class LearnerRankImpl(WeightServing):
     def __init__(self, model_path: str, cfg: SRPOConfig, rank: int, world_size: int,
                  master_addr: str | None = None, master_port: int | None = None):
         """master_addr/master_port: rank 0's endpoint; rank 0 may leave them None to
@@ -185,6 +239,7 @@ class LearnerRankImpl:
         self.learner.setup()
 
     def train_step(self, shard: TrainBatch, loss_denominator: float, temperature: float) -> dict:
+        self._weights_copied()
         return self.learner.train_step(shard, loss_denominator, temperature)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -193,26 +248,17 @@ class LearnerRankImpl:
     def publish_weights(self, transport: str | None = None) -> PublishedWeights | None:
         """Collective (every rank joins the gather): the weights as buckets for the
         generators, on rank 0; None on the others. transport: override
-        rollout.weight_transport (object_store or broadcast)."""
+        rollout.weight_transport (shared_memory, object_store or broadcast)."""
         state = self.learner.full_state_dict()
         if state is None:
             return None
         return self.publisher.publish(state, transport)
 
-    # rank 0 only: the fleet's calls for broadcast delivery
-    def open_weight_group(self, name: str, world_size: int) -> None:
-        self.publisher.open_group(name, world_size)
-
-    def broadcast_weights(self, name: str) -> int:
-        return self.publisher.broadcast(name)
-
-    def weight_catch_up(self) -> PublishedWeights:
-        return self.publisher.catch_up()
-
     def save_checkpoint(self, directory: str) -> None:
         self.learner.save_checkpoint(directory)
 
     def load_checkpoint(self, directory: str) -> None:
+        self._weights_copied()
         self.learner.load_checkpoint(directory)
 
     def logprobs_of(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

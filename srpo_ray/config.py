@@ -77,11 +77,14 @@ class RolloutConfig:
     seed: int = 0
     weight_transport: str = "auto"
     """How new weights reach the generators after each update, chosen at start-up:
-    object_store (learner rank 0 puts weight buckets into Ray's object store; every
-    generator fetches them), broadcast (rank 0 and the generators form a
-    torch.distributed group of their own, gloo on CPU or NCCL on GPU, and each bucket
-    is one broadcast), or auto: broadcast when learner and generators sit on separate
-    GPUs (NCCL), else object_store (measured faster on CPU: bench/bench_weight_sync.py)."""
+    shared_memory (learner rank 0 keeps one /dev/shm file of the model's size, reused
+    every update; generators on its node read it in place, others get an object-store
+    copy; needs that much free /dev/shm), object_store (rank 0 puts weight buckets into
+    Ray's object store; every generator fetches them), broadcast (rank 0 and the
+    generators form a torch.distributed group of their own, gloo on CPU or NCCL on GPU,
+    and each bucket is one broadcast), or auto: broadcast when learner and generators
+    sit on separate GPUs (NCCL), shared_memory when all are on CPU (measured fastest:
+    bench/bench_weight_sync.py), else object_store."""
     weight_bucket_mb: float = 256.0
     """Size of one weight bucket (MiB): the unit that is sent, received and loaded at a
     time (a larger tensor travels alone). Bigger buckets mean fewer transfers; smaller
@@ -100,7 +103,6 @@ class RolloutConfig:
     max_staleness >= 1. Pair it with algo.tis_cap (e.g. 2) to correct the loss for the
     lag. No step collects ahead across a checkpoint save, so a checkpoint never holds
     untrained rollouts."""
-
 
 
 @dataclass
@@ -231,7 +233,6 @@ class StageConfig:
     """Switch when this metric reaches `until_threshold`: one of the step's rollout
     metrics, known when its rollouts are scored (reward/..., correct/...,
     response_len/..., truncated/..., groups/..., collect/...; e.g. reward/math/mean)."""
-
     until_threshold: Optional[float] = None
     until_metric_window: int = 1
     """Compare the mean of `until_metric` over this stage's last this-many steps that
@@ -389,8 +390,8 @@ def validate(cfg: SRPOConfig) -> None:
     need(cfg.learner.num_ranks >= 1, "learner.num_ranks", "need at least one learner rank")
     need(cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0 (sampling, not greedy)")
     need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
-    need(cfg.rollout.weight_transport in ("auto", "object_store", "broadcast"), "rollout.weight_transport",
-         "must be auto, object_store or broadcast")
+    need(cfg.rollout.weight_transport in ("auto", "shared_memory", "object_store", "broadcast"),
+         "rollout.weight_transport", "must be auto, shared_memory, object_store or broadcast")
     need(cfg.rollout.weight_bucket_mb > 0, "rollout.weight_bucket_mb", "must be > 0 (MiB per weight bucket)")
     need(cfg.rollout.max_staleness >= 0, "rollout.max_staleness", "must be >= 0 (0 = on-policy)")
     need(not cfg.rollout.one_step_off or cfg.rollout.max_staleness >= 1, "rollout.one_step_off",

@@ -5,8 +5,9 @@ Each fleet hands its work out in chunks over an elastic WorkerPool
 the pool can be resized while a run goes (`scale_to`, or a request file written by
 `python -m srpo_ray.scale`). A new rollout worker loads the current weights before it
 serves. Weights reach the generators as the learner published them
-(srpo_ray/weight_sync.py): buckets in the object store, a broadcast from the learner's
-rank 0, or (fakes, old callers) an object ref to a whole state dict. Rollouts from
+(srpo_ray/weight_sync.py): a shared-memory file on the learner's node, buckets in the
+object store, a broadcast from the learner's rank 0, or (fakes, old callers) an object
+ref to a whole state dict. Rollouts from
 weights older than rollout.max_staleness allows are discarded and regenerated.
 """
 from __future__ import annotations
@@ -208,6 +209,17 @@ class _ObjectStore(_Delivery):
         return handle.load_weight_buckets.remote(self.published, version)
 
 
+class _SharedMemory(_Delivery):
+    """Each worker reads the publisher's /dev/shm file (or, on another node, an
+    object-store copy it asks the publisher for), late joiners alike."""
+
+    def __init__(self, published: PublishedWeights):
+        self.published = published
+
+    def catch_up(self, handle: Any, version: int) -> Any:
+        return handle.load_shared_weights.remote(self.published, version)
+
+
 class _BroadcastGroups:
     """The fleet's current broadcast group: who is in it, under which name. A new
     member set (a worker added, retired or replaced) forms a new group."""
@@ -267,6 +279,8 @@ def _delivery_for(weights: Any, groups: _BroadcastGroups) -> _Delivery:
     if isinstance(weights, PublishedWeights):
         if weights.transport == "broadcast":
             return _Broadcast(weights, groups)
+        if weights.transport == "shared_memory":
+            return _SharedMemory(weights)
         return _ObjectStore(weights)
     return _FullState(weights)
 

@@ -23,16 +23,16 @@ keeps the same reference) and is never checkpointed. A training pass runs the re
 forward first (no grad, so its activations are freed before the policy's are built);
 a dummy pass does too, so the ranks' all-gathers stay in step.
 
-Every model is loaded whole on every rank before sharding (host memory: one full fp32
-copy per rank during setup); fine up to a few billion parameters per node.
+Loading. Only rank 0 reads the model files; the other ranks build the model on the
+meta device, shard it and receive their shards (srpo_ray/learner_state.py, which also
+holds full_state_dict and the checkpoints). Host memory: one full fp32 copy on rank 0
+during setup, a shard elsewhere. Heap freed by a step is handed back to the OS after it.
 """
 from __future__ import annotations
 
 import math
 import os
-import shutil
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -42,10 +42,8 @@ from srpo_ray.algo.loss import policy_loss
 from srpo_ray.batch import (TrainBatch, loss_denominator as local_denominator, micro_batches,
                             split_into_chunks)
 from srpo_ray.config import SRPOConfig
-
-# Files of the source model folder that are not weights: copied next to saved weights so
-# the checkpoint's hf/ folder is a complete model (config, generation config, tokenizer).
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+from srpo_ray.learner_state import (ShardedWeightsIO, build_sharded_model, load_full_weights,
+                                    release_free_memory, set_heap_policy)
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
@@ -78,9 +76,10 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask:
     return logprobs, entropy
 
 
-class FSDPLearner:
+class FSDPLearner(ShardedWeightsIO):
     """One rank. Every method except __init__ is collective: all ranks call it, in the
-    same order (they would otherwise wait for each other until collective_timeout_s)."""
+    same order (they would otherwise wait for each other until collective_timeout_s).
+    full_state_dict, save_checkpoint and load_checkpoint come from ShardedWeightsIO."""
 
     def __init__(self, model_path: str, cfg: SRPOConfig, rank: int, world_size: int):
         if not 0 <= rank < world_size:
@@ -98,14 +97,14 @@ class FSDPLearner:
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        """Join the process group (MASTER_ADDR/MASTER_PORT from the environment), load
-        the HF model, shard it with FSDP2 (each decoder layer, then the root) and build
-        AdamW; with algo.kl_coef > 0 also load and shard the frozen reference model."""
+        """Join the process group (MASTER_ADDR/MASTER_PORT from the environment), build
+        the HF model sharded with FSDP2 (each decoder layer, then the root; weights read
+        by rank 0 only) and AdamW; with algo.kl_coef > 0 also the frozen reference model."""
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-        from transformers import AutoModelForCausalLM
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
         cfg = self.cfg
+        set_heap_policy()  # before the process group's threads start allocating
         backend = _pick_backend(cfg.learner.backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -119,14 +118,10 @@ class FSDPLearner:
         # FSDP2 casts the gathered parameters for compute and reduces gradients in fp32.
         self.compute_dtype = getattr(torch, cfg.model.dtype)
         mp_policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
-        model.config.use_cache = False
-        if cfg.learner.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self._tied_names = _tied_embedding_names(model)
-        for layer in _decoder_layers(model):
-            fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
-        fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+        full = load_full_weights(self.model_path) if self.rank == 0 else None
+        model, self._tied_names = build_sharded_model(
+            self.model_path, mesh, self.device, torch.float32, full, mp_policy=mp_policy,
+            gradient_checkpointing=cfg.learner.gradient_checkpointing)
         for module in model.modules():
             if isinstance(module, FSDPModule):  # sum the ranks' gradients, see module docstring
                 module.set_gradient_divide_factor(1.0)
@@ -137,22 +132,14 @@ class FSDPLearner:
                                            betas=tuple(cfg.optim.betas),
                                            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
         if cfg.algo.kl_coef > 0:
-            self.ref_model = self._build_reference(mesh)
-
-    def _build_reference(self, mesh) -> nn.Module:
-        """The initial policy, frozen: loaded straight in the compute dtype (what FSDP2
-        casts the policy's fp32 weights to, so both agree exactly before any update) and
-        sharded like the policy, without mixed precision, gradients or optimizer."""
-        from torch.distributed.fsdp import fully_shard
-        from transformers import AutoModelForCausalLM
-
-        ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.compute_dtype)
-        ref.config.use_cache = False
-        ref.requires_grad_(False)
-        for layer in _decoder_layers(ref):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(ref, mesh=mesh)
-        return ref.eval()
+            # the initial policy, frozen: in the compute dtype (what FSDP2 casts the policy's
+            # fp32 weights to, so both agree exactly before any update), sharded like the
+            # policy, without mixed precision, gradients or optimizer
+            ref, _ = build_sharded_model(self.model_path, mesh, self.device, self.compute_dtype, full,
+                                         trainable=False)
+            self.ref_model = ref.eval()
+        del full
+        release_free_memory()
 
     # ------------------------------------------------------------------ training
 
@@ -207,7 +194,9 @@ class FSDPLearner:
                 steps["grad_norm"] += grad_norm
             else:
                 steps["skipped_steps"] += 1
-        return self._reduce_metrics(shard, steps, sums, weights, maxima)
+        metrics = self._reduce_metrics(shard, steps, sums, weights, maxima)
+        release_free_memory()  # the step's activations and logits, gigabytes at 135M params
+        return metrics
 
     def _optimizer_step(self, chunk: TrainBatch, denominator: float, old: list[torch.Tensor] | None,
                         temperature: float, sums: dict, weights: dict, maxima: dict) -> tuple[float, float]:
@@ -331,75 +320,6 @@ class FSDPLearner:
         logits = self.model(input_ids=ids, attention_mask=am, use_cache=False).logits
         return token_logprobs(logits, ids, mask, temperature)[0].cpu()
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The full (unsharded) model state on CPU with HF names, on rank 0; None on the
-        others. Collective. Floating tensors are in model.dtype (the float32 master
-        weights cast, as generators run them). Includes the tied output embedding
-        (lm_head.weight) when the model ties it: generators that reload weights need
-        every name."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        model = self._require_setup()
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.rank != 0:
-            return None
-        if self._tied_names:
-            inp, out = self._tied_names
-            state.setdefault(out, state[inp])
-        return {k: v.to(self.compute_dtype) if v.is_floating_point() else v for k, v in state.items()}
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def save_checkpoint(self, directory: str) -> None:
-        """Write `directory`/hf/ (rank 0: safetensors weights + config + tokenizer, loadable
-        by transformers and vLLM) and `directory`/learner/ (every rank: its model and
-        optimizer shards, torch.distributed.checkpoint format). Collective. `directory`
-        must be on a filesystem every rank sees; making it atomic (temp dir + rename) is
-        the caller's job, but every file is fsynced before this returns."""
-        import torch.distributed.checkpoint as dcp
-
-        directory = Path(directory)
-        state = self.full_state_dict()
-        if self.rank == 0:
-            _write_hf_model(state, directory / "hf", self.model_path, self._tied_names)
-        del state
-        dcp.save(self._sharded_state(), storage_writer=dcp.FileSystemWriter(str(directory / "learner"),
-                                                                            sync_files=True))
-        if self.rank == 0:
-            _fsync_tree(directory / "learner")
-        dist.barrier()
-
-    def load_checkpoint(self, directory: str) -> None:
-        """Restore model and optimizer from `directory`/learner/ (written by
-        save_checkpoint, possibly with a different number of ranks: DCP reshards)."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        path = Path(directory) / "learner"
-        if not (path / ".metadata").is_file():
-            raise FileNotFoundError(f"{path} holds no learner checkpoint (no .metadata); pass a "
-                                    f"directory written by save_checkpoint")
-        state = self._sharded_state()
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-        self.optimizer_steps = int(state["optimizer_steps"])
-
-    def _sharded_state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model = self._require_setup()
-        if not self.optimizer.state:
-            # get_state_dict creates AdamW's state with a zero-gradient, lr=0 step, which
-            # also counts as step 1 in Adam's bias correction; reset the counter so the
-            # first real update stays a true first step (here and after a resume).
-            get_state_dict(model, self.optimizer)
-            for state in self.optimizer.state.values():
-                if torch.is_tensor(state.get("step")):
-                    state["step"].zero_()
-        model_state, optim_state = get_state_dict(model, self.optimizer)
-        return {"model": model_state, "optim": optim_state, "optimizer_steps": self.optimizer_steps}
-
     # ------------------------------------------------------------------ helpers
 
     def _require_setup(self) -> nn.Module:
@@ -453,60 +373,7 @@ def _pick_backend(backend: str) -> str:
     return backend
 
 
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks (FSDP2 shards each one as a unit), found by the class
-    names HF lists in `_no_split_modules`."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} "
-                         f"(_no_split_modules={sorted(names)}); this architecture is not supported")
-    return layers
-
-
-def _tied_embedding_names(model: nn.Module) -> tuple[str, str] | None:
-    """(input embedding weight name, output embedding weight name) if they are one tensor."""
-    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    if out is None or inp.weight is not out.weight:
-        return None
-    names = {id(m): n for n, m in model.named_modules()}
-    return f"{names[id(inp)]}.weight", f"{names[id(out)]}.weight"
-
-
 def _to_device(mb: TrainBatch, device: torch.device) -> TrainBatch:
     if device.type == "cpu":
         return mb
     return TrainBatch(**{k: v.to(device, non_blocking=True) for k, v in vars(mb).items()})
-
-
-def _write_hf_model(state: dict[str, torch.Tensor], out_dir: Path, source_dir: str,
-                    tied_names: tuple[str, str] | None) -> None:
-    """HF layout: safetensors shards (+ index when sharded) and every non-weight file of
-    the source model folder (config.json, generation_config.json, tokenizer files)."""
-    from huggingface_hub import save_torch_state_dict
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = dict(state)
-    if tied_names:  # HF convention: the tied copy is not stored; loaders re-tie it
-        weights.pop(tied_names[1], None)
-    save_torch_state_dict(weights, out_dir, max_shard_size="5GB", metadata={"format": "pt"})
-    for item in Path(source_dir).iterdir():
-        if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES):
-            shutil.copy2(item, out_dir / item.name)
-    _fsync_tree(out_dir)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    for folder in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

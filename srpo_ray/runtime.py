@@ -32,7 +32,9 @@ def init_ray(cfg: SRPOConfig) -> bool:
         ray.init(address=address)
         return False
     from cluster.placement import local_custom_resources, local_num_cpus_needed
-    ray.init(num_cpus=cfg.cluster.local_num_cpus or local_num_cpus_needed(cfg),
+    # address="local": a new Ray even when another `ray start` cluster runs on this machine
+    # (ray.init would join that one, and refuse num_cpus)
+    ray.init(address="local", num_cpus=cfg.cluster.local_num_cpus or local_num_cpus_needed(cfg),
              resources=local_custom_resources(cfg), include_dashboard=False,
              _node_ip_address="127.0.0.1")
     return True

@@ -9,7 +9,11 @@ rebuilds the named tensors of each bucket as views (no copy) and feeds them to i
 engine one bucket after another, so it never holds more than a bucket or two beyond
 its own weights.
 
-Two transports move the buckets (`rollout.weight_transport`):
+Three transports move the buckets (`rollout.weight_transport`):
+- shared_memory (srpo_ray/weight_shm.py): rank 0 keeps one /dev/shm file, reused for
+  every version, and copies the buckets into it in a background thread; generators on
+  its node keep the file mapped and hand views of it to their engine as each tensor's
+  bytes land (pipelined). A generator on another node gets an object-store copy.
 - object_store: rank 0 puts each bucket into Ray's object store as a list of flat byte
   views, one per tensor (`bucket_parts`: Ray copies them straight into shared memory);
   every generator fetches them (zero-copy on the same node, one pull per node otherwise).
@@ -18,6 +22,15 @@ Two transports move the buckets (`rollout.weight_transport`):
   own (`BroadcastGroup`: gloo on CPU, NCCL on GPU), built from a TCPStore without
   init_process_group so it touches neither the learner's FSDP group nor vLLM's; the
   layout travels through Ray first, then each bucket is one broadcast.
+
+Measured (bench/bench_weight_sync.py, 338 MB float32 model, 64 MiB buckets, 2 shared
+cores; a plain memory copy of the bytes 0.020-0.023 s), publish + deliver end to end to
+one copy-into-place receiver: shared_memory 0.05 s (2.2-2.4x the copy), object_store
+0.09-0.28 s (4-12x: every publish faults in fresh shared memory), broadcast (gloo)
+0.3 s (14x). Here one memcpy thread already saturates memory bandwidth, so the two
+copies (into the file, out into the engine) cannot overlap below 2x; gathering the
+learner's state straight into the file would remove the first. Real vLLM engines:
+about 0.35 s whatever the transport (vLLM's reload and CPU repacking dominate).
 """
 from __future__ import annotations
 
@@ -29,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 if TYPE_CHECKING:  # torch is imported where used: a generation worker sets OpenMP's
     import torch   # environment before torch is first imported (actors/engines.py)
 
-TRANSPORTS = ("auto", "object_store", "broadcast")
+TRANSPORTS = ("auto", "shared_memory", "object_store", "broadcast")
 ALIGN_BYTES = 64  # every tensor starts on a 64-byte boundary: any dtype view is aligned
 
 
@@ -69,12 +82,15 @@ class BucketMeta:
 class PublishedWeights:
     """What the learner's rank 0 hands the rollout fleet for one weight update.
 
-    transport: "object_store" or "broadcast". buckets: the layout, in sending order.
+    transport: "shared_memory", "object_store" or "broadcast". buckets: the layout, in
+    sending order. shared: shared_memory only, a weight_shm.SharedBufferRef (file,
+    node, publish number).
     refs: object_store only, one object-store ref per bucket (inside this record, so
     Ray passes them on unresolved and a generator fetches one bucket at a time).
     source: the publishing actor's handle; for broadcast it sends the buckets
-    (`broadcast_weights`) and lends an object-store copy to late joiners
-    (`weight_catch_up`). endpoint: (host, port) of its TCPStore for broadcast groups.
+    (`broadcast_weights`), and for broadcast and shared_memory it lends an
+    object-store copy to late joiners or other nodes (`weight_catch_up`). endpoint:
+    (host, port) of its TCPStore for broadcast groups.
     backend: "gloo" or "nccl". timeout_s: how long a broadcast waits for a peer."""
 
     transport: str
@@ -84,6 +100,7 @@ class PublishedWeights:
     endpoint: tuple[str, int] | None = None
     backend: str = "gloo"
     timeout_s: float = 600.0
+    shared: Any = None
 
     @property
     def nbytes(self) -> int:
@@ -97,15 +114,19 @@ class PublishedWeights:
 def resolve_transport(transport: str, learner_on_gpu: bool, rollout_on_gpu: bool, colocated: bool) -> str:
     """The transport `auto` stands for, or `transport` itself once checked.
 
-    auto -> broadcast only when NCCL can carry it (learner and generators on GPUs, not
-    sharing them: NCCL refuses two ranks of one group on one GPU); otherwise
-    object_store, which bench/bench_weight_sync.py measured faster on CPU (gloo sends
-    each worker its own copy over TCP; the object store copies once per node)."""
+    auto -> broadcast when NCCL can carry it (learner and generators on GPUs, not
+    sharing them: NCCL refuses two ranks of one group on one GPU); shared_memory when
+    learner and generators are all on CPU (bench/bench_weight_sync.py, 338 MB, one
+    receiver: about 2x a plain memory copy, against 4-5x for object_store and 15x for
+    gloo broadcast; a generator on another node falls back to an object-store copy);
+    otherwise object_store (GPU learner with CPU generators, or colocated on GPUs)."""
     if transport not in TRANSPORTS:
         raise ValueError(f"rollout.weight_transport={transport!r}: must be one of {', '.join(TRANSPORTS)}")
     if transport != "auto":
         return transport
-    return "broadcast" if learner_on_gpu and rollout_on_gpu and not colocated else "object_store"
+    if learner_on_gpu and rollout_on_gpu and not colocated:
+        return "broadcast"
+    return "shared_memory" if not learner_on_gpu and not rollout_on_gpu else "object_store"
 
 
 def _aligned(n: int) -> int:
@@ -213,7 +234,8 @@ def bucket_tensor_names(buckets: Iterable[BucketMeta]) -> list[str]:
 
 
 def tensor_from_buffer(buffer: Any) -> "torch.Tensor":
-    """A uint8 tensor over a read-only array from the object store, without a copy. Nothing writes to it: the engine copies the values into its own
+    """A uint8 tensor over a read-only array from the object store, without a copy.
+    Nothing writes to it: the engine copies the values into its own
     parameters, so the read-only warning does not apply."""
     import torch
 

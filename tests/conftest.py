@@ -18,7 +18,8 @@ def ensure_local_ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=LOCAL_RAY_CPUS, include_dashboard=False, log_to_driver=True,
+        ray.init(address="local", num_cpus=LOCAL_RAY_CPUS,  # ours, not another `ray start` cluster's
+                 include_dashboard=False, log_to_driver=True,
                  _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     return ray

@@ -62,14 +62,15 @@ def test_bad_sizes_and_transports_are_refused():
 
 
 def test_auto_picks_broadcast_only_where_nccl_can_carry_it():
-    assert resolve_transport("auto", False, False, False) == "object_store"  # CPU: measured faster
+    assert resolve_transport("auto", False, False, False) == "shared_memory"  # CPU: measured fastest
+    assert resolve_transport("auto", True, False, False) == "object_store"
     assert resolve_transport("auto", True, True, False) == "broadcast"
     assert resolve_transport("auto", True, True, True) == "object_store"  # colocated: one GPU, two ranks
     assert resolve_transport("broadcast", False, False, False) == "broadcast"
     cfg = SRPOConfig()
     cfg.rollout.weight_bucket_mb = 0.5
     publisher = publisher_for(cfg)
-    assert (publisher.transport, publisher.backend, publisher.bucket_bytes) == ("object_store", "gloo", MB // 2)
+    assert (publisher.transport, publisher.backend, publisher.bucket_bytes) == ("shared_memory", "gloo", MB // 2)
 
 
 # ----------------------------------------------------------------------------- real Ray + vLLM
@@ -104,11 +105,12 @@ def workers(request, tiny_model_dir, tiny_tied_model_dir):
     pool.wait_ready()
     source = WeightSourceActor.options(num_cpus=0.1).remote("object_store", BUCKET_BYTES)
     yield model_dir, RayRolloutFleet(pool), source
+    ray.get(source.close_weights.remote())
     for handle in pool.workers + [source]:
         ray.kill(handle)
 
 
-@pytest.mark.parametrize("transport", ["object_store", "broadcast"])
+@pytest.mark.parametrize("transport", ["shared_memory", "object_store", "broadcast"])
 def test_transport_delivers_the_exact_weights_to_every_worker(workers, transport):
     model_dir, fleet, source = workers
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -150,7 +152,7 @@ def test_learner_rank_publishes_its_weights_to_the_generators(workers, tmp_path)
     cfg = load_config(None, ["rollout.weight_bucket_mb=0.0625", "learner.num_ranks=1"])
     learner = create_learner_group(cfg, str(tmp_path), actor_options=lambda r: {"num_cpus": 0.5})
     try:
-        for transport in ("object_store", "broadcast"):
+        for transport in ("shared_memory", "object_store", "broadcast"):
             published = ray.get(learner.handles[0].publish_weights.remote(transport))
             assert published.transport == transport and len(published.buckets) > 1
             fleet.push_weights(published, fleet.version + 1)
@@ -161,6 +163,10 @@ def test_learner_rank_publishes_its_weights_to_the_generators(workers, tmp_path)
         assert_holds(fleet.pool.workers, model, fleet.version)
         fleet.push_weights(ray.get(learner.handles[0].publish_weights.remote("broadcast")), fleet.version + 1)
         assert_holds(fleet.pool.workers, model, fleet.version)
+        # ... and from the shared-memory file (vLLM reads views of it)
+        fleet.push_weights(ray.get(learner.handles[0].publish_weights.remote("shared_memory")), fleet.version + 1)
+        assert_holds(fleet.pool.workers, model, fleet.version)
     finally:
         fleet.scale_to(1)
+        ray.get(learner.handles[0].close_weights.remote())
         ray.kill(learner.handles[0])

@@ -1,0 +1,262 @@
+"""Weights in and out of the sharded learner (pure torch + torch.distributed, no Ray):
+building a model already sharded, full state dicts, checkpoints, returning freed heap.
+
+Loading. Only rank 0 reads the model files (one full float32 copy, during setup);
+every rank builds the model on the meta device (no memory), shards it with FSDP2,
+allocates just its own shard and receives the weights from rank 0 one tensor at a time
+(torch.distributed.checkpoint's broadcast_from_rank0). Host memory per rank other than 0:
+its shard plus the largest single tensor, instead of a whole model. Buffers that are not
+in the state dict (rotary inv_freq) are broadcast from rank 0's loaded model as well.
+
+Host memory of a step. torch's CPU allocator is plain malloc, and glibc keeps freed heap
+in its arenas: without care the gigabytes of activations and logits a train step frees
+stay counted in the rank's RSS for the rest of the run, and fragmentation raises the
+step's peak (measured: bench/bench_learner_memory.py). `set_heap_policy` (large blocks
+mmapped, returned when freed) and `release_free_memory` (malloc_trim) hand them back.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+# Files of the source model folder that are not weights: copied next to saved weights so
+# the checkpoint's hf/ folder is a complete model (config, generation config, tokenizer).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_full_weights(model_path: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(state dict, every buffer) of the HF model at `model_path` in float32, CPU. Rank 0
+    calls it once and feeds both the policy and the reference model from it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    return model.state_dict(), dict(model.named_buffers())
+
+
+def build_sharded_model(model_path: str, mesh, device: torch.device, dtype: torch.dtype,
+                        full: tuple[dict, dict] | None, mp_policy: "MixedPrecisionPolicy | None" = None,
+                        gradient_checkpointing: bool = False,
+                        trainable: bool = True) -> tuple[nn.Module, tuple[str, str] | None]:
+    """The HF model at `model_path`, parameters in `dtype`, sharded with FSDP2 (each
+    decoder layer, then the root) over `mesh`, weights from rank 0. Collective.
+
+    full: load_full_weights(model_path) on rank 0, None on the other ranks.
+    trainable=False: parameters without gradients (set before sharding: FSDP2 keeps it).
+    Returns (model, tied embedding names or None)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (dist.get_rank() == 0) != (full is not None):
+        raise ValueError("build_sharded_model: rank 0 (and only rank 0) passes the full weights")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=dtype)
+    model.config.use_cache = False
+    model.requires_grad_(trainable)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tied = _tied_embedding_names(model)
+    kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
+    for layer in _decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    model.to_empty(device=device)  # allocates this rank's shards only (uninitialised)
+    state = dict(full[0]) if full is not None else {}  # the loader pops from it: keep the caller's whole
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buf in model.named_buffers():  # non-persistent ones (rotary) are not in the state dict
+        if full is not None:
+            buf.copy_(full[1][name])
+        dist.broadcast(buf, src=0)
+    if tied and _tied_embedding_names(model) != tied:
+        raise RuntimeError(f"{type(model).__name__}: sharding untied the embeddings {tied}")
+    return model, tied
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks (FSDP2 shards each one as a unit), found by the class
+    names HF lists in `_no_split_modules`."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} "
+                         f"(_no_split_modules={sorted(names)}); this architecture is not supported")
+    return layers
+
+
+def _tied_embedding_names(model: nn.Module) -> tuple[str, str] | None:
+    """(input embedding weight name, output embedding weight name) if they are one tensor."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or inp.weight is not out.weight:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    return f"{names[id(inp)]}.weight", f"{names[id(out)]}.weight"
+
+
+# glibc mallopt parameters (malloc.h) and the values set_heap_policy gives them
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_BYTES = 1 << 20
+TRIM_THRESHOLD_BYTES = 64 << 20
+
+
+def set_heap_policy() -> None:
+    """Serve every allocation of MMAP_THRESHOLD_BYTES or more (activations, logits,
+    all-gathered layers: almost all of a step's bytes) with its own mmap, unmapped when
+    freed, and trim the heap top past TRIM_THRESHOLD_BYTES. glibc's default raises the
+    mmap threshold up to 32 MiB as large blocks are freed, after which they come from
+    arenas that keep them: the peak RSS of a step grew by 1-2.5 GB per rank on
+    SmolLM2-135M (bench/bench_learner_memory.py). Process-wide; glibc only."""
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+
+
+def release_free_memory() -> None:
+    """Collect garbage and return the heap glibc holds free to the OS (malloc_trim);
+    a no-op beyond gc on other C libraries."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
+
+
+# ----------------------------------------------------------------------------- weights out
+
+class ShardedWeightsIO:
+    """full_state_dict and checkpoints for FSDPLearner (mixed in), which provides:
+    model (FSDP2-sharded), optimizer, optimizer_steps, rank, compute_dtype,
+    model_path (the source folder) and _tied_names."""
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full (unsharded) model state on CPU with HF names, on rank 0; None on the
+        others. Collective. Floating tensors are in model.dtype (the float32 master
+        weights cast, as generators run them). Includes the tied output embedding
+        (lm_head.weight) when the model ties it: generators that reload weights need
+        every name."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        model = self._require_setup()
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            release_free_memory()  # the gathered tensors this rank dropped
+            return None
+        if self._tied_names:
+            inp, out = self._tied_names
+            state.setdefault(out, state[inp])
+        # in place of the float32 gather when a cast is needed, so only one full copy lives
+        for k, v in state.items():
+            if v.is_floating_point() and v.dtype != self.compute_dtype:
+                state[k] = v.to(self.compute_dtype)
+        if self._tied_names:
+            state[self._tied_names[1]] = state[self._tied_names[0]]
+        return state
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Write `directory`/hf/ (rank 0: safetensors weights + config + tokenizer, loadable
+        by transformers and vLLM) and `directory`/learner/ (every rank: its model and
+        optimizer shards, torch.distributed.checkpoint format). Collective. `directory`
+        must be on a filesystem every rank sees; making it atomic (temp dir + rename) is
+        the caller's job, but every file is fsynced before this returns."""
+        import torch.distributed.checkpoint as dcp
+
+        directory = Path(directory)
+        state = self.full_state_dict()
+        if self.rank == 0:
+            _write_hf_model(state, directory / "hf", self.model_path, self._tied_names)
+        del state
+        dcp.save(self._sharded_state(), storage_writer=dcp.FileSystemWriter(str(directory / "learner"),
+                                                                            sync_files=True))
+        if self.rank == 0:
+            _fsync_tree(directory / "learner")
+        dist.barrier()
+        release_free_memory()
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Restore model and optimizer from `directory`/learner/ (written by
+        save_checkpoint, possibly with a different number of ranks: DCP reshards)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        path = Path(directory) / "learner"
+        if not (path / ".metadata").is_file():
+            raise FileNotFoundError(f"{path} holds no learner checkpoint (no .metadata); pass a "
+                                    f"directory written by save_checkpoint")
+        state = self._sharded_state()
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        self.optimizer_steps = int(state["optimizer_steps"])
+        del state
+        release_free_memory()
+
+    def _sharded_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model = self._require_setup()
+        if not self.optimizer.state:
+            # get_state_dict creates AdamW's state with a zero-gradient, lr=0 step, which
+            # also counts as step 1 in Adam's bias correction; reset the counter so the
+            # first real update stays a true first step (here and after a resume).
+            get_state_dict(model, self.optimizer)
+            for state in self.optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"].zero_()
+        model_state, optim_state = get_state_dict(model, self.optimizer)
+        return {"model": model_state, "optim": optim_state, "optimizer_steps": self.optimizer_steps}
+
+
+def _write_hf_model(state: dict[str, torch.Tensor], out_dir: Path, source_dir: str,
+                    tied_names: tuple[str, str] | None) -> None:
+    """HF layout: safetensors shards (+ index when sharded) and every non-weight file of
+    the source model folder (config.json, generation_config.json, tokenizer files)."""
+    from huggingface_hub import save_torch_state_dict
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = dict(state)
+    if tied_names:  # HF convention: the tied copy is not stored; loaders re-tie it
+        weights.pop(tied_names[1], None)
+    save_torch_state_dict(weights, out_dir, max_shard_size="5GB", metadata={"format": "pt"})
+    for item in Path(source_dir).iterdir():
+        if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(item, out_dir / item.name)
+    _fsync_tree(out_dir)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for folder in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,177 @@
+"""The shared_memory weight transport (srpo_ray/weight_shm.py).
+
+Pure file mechanics first (versions, overwrite refusal, /dev/shm room, cleanup after
+a SIGKILL); then real Ray generation workers, with an engine that keeps a copy of
+every tensor it is given, so delivery is checked bit for bit. The same transport into
+real vLLM engines is tested in test_weight_sync.py.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import ray
+import torch
+
+from actors.generation import GenerationWorkerImpl
+from actors.learner import WeightSourceActor
+from conftest import REPO, ensure_local_ray
+from fixtures_models import tiny_model_dir  # noqa: F401
+from srpo_ray.config import RolloutConfig
+from srpo_ray.fleets import RayRolloutFleet, WorkerPool
+from srpo_ray.weight_shm import (SharedMemoryError, SharedWeightBuffer, SharedWeightReader,
+                                 WeightsSupersededError, check_shm_space, remove_stale_files)
+from srpo_ray.weight_sync import plan_buckets
+
+BUCKET_BYTES = 4 << 10
+
+
+def random_state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(64, 32, generator=g)
+    return {"model.embed_tokens.weight": emb, "layer.w": torch.randn(33, 17, generator=g),
+            "layer.half": torch.randn(7, 5, generator=g).bfloat16(), "steps": torch.arange(5) + seed,
+            "big": torch.randn(3000, generator=g), "lm_head.weight": emb}
+
+
+def read_all(reader: SharedWeightReader, ref, buckets) -> dict[str, torch.Tensor]:
+    with reader.reading(ref, buckets) as stream:
+        return {name: t.clone() for name, t in stream}
+
+
+def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+
+
+# ----------------------------------------------------------------------------- pure
+
+def test_versions_alternate_slots_and_an_overwritten_one_is_refused():
+    buffer, reader = SharedWeightBuffer("node", timeout_s=5), SharedWeightReader()
+    try:
+        refs = []
+        for seed in (1, 2, 3):
+            state = random_state(seed)
+            buckets = plan_buckets(state, BUCKET_BYTES)
+            refs.append(buffer.write(state, buckets))
+            assert_same(read_all(reader, refs[-1], buckets), state)
+        assert [r.slot for r in refs] == [1, 0, 1] and len({r.path for r in refs}) == 1
+        assert_same(read_all(reader, refs[1], buckets), random_state(2))  # one back: still there
+        with pytest.raises(WeightsSupersededError, match="holds publish 3, this load asked for 1"):
+            read_all(reader, refs[0], buckets)
+    finally:
+        buffer.close()
+    assert not os.path.exists(refs[0].path)  # close removes the file
+
+
+def test_a_slot_being_read_is_not_overwritten():
+    """A reader in another process holds version 1: version 3 (same slot) waits for it
+    and, past the timeout, fails instead of overwriting."""
+    buffer = SharedWeightBuffer("node", timeout_s=0.5)
+    state = random_state(0)
+    buckets = plan_buckets(state, BUCKET_BYTES)
+    try:
+        ref = buffer.write(state, buckets)
+        holder = subprocess.Popen([sys.executable, "-c", (
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+            "fcntl.lockf(fd, fcntl.LOCK_SH, 1, int(sys.argv[2])); print('held', flush=True); time.sleep(30)"),
+            ref.path, str(ref.slot)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            buffer.write(state, buckets)  # the other slot: free
+            with pytest.raises(SharedMemoryError, match="still reads weight publish 1"):
+                buffer.write(state, buckets)
+        finally:
+            holder.kill()
+            holder.wait()
+        buffer.write(state, buckets)  # the reader is gone: its lock went with it
+    finally:
+        buffer.close()
+
+
+def test_too_little_shared_memory_is_refused_naming_the_setting(monkeypatch):
+    with pytest.raises(SharedMemoryError, match="rollout.weight_transport=object_store"):
+        check_shm_space("/dev/shm", 1 << 60)  # the real /dev/shm has no exabyte
+
+    class Tiny:
+        f_bavail, f_frsize = 1, 4096
+    monkeypatch.setattr("srpo_ray.weight_shm.os.statvfs", lambda path: Tiny)
+    buffer = SharedWeightBuffer("node")
+    state = random_state(0)
+    with pytest.raises(SharedMemoryError, match=r"needs [\d.]+ MiB in /dev/shm, only 0.0 MiB free.*--shm-size"):
+        buffer.write(state, plan_buckets(state, BUCKET_BYTES))
+    assert buffer.path is None
+
+
+def test_a_killed_publishers_file_is_removed_by_the_next_publisher():
+    script = ("import sys, time, torch; sys.path.insert(0, sys.argv[1]);"
+              "from srpo_ray.weight_shm import SharedWeightBuffer; from srpo_ray.weight_sync import plan_buckets;"
+              "s = {'w': torch.ones(1000)}; b = SharedWeightBuffer('n'); b.write(s, plan_buckets(s, 4096)); b.wait();"
+              "print(b.path, flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", script, str(REPO)], stdout=subprocess.PIPE, text=True)
+    path = child.stdout.readline().strip()
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert os.path.exists(path)  # SIGKILL runs no cleanup
+    assert os.path.basename(path) in remove_stale_files()  # what every new SharedWeightBuffer does first
+    assert not os.path.exists(path)
+
+
+# ----------------------------------------------------------------------------- real Ray workers
+
+# Workers cannot import tests/ modules: ship this module's classes by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+class KeepCopies:
+    """Stand-in engine: keeps a copy of every tensor it is given (to compare bit for bit)."""
+
+    max_model_len = 64
+
+    def __init__(self):
+        self.params: dict[str, torch.Tensor] = {}
+
+    def load_weight_stream(self, names, weights) -> None:
+        self.params = {name: tensor.clone() for name, tensor in weights}
+
+
+@ray.remote
+class CopyingWorker(GenerationWorkerImpl):
+    def __init__(self, model_dir: str, index: int):
+        super().__init__(model_dir, RolloutConfig(), "float32", 32, index, engine=KeepCopies())
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return self.engine.params
+
+
+def test_workers_and_a_late_joiner_get_bit_identical_weights(tiny_model_dir):  # noqa: F811
+    ensure_local_ray()
+    pool = WorkerPool("generation", lambda i: CopyingWorker.options(num_cpus=0.25).remote(tiny_model_dir, i), 2)
+    source = WeightSourceActor.options(num_cpus=0.1).remote("shared_memory", BUCKET_BYTES)
+    fleet = RayRolloutFleet(pool)
+    try:
+        pool.wait_ready()
+        for version in (1, 2, 3):  # both slots, then the first again
+            state = random_state(version)
+            published = ray.get(source.publish.remote(state))
+            assert published.transport == "shared_memory" and len(published.buckets) > 2
+            assert os.path.exists(published.shared.path)
+            fleet.push_weights(published, version)
+            for handle in pool.workers:
+                assert ray.get(handle.version.remote()) == version
+                assert_same(ray.get(handle.params.remote()), state)
+        fleet.scale_to(3, wait=True)  # the newcomer catches up from the same file
+        assert [ray.get(h.version.remote()) for h in pool.workers] == [3, 3, 3]
+        assert_same(ray.get(pool.workers[2].params.remote()), state)
+        # an object-store copy (what a generator on another node loads) holds the same bytes
+        copy = ray.get(source.weight_catch_up.remote())
+        assert ray.get(pool.workers[0].load_weight_buckets.remote(copy, 3)) == 3
+        assert_same(ray.get(pool.workers[0].params.remote()), state)
+    finally:
+        ray.get(source.close_weights.remote())
+        for handle in pool.workers + [source]:
+            ray.kill(handle)
+    assert not os.path.exists(published.shared.path)
