@@ -24,6 +24,7 @@ from ray.exceptions import RayActorError
 
 from srpo_ray.records import Prompt, RolloutGroup, ScoredGroup
 from srpo_ray.scale import ScaleRequestError, read_scale_request
+from srpo_ray.weight_shm import WeightsSupersededError
 from srpo_ray.weight_sync import PublishedWeights, StalePolicyError
 from srpo_ray.worker_pool import MAX_REPLACEMENTS_PER_CALL, RETRY, Member, WorkerPool, split
 
@@ -128,7 +129,11 @@ class RayRolloutFleet:
         if m.pending_sync is None:
             return
         ref, m.pending_sync = m.pending_sync, None
-        held = ray.get(ref)  # RayActorError (worker died) is the pool's business
+        try:
+            held = ray.get(ref)  # RayActorError (worker died) is the pool's business
+        except WeightsSupersededError:  # newer weights took its shared-memory slot first:
+            m.version = None            # it kept its old ones; the next chunk syncs it again
+            return
         if held != m.version:
             raise RuntimeError(f"generation worker {m.index} loaded version {held}, expected {m.version}")
 

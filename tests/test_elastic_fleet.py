@@ -170,3 +170,28 @@ def test_pool_replaces_a_worker_that_fails_to_start_or_dies_mid_chunk(tmp_path):
     assert pool.replacements == 2 and len(pool.members) == 2 and created.count(1) >= 2
     for handle in pool.workers:
         ray.kill(handle)
+
+
+def test_a_catch_up_whose_shared_memory_slot_was_taken_over_does_not_fail_the_call(fleet):
+    """A late load of shared-memory weights that newer publishes have overwritten is
+    refused by the worker (WeightsSupersededError, nothing loaded); the fleet forgets the
+    worker's version and the call still returns the rollouts."""
+    from actors.learner import WeightSourceActor
+
+    fleet, model = fleet
+    source = WeightSourceActor.options(num_cpus=0.1).remote("shared_memory", BUCKET_BYTES)
+    try:
+        state = model.state_dict()
+        fleet.push_weights(ray.get(source.publish.remote(state)), fleet.version + 1)
+        delivered = fleet._delivery
+        for _ in range(2):  # both slots rewritten: the pushed version's bytes are gone
+            ray.get(source.publish.remote(state))
+        member = fleet.pool.ready()[0]
+        member.version = None  # as if it were new: the next chunk catches up first
+        fleet._delivery = delivered
+        asked = prompts(2)
+        assert_complete(fleet.generate(asked, SAMPLING, seed=11), asked, fleet.version)
+        assert_holds([member.handle], model, fleet.version)
+    finally:
+        ray.get(source.close_weights.remote())
+        ray.kill(source)
