@@ -104,7 +104,8 @@ class FSDPLearner(ShardedWeightsIO):
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
         cfg = self.cfg
-        set_heap_policy()  # before the process group's threads start allocating
+        if cfg.learner.low_host_memory:
+            set_heap_policy()  # before the process group's threads start allocating
         backend = _pick_backend(cfg.learner.backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
