@@ -1,7 +1,7 @@
 """Where a training step's time goes, from a real short run.
 
     .venv/bin/python bench/bench_step_overhead.py [--steps 10] [--model PATH] [--transport auto]
-        [--one-step-off | --compare-one-step-off]
+        [--one-step-off | --compare-one-step-off] [--set key=value ...]
 
 Runs the real loop (local Ray, vLLM generation, sandboxed rewards, 2-rank FSDP2
 learner) on the scripted tiny model of tests/scripted_model.py (or --model, any HF
@@ -9,7 +9,8 @@ folder, e.g. ~/.cache/srpo_ray/models/smollm2-135m-instruct) at temperature 1, s
 every step trains and syncs weights. From metrics.jsonl and the wall clock of
 `trainer.fit()`:
 
-    work       = generate + score + train + weight_sync     (the trainer's time/... figures)
+    work       = generate + score + train + weight_sync     (the trainer's time/... figures;
+                 with --one-step-off: wait_rollouts + wait_collect_ahead + train + weight_sync)
     in-step    = time/step - work    (batch building, advantages, ledger, rollout dumps, ...)
     between    = fit wall - sum(time/step) - checkpoint saves   (prompt choice, metrics, stage logic)
     overhead   = (in-step + between) / (fit wall - checkpoint saves)
@@ -37,6 +38,9 @@ from srpo_ray.config import load_config  # noqa: E402
 from srpo_ray.data import write_verl_parquet  # noqa: E402
 
 WORK = ("generate", "score", "train", "weight_sync")
+# one-step-off: a step's own rollouts were collected while the previous step trained, so
+# its work is the waits on them (the generation training did not hide), not their time
+WORK_OVERLAPPED = ("wait_rollouts", "wait_collect_ahead", "train", "weight_sync")
 
 
 def write_data(path: Path, n: int = 16) -> Path:
@@ -70,7 +74,7 @@ def run(args: argparse.Namespace, one_step_off: bool) -> tuple[list[dict], float
             "stages.0.until_epochs=1000", "trainer.prompts_per_step=8", "rollout.n=8",
             # a small step keeps the scripted policy's groups mixed, so every step trains
             "optim.lr=1e-4", f"rollout.weight_transport={args.transport}",
-            f"rollout.one_step_off={one_step_off}", f"rollout.max_staleness={int(one_step_off)}"])
+            f"rollout.one_step_off={one_step_off}", f"rollout.max_staleness={int(one_step_off)}", *args.set])
         with build_trainer(cfg) as trainer:
             saves: list[float] = []
             real_save = trainer.save
@@ -89,12 +93,13 @@ def run(args: argparse.Namespace, one_step_off: bool) -> tuple[list[dict], float
     return rows, wall, saves
 
 
-def report(rows: list[dict], wall: float, saves: list[float]) -> float:
+def report(rows: list[dict], wall: float, saves: list[float], work_keys: tuple[str, ...]) -> float:
     """Print the step table and overhead; return the mean step time of steps 2.."""
     print(f"{len(rows)} steps in {wall:.1f} s (checkpoint saves {sum(saves):.1f} s, not counted)")
-    print(f"{'step':>4} {'step s':>7} " + " ".join(f"{k:>11}" for k in WORK) + f" {'in-step':>8} {'share':>6}")
+    print(f"{'step':>4} {'step s':>7} " + " ".join(f"{k[:11]:>11}" for k in work_keys)
+          + f" {'in-step':>8} {'share':>6}")
     for r in rows:
-        work = [r.get(f"time/{k}", 0.0) for k in WORK]
+        work = [r.get(f"time/{k}", 0.0) for k in work_keys]
         rest = r["time/step"] - sum(work)
         print(f"{r['step']:>4} {r['time/step']:7.3f} " + " ".join(f"{w:11.3f}" for w in work)
               + f" {rest:8.3f} {rest / r['time/step']:6.1%}")
@@ -104,7 +109,7 @@ def report(rows: list[dict], wall: float, saves: list[float]) -> float:
         if not picked:
             continue
         step_time = sum(r["time/step"] for r in picked)
-        in_step = step_time - sum(r.get(f"time/{k}", 0.0) for r in picked for k in WORK)
+        in_step = step_time - sum(r.get(f"time/{k}", 0.0) for r in picked for k in work_keys)
         # time between steps is spread evenly over the steps for the per-range figure
         gap = between * len(picked) / len(rows)
         print(f"{label}: {step_time / len(picked):.3f} s a step; orchestration overhead "
@@ -122,12 +127,14 @@ def main() -> None:
     ap.add_argument("--one-step-off", action="store_true", help="run with rollout.one_step_off=true")
     ap.add_argument("--compare-one-step-off", action="store_true",
                     help="run on-policy, then one-step-off, and print the step-time ratio")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more config overrides, e.g. learner.num_ranks=1 rollout.max_new_tokens=128")
     args = ap.parse_args()
     modes = [False, True] if args.compare_one_step_off else [args.one_step_off]
     step_times = {}
     for one_step_off in modes:
         print(f"\n== {'one-step-off' if one_step_off else 'on-policy'} ==", flush=True)
-        step_times[one_step_off] = report(*run(args, one_step_off))
+        step_times[one_step_off] = report(*run(args, one_step_off), WORK_OVERLAPPED if one_step_off else WORK)
     if len(step_times) == 2:
         print(f"\none-step-off / on-policy mean step time (steps 2..): {step_times[True]:.3f} / "
               f"{step_times[False]:.3f} s = {step_times[True] / step_times[False]:.2f}x")
