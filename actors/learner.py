@@ -26,7 +26,7 @@ import torch
 
 from srpo_ray.batch import TrainBatch
 from srpo_ray.config import SRPOConfig
-from srpo_ray.learner_group import LearnerGroup
+from srpo_ray.runtime.learner_group import LearnerGroup
 from srpo_ray.weight_shm import SharedWeightBuffer
 from srpo_ray.weight_sync import (BroadcastGroup, PublishedWeights, bucket_parts, open_store, pack_bucket,
                                   packed_parts, plan_buckets, resolve_transport)

@@ -58,7 +58,7 @@ def write_data(path: Path, n: int = 16) -> Path:
 
 def run(args: argparse.Namespace, one_step_off: bool) -> tuple[list[dict], float, list[float]]:
     """One short training job: (metrics rows, fit wall seconds, checkpoint save seconds)."""
-    from srpo_ray.runtime import build_trainer
+    from srpo_ray.runtime.build import build_trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -10,7 +10,7 @@ import sys
 
 from srpo_ray.config import ConfigError, parse_cli
 from srpo_ray.data import DataError
-from srpo_ray.learner_group import LearnerRankDiedError
+from srpo_ray.runtime.learner_group import LearnerRankDiedError
 from srpo_ray.models import ModelPathError
 
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg, resume = parse_cli(argv)
-        from srpo_ray.runtime import build_trainer
+        from srpo_ray.runtime.build import build_trainer
         with build_trainer(cfg) as trainer:
             if resume:
                 trainer.resume()

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from conftest import ensure_local_ray
 from fixtures_models import perturbed_state_dict, tiny_model_dir  # noqa: F401
 from srpo_ray import scale
-from srpo_ray.fleets import RayRolloutFleet
+from srpo_ray.runtime.fleets import RayRolloutFleet
 from srpo_ray.records import Prompt
 from test_weight_sync import BUCKET_BYTES, assert_holds, generation_pool
 
@@ -105,7 +105,7 @@ def test_scale_request_file_is_applied_once_at_the_next_generate(fleet, caplog):
     assert fleet.pool.target == 1
 
     (run_dir / scale.REQUEST_FILE).write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="srpo_ray.fleets"):
+    with caplog.at_level(logging.WARNING, logger="srpo_ray.runtime.fleets"):
         assert_complete(fleet.generate(asked, SAMPLING, seed=7), asked, 1)
     assert "ignoring scale request" in caplog.text and fleet.pool.target == 1
 
@@ -155,7 +155,7 @@ class Echo:
 
 def test_pool_replaces_a_worker_that_fails_to_start_or_dies_mid_chunk(tmp_path):
     ensure_local_ray()
-    from srpo_ray.worker_pool import WorkerPool
+    from srpo_ray.runtime.worker_pool import WorkerPool
 
     created: list[int] = []
 

@@ -21,7 +21,7 @@ def gpu_fleet(tiny_model_dir):
     from actors.generation import GenerationWorker
     from conftest import ensure_local_ray
     from fixtures_models import small_rollout_config
-    from srpo_ray.fleets import RayRolloutFleet, WorkerPool
+    from srpo_ray.runtime.fleets import RayRolloutFleet, WorkerPool
 
     ensure_local_ray()
     cfg = small_rollout_config(gpus_per_worker=0.4, gpu_memory_utilization=0.3)
@@ -80,7 +80,7 @@ def test_nccl_broadcast_from_the_learner_to_a_generator_on_another_gpu(tiny_mode
     from conftest import ensure_local_ray
     from fixtures_models import perturbed_state_dict, small_rollout_config
     from srpo_ray.config import load_config
-    from srpo_ray.fleets import RayRolloutFleet, WorkerPool
+    from srpo_ray.runtime.fleets import RayRolloutFleet, WorkerPool
 
     ensure_local_ray()
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

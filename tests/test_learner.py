@@ -12,7 +12,7 @@ import torch
 from srpo_ray.batch import TrainBatch, build_train_batch, empty_batch
 from srpo_ray.config import SRPOConfig
 from srpo_ray.learner_core import FSDPLearner, token_logprobs
-from srpo_ray.learner_group import LearnerGroup
+from srpo_ray.runtime.learner_group import LearnerGroup
 from srpo_ray.records import Prompt, RewardResult, RolloutGroup, Sample, ScoredGroup
 
 TEMPERATURE = 0.7

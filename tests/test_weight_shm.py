@@ -21,7 +21,7 @@ from actors.learner import WeightSourceActor
 from conftest import REPO, ensure_local_ray
 from fixtures_models import tiny_model_dir  # noqa: F401
 from srpo_ray.config import RolloutConfig
-from srpo_ray.fleets import RayRolloutFleet, WorkerPool
+from srpo_ray.runtime.fleets import RayRolloutFleet, WorkerPool
 from srpo_ray.weight_shm import (SharedMemoryError, SharedWeightBuffer, SharedWeightReader,
                                  WeightsSupersededError, check_shm_space, remove_stale_files)
 from srpo_ray.weight_sync import plan_buckets

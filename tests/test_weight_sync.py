@@ -18,7 +18,7 @@ from actors.learner import MB, WeightSourceActor, create_learner_group, publishe
 from fixtures_models import (hf_logprobs, perturbed_state_dict, small_rollout_config,  # noqa: F401
                              tiny_model_dir, tiny_tied_model_dir)
 from srpo_ray.config import ConfigError, SRPOConfig, load_config
-from srpo_ray.fleets import RayRolloutFleet, WorkerPool
+from srpo_ray.runtime.fleets import RayRolloutFleet, WorkerPool
 from srpo_ray.weight_sync import (bucket_parts, pack_bucket, plan_buckets, resolve_transport, unpack_bucket,
                                   unpack_parts)
 

@@ -1,7 +1,7 @@
 """Runtime glue: the rollout and reward fleets the trainer calls.
 
 Each fleet hands its work out in chunks over an elastic WorkerPool
-(srpo_ray/worker_pool.py): dead workers are replaced and their chunks re-issued, and
+(srpo_ray/runtime/worker_pool.py): dead workers are replaced and their chunks re-issued, and
 the pool can be resized while a run goes (`scale_to`, or a request file written by
 `python -m srpo_ray.scale`). A new rollout worker loads the current weights before it
 serves. Weights reach the generators as the learner published them
@@ -26,7 +26,7 @@ from srpo_ray.records import Prompt, RolloutGroup, ScoredGroup
 from srpo_ray.scale import ScaleRequestError, read_scale_request
 from srpo_ray.weight_shm import WeightsSupersededError
 from srpo_ray.weight_sync import PublishedWeights, StalePolicyError
-from srpo_ray.worker_pool import MAX_REPLACEMENTS_PER_CALL, RETRY, Member, WorkerPool, split
+from srpo_ray.runtime.worker_pool import MAX_REPLACEMENTS_PER_CALL, RETRY, Member, WorkerPool, split
 
 __all__ = ["RayRolloutFleet", "RayRewardFleet", "WorkerPool", "split"]
 log = logging.getLogger(__name__)

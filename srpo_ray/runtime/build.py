@@ -1,6 +1,5 @@
-"""Runtime glue: join or start Ray, create the role actors where the placement plan
-puts them, and assemble the trainer. The only module besides the fleets and the
-actors that talks to Ray."""
+"""Join or start Ray, create the role actors where the placement plan puts them, and
+assemble the trainer (`build_trainer`, what the driver runs)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +14,7 @@ from srpo_ray.algo.stages import effective_sampling
 from srpo_ray.checkpoint import CheckpointManager
 from srpo_ray.config import SRPOConfig
 from srpo_ray.data import DataError, check_prompt_lengths, load_prompts
-from srpo_ray.fleets import RayRewardFleet, RayRolloutFleet, WorkerPool
+from srpo_ray.runtime.fleets import RayRewardFleet, RayRolloutFleet, WorkerPool
 from srpo_ray.metrics import MetricsLogger
 from srpo_ray.models import resolve_model_path
 from srpo_ray.trainer import Roles, SRPOTrainer
