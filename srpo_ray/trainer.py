@@ -123,7 +123,8 @@ class SRPOTrainer:
         stage = self.stages.current
         sampling = effective_sampling(self.cfg.rollout, stage)
         collected = self.collector.collect(
-            prompt_ids, prompts_per_step(self.cfg.trainer, stage), draw=lambda k: self._draw_more(step, k, epoch_metrics),
+            prompt_ids, prompts_per_step(self.cfg.trainer, stage),
+            draw=lambda k: self._draw_more(step, k, epoch_metrics),
             run_round=lambda ids, round_index: self._rollout_round(step, ids, round_index, sampling, timings))
         metrics = {
             **summarize_rollouts(collected.generated), **collected.metrics,
