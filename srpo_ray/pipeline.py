@@ -13,10 +13,13 @@ version old when step k+1 trains).
 Only one collection runs at a time, and only the collecting thread touches the ledger
 and the stage schedule while it runs. `may_prefetch(k)` vetoes collecting step k ahead
 (past the last step, or after a step that saves a checkpoint: a checkpoint must not hold
-ledger records of rollouts no step has trained on yet).
+ledger records of rollouts no step has trained on yet). When the loop ends on an error,
+`close()` waits for a collection still running ahead and drops it, so no thread of a
+dead run keeps using (or replacing) its workers.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Callable, Generic, Optional, TypeVar
 
@@ -80,6 +83,15 @@ class RolloutPipeline(Generic[T]):
         Raises the collection's error, if it failed."""
         if self._ahead is not None:
             self._ahead.wait()
+
+    def close(self) -> None:
+        """Wait for a collection still running ahead and drop it (rollouts and error): the
+        caller is leaving, on an error of its own, and must not tear the roles down under
+        a thread that still uses them (it would start replacement workers for a dead run)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            with contextlib.suppress(BaseException):
+                ahead.wait()
 
     @property
     def collecting_ahead(self) -> bool:

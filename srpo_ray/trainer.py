@@ -99,16 +99,19 @@ class SRPOTrainer:
             self._enter_stage(first=True)
         pipeline = RolloutPipeline(self.collect, lookahead=self.cfg.rollout.one_step_off,
                                    may_prefetch=self._may_collect_ahead)
-        while self.step < self.cfg.trainer.total_steps:
-            started = time.perf_counter()
-            rollouts = pipeline.take(self.step + 1)
-            if rollouts is None:
-                self.metrics.event(f"step {self.step}: no prompts left in the pool (all solved); stopping")
-                break
-            self.step += 1
-            self.metrics.log(self.step, self.learn(rollouts, pipeline, started))
-            if self._save_due(self.step):
-                self.save()
+        try:
+            while self.step < self.cfg.trainer.total_steps:
+                started = time.perf_counter()
+                rollouts = pipeline.take(self.step + 1)
+                if rollouts is None:
+                    self.metrics.event(f"step {self.step}: no prompts left in the pool (all solved); stopping")
+                    break
+                self.step += 1
+                self.metrics.log(self.step, self.learn(rollouts, pipeline, started))
+                if self._save_due(self.step):
+                    self.save()
+        finally:
+            pipeline.close()  # a step that failed may leave a collection running ahead
         if self._saved_step != self.step:  # never re-write (and briefly lose) the newest checkpoint
             self.save()
 

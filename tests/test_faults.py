@@ -130,6 +130,24 @@ def test_dead_learner_rank_stops_the_run_and_resume_continues(
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000003"
 
 
+@pytest.mark.slow  # a full driver run
+def test_dead_learner_rank_while_the_next_step_generates_ahead_stops_cleanly(
+        ray_local, monkeypatch, capsys, scripted_model_dir, data_file, tmp_path):
+    """rollout.one_step_off: step 2 is being generated when rank 1 dies in step 1's
+    training. The driver waits for that collection, reports the death and exits; no
+    thread of the run is left collecting (or starting workers) afterwards."""
+    import threading
+
+    hook = hook_actor_class(monkeypatch, "actors.learner", "LearnerRank", fault_index=1,
+                            fault=lambda h: KillDuringCall(h, "train_step"))
+    args = mixed_run_args(scripted_model_dir, data_file, tmp_path / "run", "trainer.total_steps=3",
+                          "trainer.save_every=0", "rollout.one_step_off=true", "rollout.max_staleness=1")
+    assert main(args) == 1
+    assert hook.wrapped.killed
+    assert "learner rank 1 died during train" in capsys.readouterr().err
+    assert not [t for t in threading.enumerate() if t.name.startswith("collect-step-")]
+
+
 # ----------------------------------------------------------------------------- checkpoint kill
 
 def _wait_for(predicate: Callable[[], Any], proc: subprocess.Popen, what: str, timeout_s: float = 300) -> Any:

@@ -3,6 +3,7 @@ and the training loop with fake roles. A real run (vLLM, FSDP, Ray) in this mode
 test_one_step_off.py."""
 import json
 import threading
+import time
 
 import pytest
 
@@ -155,3 +156,41 @@ def test_a_generation_failure_ahead_stops_the_run_with_its_error(tmp_path):
     with pytest.raises(RuntimeError, match="could not be replaced"):
         trainer.fit()
     assert trainer.step == 2  # the failure surfaced before step 2's weights were pushed
+
+
+def test_close_waits_for_the_collection_ahead_and_drops_it():
+    release = threading.Event()
+
+    def collect(step):
+        if step == 2:
+            assert release.wait(10)
+            raise RuntimeError("the run is over anyway")
+        return step
+
+    pipe = RolloutPipeline(collect, lookahead=True, may_prefetch=lambda step: True)
+    pipe.take(1)
+    threading.Timer(0.2, release.set).start()
+    pipe.close()  # returns once step 2's collection ended; its error is dropped
+    assert not pipe.collecting_ahead
+    assert not [t for t in threading.enumerate() if t.name.startswith("collect-step-")]
+
+
+def test_a_learner_failure_leaves_no_collection_running(tmp_path):
+    trainer, roles = make_trainer(tmp_path, *OFF, "trainer.total_steps=4")
+    train = roles.learner.train
+
+    def failing(batch, temperature):
+        if len(roles.learner.batches) == 1:
+            raise RuntimeError("learner rank 1 died during train_step")
+        return train(batch, temperature)
+
+    generate = roles.rollout.generate
+
+    def slow_generate(prompts, sampling, seed):
+        time.sleep(0.5)  # step 3's collection is still running when step 2's training fails
+        return generate(prompts, sampling, seed)
+
+    roles.learner.train, roles.rollout.generate = failing, slow_generate
+    with pytest.raises(RuntimeError, match="died during train_step"):
+        trainer.fit()
+    assert not [t for t in threading.enumerate() if t.name.startswith("collect-step-")]
