@@ -9,6 +9,8 @@ samples at temperature 1, so groups are mixed, the learner updates and the weigh
 must reach the generator (rollout log-probs equal the learner's)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -25,7 +27,10 @@ def full_run(scripted_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("integration")
     data = write_data(root / "data.parquet")
     run_dir = root / "full"
+    weight_files = set(Path("/dev/shm").glob("srpo_weights_*"))
     assert main(run_args(scripted_model_dir, data, run_dir, "trainer.total_steps=4")) == 0
+    left = set(Path("/dev/shm").glob("srpo_weights_*")) - weight_files
+    assert not left, f"the run left its shared-memory weight file behind: {left}"
     return root, data, run_dir
 
 

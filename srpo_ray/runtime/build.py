@@ -60,6 +60,7 @@ def build_trainer(cfg: SRPOConfig) -> Iterator[SRPOTrainer]:
     started_ray = init_ray(cfg)
     placement = None
     metrics = None
+    roles = None
     try:
         from cluster.ray_placement import create_placement_groups
         from cluster.placement import plan_placement
@@ -73,6 +74,8 @@ def build_trainer(cfg: SRPOConfig) -> Iterator[SRPOTrainer]:
     finally:
         if metrics is not None:
             metrics.close()
+        if roles is not None:
+            roles.learner.close_weights()
         if placement is not None:
             placement.remove()
         if started_ray:

@@ -12,9 +12,12 @@ on, and FSDP shards cannot be rebuilt from the survivors alone.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Sequence
 
 from srpo_ray.batch import TrainBatch, loss_denominator, split_for_ranks
+
+log = logging.getLogger(__name__)
 
 
 def _ray_get(refs: Any) -> Any:
@@ -146,3 +149,14 @@ class LearnerGroup:
 
     def ping(self) -> list[Any]:
         return self._all("ping")
+
+    def close_weights(self, timeout_s: float = 10.0) -> None:
+        """Let rank 0 remove its shared-memory weight file before the actors are killed (a
+        killed process cannot, and the file holds twice the model's bytes of RAM). Best
+        effort: a dead or stuck rank 0 leaves it to the next run's publisher to remove."""
+        import ray
+
+        try:
+            ray.get(self.handles[0].close_weights.remote(), timeout=timeout_s)
+        except Exception as e:  # noqa: BLE001 - tearing down; the run's own error matters more
+            log.warning("learner rank 0 did not remove its weight file: %s", e)
