@@ -51,6 +51,23 @@ def run_args(model_dir: str, data: Path, run_dir: Path, *extra: str) -> list[str
             "stages.0.temperature=0.02", "stages.0.until_epochs=1", "optim.lr=0.01", *extra]
 
 
+
+def driver_run(model_dir: str, root: Path, name: str, *extra: str) -> tuple[Path, Path]:
+    """Write the data set under `root` and run the driver (run_args + `extra`) on the shared
+    local Ray into root/name; it must succeed and leave no shared-memory weight file
+    behind. Returns (data file, run dir)."""
+    from conftest import ensure_local_ray
+    from srpo_ray.driver import main
+
+    ensure_local_ray()
+    data = write_data(root / "data.parquet")
+    run_dir = root / name
+    weight_files = set(Path("/dev/shm").glob("srpo_weights_*"))
+    assert main(run_args(model_dir, data, run_dir, *extra)) == 0
+    left = set(Path("/dev/shm").glob("srpo_weights_*")) - weight_files
+    assert not left, f"the run left its shared-memory weight file behind: {left}"
+    return data, run_dir
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -9,12 +9,10 @@ samples at temperature 1, so groups are mixed, the learner updates and the weigh
 must reach the generator (rollout log-probs equal the learner's)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from helpers_run import assert_sampled_with, metrics, rollouts, run_args, write_data
+from helpers_run import assert_sampled_with, driver_run, metrics, rollouts, run_args
 from srpo_ray.driver import main
 
 pytestmark = pytest.mark.slow
@@ -22,15 +20,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def full_run(scripted_model_dir, tmp_path_factory):
-    from conftest import ensure_local_ray
-    ensure_local_ray()
     root = tmp_path_factory.mktemp("integration")
-    data = write_data(root / "data.parquet")
-    run_dir = root / "full"
-    weight_files = set(Path("/dev/shm").glob("srpo_weights_*"))
-    assert main(run_args(scripted_model_dir, data, run_dir, "trainer.total_steps=4")) == 0
-    left = set(Path("/dev/shm").glob("srpo_weights_*")) - weight_files
-    assert not left, f"the run left its shared-memory weight file behind: {left}"
+    data, run_dir = driver_run(scripted_model_dir, root, "full", "trainer.total_steps=4")
     return root, data, run_dir
 
 

@@ -12,21 +12,16 @@ from __future__ import annotations
 
 import pytest
 
-from helpers_run import assert_sampled_with, metrics, rollouts, run_args, write_data
-from srpo_ray.driver import main
+from helpers_run import assert_sampled_with, driver_run, metrics, rollouts
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def off_run(scripted_model_dir, tmp_path_factory):
-    from conftest import ensure_local_ray
-    ensure_local_ray()
-    root = tmp_path_factory.mktemp("one_step_off")
-    data = write_data(root / "data.parquet")
-    run_dir = root / "run"
-    assert main(run_args(scripted_model_dir, data, run_dir, "trainer.total_steps=5", "trainer.save_every=2",
-                         "rollout.one_step_off=true", "rollout.max_staleness=1", "algo.tis_cap=2.0")) == 0
+    _, run_dir = driver_run(scripted_model_dir, tmp_path_factory.mktemp("one_step_off"), "run",
+                            "trainer.total_steps=5", "trainer.save_every=2", "rollout.one_step_off=true",
+                            "rollout.max_staleness=1", "algo.tis_cap=2.0")
     return run_dir
 
 
