@@ -91,8 +91,9 @@ class PlacementPlan:
         return "\n".join(lines)
 
 
-def plan_placement(cfg: SRPOConfig) -> PlacementPlan:
-    """Bundles, groups and per-actor slots for the configured roles.
+def plan_placement(cfg: SRPOConfig, roles: tuple[str, ...] = ROLES) -> PlacementPlan:
+    """Bundles, groups and per-actor slots for the configured roles (`roles`: only
+    these, e.g. generation and reward workers for an evaluation).
 
     Learner ranks PACK into one group (FSDP collectives stay on few nodes). Generation
     workers get a group of their own, or with `cluster.colocate` share the learner's
@@ -120,7 +121,10 @@ def plan_placement(cfg: SRPOConfig) -> PlacementPlan:
     groups: list[BundleGroup] = []
     slots: dict[str, list[ActorSlot]] = {role: [] for role in ROLES}
 
-    if c.colocate:
+    if LEARNER not in roles:  # no learner to share bundles with
+        groups.append(_role_group(ROLLOUT, ro.num_workers, rollout_one, c.rollout_node_label,
+                                  c.rollout_strategy, slots))
+    elif c.colocate:
         if c.rollout_node_label not in (None, c.learner_node_label):
             raise ConfigError(f"cluster.rollout_node_label={c.rollout_node_label!r} has no effect with "
                               f"cluster.colocate=true (generators share the learner's bundles and pool); "
@@ -132,7 +136,9 @@ def plan_placement(cfg: SRPOConfig) -> PlacementPlan:
         groups.append(_role_group(ROLLOUT, ro.num_workers, rollout_one, c.rollout_node_label,
                                   c.rollout_strategy, slots))
 
-    if c.reward_strategy == NO_GROUP:
+    if REWARD not in roles:
+        pass
+    elif c.reward_strategy == NO_GROUP:
         label = {c.reward_node_label: LABEL_SHARE} if c.reward_node_label else {}
         slots[REWARD] = [ActorSlot(REWARD, i, None, None, reward_one.get("CPU", 0.0), 0.0, dict(label))
                          for i in range(rw.num_workers)]
@@ -165,19 +171,19 @@ def check_fits(plan: PlacementPlan, nodes: list[dict[str, float]]) -> None:
             _place_group(pseudo, free, total)
 
 
-def local_num_cpus_needed(cfg: SRPOConfig) -> int:
-    """CPUs a single-machine Ray needs to host every role: ceil of the summed (possibly
+def local_num_cpus_needed(cfg: SRPOConfig, roles: tuple[str, ...] = ROLES) -> int:
+    """CPUs a single-machine Ray needs to host `roles`: ceil of the summed (possibly
     fractional) CPU requests, at least 1."""
-    plan = plan_placement(cfg)
+    plan = plan_placement(cfg, roles)
     units = sum(_to_units(b.get("CPU", 0.0)) for g in plan.groups for b in g.bundles)
     units += sum(_to_units(s.num_cpus) for slots in plan.slots.values() for s in slots if s.group is None)
     return max(1, math.ceil(units / _UNIT))
 
 
-def local_custom_resources(cfg: SRPOConfig) -> dict[str, float]:
+def local_custom_resources(cfg: SRPOConfig, roles: tuple[str, ...] = ROLES) -> dict[str, float]:
     """Custom resources (node-pool labels) a single-machine Ray must advertise so that a
     labelled plan still fits there: pass as `ray.init(resources=...)`."""
-    plan = plan_placement(cfg)
+    plan = plan_placement(cfg, roles)
     needed: dict[str, int] = {}
     requests = [b for g in plan.groups for b in g.bundles]
     requests += [s.resources for slots in plan.slots.values() for s in slots if s.group is None]

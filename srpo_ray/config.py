@@ -13,11 +13,11 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from srpo_ray.config_schema import (AlgoConfig, ClusterConfig, DataConfig, LearnerConfig, MetricsConfig,
+from srpo_ray.config_schema import (AlgoConfig, ClusterConfig, DataConfig, EvalConfig, LearnerConfig, MetricsConfig,
                                     ModelConfig, OptimConfig, ResampleConfig, RewardConfig, RolloutConfig,
                                     SRPOConfig, StageConfig, TrainerConfig)
 
-__all__ = ["AlgoConfig", "ClusterConfig", "ConfigError", "DataConfig", "LearnerConfig", "MetricsConfig",
+__all__ = ["AlgoConfig", "ClusterConfig", "ConfigError", "DataConfig", "EvalConfig", "LearnerConfig", "MetricsConfig",
            "ModelConfig", "OptimConfig", "ResampleConfig", "RewardConfig", "RolloutConfig", "SRPOConfig",
            "StageConfig", "TrainerConfig", "load_config", "parse_cli", "to_yaml", "validate"]
 
@@ -114,8 +114,13 @@ def validate(cfg: SRPOConfig) -> None:
     need(cfg.learner.backend in ("auto", "nccl", "gloo"), "learner.backend", "must be auto, nccl or gloo")
     need(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
          "must be float32, bfloat16 or float16")
+    modes = ("verify", "number")
+    need(cfg.reward.math_answer_mode in modes, "reward.math_answer_mode", f"must be one of {modes}")
+    for source, mode in cfg.reward.math_answer_modes.items():
+        need(mode in modes, f"reward.math_answer_modes.{source}", f"{mode!r}: must be one of {modes}")
     need(cfg.reward.sandbox in ("bubblewrap", "nsjail", "UNSAFE_no_sandbox"), "reward.sandbox",
          "must be bubblewrap, nsjail or UNSAFE_no_sandbox")
+    validate_eval(cfg.eval)
     need(cfg.trainer.total_steps >= 1, "trainer.total_steps", "must be >= 1")
     need(cfg.trainer.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1")
     need(len(cfg.stages) >= 1, "stages", "need at least one stage")
@@ -132,6 +137,22 @@ def validate(cfg: SRPOConfig) -> None:
              "(until_steps, until_epochs or until_metric + until_threshold)")
         if st.temperature is not None:
             need(st.temperature > 0, f"{key}.temperature", "must be > 0")
+
+
+def validate_eval(ev: EvalConfig) -> None:
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"eval.{key}: {why}")
+
+    need(ev.k >= 1, "k", f"{ev.k}: need at least 1 sample per problem")
+    bad = [K for K in ev.pass_at if not 1 <= K <= ev.k]
+    need(not bad, "pass_at", f"{bad}: every K of pass@K must be between 1 and eval.k={ev.k}")
+    need(ev.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)")
+    need(0 < ev.top_p <= 1, "top_p", "must be in (0, 1]")
+    need(ev.max_new_tokens >= 0, "max_new_tokens", "must be >= 0 (0 = the training stages' largest)")
+    need(ev.every_steps >= 0, "every_steps", "must be >= 0 (0 = only at_start / at_end)")
+    need(ev.max_problems_per_source >= 0, "max_problems_per_source", "must be >= 0 (0 = all)")
+    need(ev.batch_prompts >= 1, "batch_prompts", "must be >= 1")
 
 
 def parse_cli(argv: list[str] | None = None) -> tuple[SRPOConfig, bool]:

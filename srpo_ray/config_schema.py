@@ -10,6 +10,9 @@ from typing import Optional
 
 from omegaconf import MISSING
 
+# Bundled data sources whose answers are integers: judged by the strict number rule.
+NUMBER_ANSWER_SOURCES = {"builtin/arithmetic": "number", "arithmetic_heldout": "number", "aime": "number"}
+
 
 @dataclass
 class ModelConfig:
@@ -33,7 +36,9 @@ class DataConfig:
     max_prompt_tokens: int = 512
     """Prompts longer than this (after the chat template) are an error at load time."""
     system_prompt: Optional[str] = None
-    """If set, prepended as a system message to prompts that have none."""
+    """If set, prepended as a system message to every training and evaluation prompt
+    that has none (it replaces a chat template's default system message, e.g. SmolLM2's).
+    Prompt ids do not change with it."""
 
 
 @dataclass
@@ -104,10 +109,26 @@ class RewardConfig:
     """Responses are cut to their last this-many characters before parsing."""
     allow_answer_line: bool = False
     """Also accept a final `Answer: ...` line when no \\boxed{} is present."""
+    math_answer_mode: str = "verify"
+    """How a math answer is judged. verify: the final answer (srpo_ray/rewards/math_check.py)
+    is checked against the truth with math-verify (symbolic equivalence: fractions vs
+    decimals, sets, intervals; it evaluates expressions, so `\\boxed{29\\cdot 5}` passes
+    for 145). number: strict, for sets whose answers are numbers (as DAPO's verifier):
+    the response holds exactly one \\boxed{}, its content is a plain number literal
+    (srpo_ray/rewards/answer_forms.py), equal to the truth; a restated question earns 0.
+    Per data source: math_answer_modes."""
+    math_answer_modes: dict[str, str] = field(default_factory=lambda: dict(NUMBER_ANSWER_SOURCES))
+    """math_answer_mode per data_source (exact name), overriding it; e.g.
+    `reward.math_answer_modes.my_gsm8k=number`. The default lists the bundled sets
+    whose answers are integers."""
     format_reward: float = 0.0
-    """Bonus added when the response matches `format_pattern` (our choice: 0, off)."""
-    format_pattern: str = r"(?s)^<think>.*</think>.*\\boxed\{.*\}"
-    """Regular expression searched in the whole response (math and code) for format_reward."""
+    """Bonus added to a well-formed response (our choice: 0, off). Well-formed, unless
+    format_pattern is set: one final answer where it belongs (math: exactly one
+    non-empty \\boxed{} near the end; code: exactly one fenced code block), so a
+    response full of boxes earns nothing (srpo_ray/rewards/answer_forms.py)."""
+    format_pattern: str = ""
+    """A regular expression searched in the whole response (math and code) that replaces
+    the well-formedness rule for format_reward, e.g. `(?s)^<think>.*</think>` ("" = the rule)."""
     sandbox: str = "bubblewrap"
     """Code sandbox: bubblewrap, nsjail, or UNSAFE_no_sandbox (trusted data only)."""
     code_case_timeout_s: float = 2.0
@@ -274,6 +295,41 @@ class MetricsConfig:
 
 
 @dataclass
+class EvalConfig:
+    files: list[str] = field(default_factory=list)
+    """Held-out problems, in the same verl layout as training data (each row's
+    data_source is its benchmark), or bundled sets: builtin:arithmetic_heldout,
+    builtin:humaneval, builtin:aime, builtin:champ. Empty: no evaluation."""
+    every_steps: int = 0
+    """Evaluate after every this many training steps (0 = only at_start / at_end)."""
+    at_start: bool = True
+    """Evaluate the initial policy before the first step (not on --resume)."""
+    at_end: bool = True
+    """Evaluate after the last step; the results also go to that checkpoint's eval.json."""
+    k: int = 4
+    """Samples per problem: avg@k (pass@1 averaged over k samples, what SRPO reports),
+    maj@k and the pass@K estimates come from them."""
+    pass_at: list[int] = field(default_factory=list)
+    """The K's of pass@K (each <= k); empty: [1, k]."""
+    temperature: float = 0.6
+    """Sampling temperature of the k samples (our choice, as DeepSeek-R1's evaluation)."""
+    top_p: float = 0.95
+    max_new_tokens: int = 0
+    """Response length cap; 0: the largest max_new_tokens of any training stage."""
+    greedy: bool = True
+    """Also decode each problem once greedily (temperature 0): eval/<source>/greedy."""
+    max_problems_per_source: int = 0
+    """Evaluate only the first this-many problems of each data source, in file order
+    (0 = all): a fixed subset, the same at every evaluation."""
+    seed: int = 77
+    """Sampling seeds of evaluation (its own: evaluation never touches training's random
+    streams, and every evaluation of a run samples with the same seeds)."""
+    batch_prompts: int = 64
+    """Problems per generation call: results are scored while the next batch generates,
+    and the progress bar moves per batch."""
+
+
+@dataclass
 class ClusterConfig:
     address: Optional[str] = None
     """Ray address; None = join the cluster this job was submitted to, else start a
@@ -321,4 +377,5 @@ class SRPOConfig:
     stages: list[StageConfig] = field(default_factory=_default_stages)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

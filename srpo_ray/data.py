@@ -32,13 +32,18 @@ class DataError(ValueError):
     """A data file or row is unusable; the message names the file, the row and the fix."""
 
 
-def load_prompts(files: Iterable[str], cache_dir: str | None = None) -> list[Prompt]:
+def load_prompts(files: Iterable[str], cache_dir: str | None = None,
+                 system_prompt: str | None = None) -> list[Prompt]:
     """Read and validate every row of every file. Duplicate ids with the same content
-    are kept once; the same id with different content is an error."""
+    are kept once; the same id with different content is an error. `system_prompt`
+    (data.system_prompt) becomes the first message of every prompt that has no system
+    message; a prompt's id does not depend on it."""
     prompts: dict[str, Prompt] = {}
     for spec in files:
         path = _resolve_file(spec, cache_dir)
         for row_index, prompt in _read_file(path):
+            if system_prompt and prompt.messages[0]["role"] != "system":
+                prompt.messages.insert(0, {"role": "system", "content": system_prompt})
             seen = prompts.get(prompt.prompt_id)
             if seen is not None and (seen.messages, seen.ground_truth) != (prompt.messages, prompt.ground_truth):
                 raise DataError(f"{path} row {row_index}: id {prompt.prompt_id!r} is already used by a "

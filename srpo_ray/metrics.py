@@ -4,6 +4,9 @@ event files when tensorboard is installed, and a progress bar on stderr.
 Metric names (also explained in README.md):
     reward/<domain>/mean, response_len/<domain>/mean   per domain, this step's rollouts
     correct/<domain>/mean         verifier-correct fraction per domain
+    correct/math/not_number_frac  share of correct math answers that are not a plain number
+                                   (expressions math-verify evaluated: a restated question
+                                   such as \\boxed{29\\cdot 5} is a reward hack to look for)
     groups/zero_variance_frac     share of groups whose rewards are all equal (no gradient),
                                    over every group generated in the step
     collect/rounds, collect/prompts_drawn   rounds of generate + score in the step and
@@ -33,6 +36,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from srpo_ray.rewards.answer_forms import plain_number
+
 PROGRESS_KEYS = ("reward/mean", "groups/zero_variance_frac", "pool/size", "time/step")
 
 
@@ -44,6 +49,7 @@ class MetricsLogger:
         self._file = open(self.path, "a", buffering=1)
         self._tb = _tensorboard_writer(Path(run_dir) / "tensorboard") if tensorboard else None
         self._bar = None
+        self._eval_postfix = ""  # the latest evaluation's headline, shown on the progress bar
         # the trainer collects the next step's rollouts in a thread (rollout.one_step_off)
         self._lock = threading.Lock()
         if progress_bar:
@@ -64,8 +70,24 @@ class MetricsLogger:
                     self._tb.add_scalar(key, value, step)
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix({k.split("/")[-2] if k.count("/") > 1 else k: _short(record[k])
-                                   for k in PROGRESS_KEYS if k in record}, refresh=False)
+            postfix = {k.split("/")[-2] if k.count("/") > 1 else k: _short(record[k])
+                       for k in PROGRESS_KEYS if k in record}
+            if self._eval_postfix:
+                postfix["eval"] = self._eval_postfix
+            self._bar.set_postfix(postfix, refresh=False)
+
+    def log_eval(self, step: int, metrics: dict[str, Any], summary: str) -> None:
+        """An evaluation's `eval/...` metrics at `step` (a line of its own in
+        metrics.jsonl; the progress bar keeps its count and shows `summary`)."""
+        with self._lock:
+            record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+            self._file.write(json.dumps(record) + "\n")
+            if self._tb is not None:
+                for key, value in metrics.items():
+                    if isinstance(value, (int, float)):
+                        self._tb.add_scalar(key, value, step)
+            self._eval_postfix = summary
+            self._event(f"step {step}: eval {summary}")
 
     def rollouts(self, step: int, scored: list, limit: int, learner_version: int) -> None:
         """Append up to `limit` scored groups to rollouts.jsonl, for reading what the
@@ -132,13 +154,18 @@ def summarize_rollouts(scored: list) -> dict[str, float]:
     by_domain: dict[str, list[tuple[float, bool, int, bool]]] = {}
     zero_variance = 0
     timeouts = 0
+    math_correct = math_correct_not_number = 0
     for sg in scored:
         rewards = sg.rewards
         zero_variance += max(rewards) == min(rewards)
-        rows = by_domain.setdefault(sg.group.prompt.domain, [])
+        domain = sg.group.prompt.domain
+        rows = by_domain.setdefault(domain, [])
         for sample, result in zip(sg.group.samples, sg.results):
             rows.append((result.reward, result.correct, len(sample.token_ids), sample.finish_reason == "length"))
             timeouts += bool(result.info.get("timeout"))
+            if domain == "math" and result.correct:
+                math_correct += 1
+                math_correct_not_number += plain_number(str(result.info.get("answer", ""))) is None
     every = [row for rows in by_domain.values() for row in rows]
     for name, rows in [*by_domain.items(), ("all", every)]:
         if not rows:
@@ -151,4 +178,6 @@ def summarize_rollouts(scored: list) -> dict[str, float]:
     out["groups/count"] = len(scored)
     out["groups/zero_variance_frac"] = zero_variance / max(1, len(scored))
     out["reward/timeouts"] = timeouts
+    if math_correct:
+        out["correct/math/not_number_frac"] = math_correct_not_number / math_correct
     return out

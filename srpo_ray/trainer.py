@@ -14,6 +14,7 @@ draws prompts or records rewards (ledger, stage schedule) happens in `collect`;
 """
 from __future__ import annotations
 
+import json
 import random
 import time
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from srpo_ray.algo.stages import StageSchedule, effective_sampling, prompts_per_
 from srpo_ray.batch import build_train_batch
 from srpo_ray.checkpoint import CheckpointManager
 from srpo_ray.collect import make_collector
+from srpo_ray.eval.report import headline, write_json
 from srpo_ray.config import SRPOConfig, to_yaml
 from srpo_ray.collect import Collected
 from srpo_ray.metrics import MetricsLogger, summarize_rollouts
@@ -38,6 +40,7 @@ from srpo_ray.pipeline import RolloutPipeline
 from srpo_ray.records import Prompt, RolloutGroup, ScoredGroup
 
 STATE_FILE = "trainer_state.pt"
+EVAL_FILE = "eval.json"  # in a checkpoint: the evaluation of its weights, when one ran at its step
 # Rollout seed of a step's extra dynamic-sampling rounds: seed + step + round * stride,
 # so a prompt drawn twice in one step gets fresh samples.
 _ROUND_SEED_STRIDE = 1_000_003
@@ -80,11 +83,18 @@ class Roles:
     learner: Learner
 
 
+class Evaluation(Protocol):
+    def run(self) -> Any: ...
+
+
 class SRPOTrainer:
     def __init__(self, cfg: SRPOConfig, prompts: list[Prompt], roles: Roles, pad_token_id: int,
-                 metrics: MetricsLogger, checkpoints: CheckpointManager):
+                 metrics: MetricsLogger, checkpoints: CheckpointManager, evaluator: Evaluation | None = None):
+        """evaluator: runs held-out evaluation on the generators' current weights
+        (srpo_ray/eval/runner.py); None: no evaluation."""
         self.cfg, self.roles, self.pad_token_id = cfg, roles, pad_token_id
-        self.metrics, self.checkpoints = metrics, checkpoints
+        self.metrics, self.checkpoints, self.evaluator = metrics, checkpoints, evaluator
+        self.last_eval: Any = None  # the newest EvalReport, saved with a checkpoint of its step
         self.by_id = {p.prompt_id: p for p in prompts}
         self.ledger = HistoryLedger(cfg.resample, seed=cfg.trainer.seed)
         self.stages = StageSchedule(cfg.stages)
@@ -97,6 +107,8 @@ class SRPOTrainer:
     def fit(self) -> None:
         if self.step == 0:
             self._enter_stage(first=True)
+            if self.cfg.eval.at_start:
+                self.evaluate()
         pipeline = RolloutPipeline(self.collect, lookahead=self.cfg.rollout.one_step_off,
                                    may_prefetch=self._may_collect_ahead)
         try:
@@ -108,12 +120,43 @@ class SRPOTrainer:
                     break
                 self.step += 1
                 self.metrics.log(self.step, self.learn(rollouts, pipeline, started))
+                if self._eval_due(self.step):  # nothing is collecting now: learn() settled the pipeline
+                    self.evaluate()
                 if self._save_due(self.step):
                     self.save()
         finally:
             pipeline.close()  # a step that failed may leave a collection running ahead
+        if self.cfg.eval.at_end and not self._evaluated_now():  # the pool ran out before total_steps
+            self.evaluate()
         if self._saved_step != self.step:  # never re-write (and briefly lose) the newest checkpoint
             self.save()
+
+    def evaluate(self) -> Any:
+        """Held-out evaluation of the generators' current weights (version self.version),
+        logged at the current step; None without an evaluator. Touches no training state."""
+        if self.evaluator is None:
+            return None
+        self.metrics.event(f"step {self.step}: evaluating held-out problems")
+        report = self.evaluator.run()
+        report.step = self.step
+        if report.policy_version != self.version:
+            raise RuntimeError(f"evaluation at step {self.step} sampled policy version {report.policy_version}, "
+                               f"not the learner's {self.version}")
+        self.last_eval = report
+        write_json(report.to_json(), self.eval_dir / f"step_{self.step:06d}.json")
+        self.metrics.log_eval(self.step, report.metrics(), headline(report))
+        return report
+
+    @property
+    def eval_dir(self) -> Path:
+        return Path(self.cfg.trainer.run_dir) / "eval"
+
+    def _eval_due(self, step: int) -> bool:
+        every = self.cfg.eval.every_steps
+        return (bool(every) and step % every == 0) or (self.cfg.eval.at_end and step == self.cfg.trainer.total_steps)
+
+    def _evaluated_now(self) -> bool:
+        return self.evaluator is None or (self.last_eval is not None and self.last_eval.step == self.step)
 
     def collect(self, step: int) -> StepRollouts | None:
         """Draw step `step`'s prompts, generate, score and record them in the ledger and
@@ -256,6 +299,8 @@ class SRPOTrainer:
         self.roles.learner.save(str(tmp))
         torch.save(self.state_dict(), tmp / STATE_FILE)
         (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+        if self.last_eval is not None and self.last_eval.step == self.step:
+            (tmp / EVAL_FILE).write_text(json.dumps(self.last_eval.to_json(), indent=1))
         final = self.checkpoints.commit(tmp, self.step)
         self._saved_step = self.step
         self.metrics.event(f"step {self.step}: checkpoint {final}")

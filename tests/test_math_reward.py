@@ -111,14 +111,98 @@ def test_answer_line_through_the_scorer():
         s.close()
 
 
-def test_format_reward_is_added_to_the_verdict():
+def test_format_reward_pays_one_final_answer_not_every_box():
     s = RewardScorer(RewardConfig(format_reward=0.5, math_processes=1))
+    try:
+        results = s.score(math_prompt("2"), ["1+1 makes \\boxed{2}.", "\\boxed{2} \\boxed{2}",
+                                             "\\boxed{3}", "\\boxed{2}" + " and then some more words" * 5,
+                                             "\\boxed{}"])
+        assert [(r.reward, r.correct) for r in results] == [
+            (1.5, True), (1.0, True), (0.5, False), (1.0, True), (0.0, False)]
+    finally:
+        s.close()
+
+
+def test_format_pattern_replaces_the_rule():
+    s = RewardScorer(RewardConfig(format_reward=0.5, math_processes=1, format_pattern=r"(?s)^<think>.*</think>"))
     try:
         results = s.score(math_prompt("2"), ["<think>1+1</think> so \\boxed{2}", "\\boxed{2}",
                                              "<think>hmm</think> \\boxed{3}"])
         assert [(r.reward, r.correct) for r in results] == [(1.5, True), (1.0, True), (0.5, False)]
     finally:
         s.close()
+
+
+# -- the strict number rule --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def strict():
+    s = RewardScorer(RewardConfig(math_processes=1, math_answer_mode="number"))
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("text", [
+    "29 * 5 = \\boxed{29\\cdot 5}",          # the restated question (math-verify pays it)
+    "\\boxed{29 \\times 5}", "\\boxed{150 - 5}", "\\boxed{145/1}", "\\boxed{290/2}",
+    "\\boxed{145} \\boxed{146}", "\\boxed{145} so \\boxed{145}",  # several boxes
+    "\\boxed{x = 145}", "\\boxed{145 \\text{ apples}}", "\\boxed{145\\%}",
+    "\\boxed{+}", "\\boxed{}", "it is 145", "\\boxed{145", "\\boxed{\\frac{290}{2}}",
+])
+def test_strict_number_rule_refuses_anything_but_one_number(strict, text):
+    result = strict.score(math_prompt("145"), [text])[0]
+    assert (result.reward, result.correct) == (0.0, False)
+
+
+@pytest.mark.parametrize("gold, text", [
+    ("145", "29 * 5 = 145, so \\boxed{145}."), ("145", "$\\boxed{145}$"), ("145", "\\boxed{ 145. }"),
+    ("-22", "\\boxed{-22}"), ("-22", "\\boxed{\u221222}"), ("1000", "\\boxed{1,000}"),
+    ("1000", "\\boxed{1{,}000}"), ("1000", "\\boxed{1\\,000}"), ("3.5", "\\boxed{7/2}"),
+    ("7/2", "\\boxed{\\frac{7}{2}}"), ("-7/2", "\\boxed{-\\dfrac{7}{2}}"), ("0.5", "\\boxed{.5}"),
+    ("12", "\\boxed{12.0}"),
+])
+def test_strict_number_rule_pays_a_plain_number_equal_to_the_truth(strict, gold, text):
+    result = strict.score(math_prompt(gold), [text])[0]
+    assert (result.reward, result.correct) == (1.0, True)
+
+
+def test_restatement_is_paid_by_math_verify_but_not_by_the_number_rule(scorer, strict):
+    text = "\\boxed{29\\cdot 5}"
+    assert scorer.score(math_prompt("145"), [text])[0].correct  # why the strict rule exists
+    assert not strict.score(math_prompt("145"), [text])[0].correct
+
+
+def test_answer_mode_is_chosen_per_data_source():
+    cfg = RewardConfig(math_processes=1, math_answer_modes={"arith": "number"})
+    s = RewardScorer(cfg)
+    try:
+        texts = ["\\boxed{29\\cdot 5}", "\\boxed{145}"]
+        arith = Prompt("a", "math", [{"role": "user", "content": "q"}], "145", data_source="arith")
+        other = Prompt("b", "math", [{"role": "user", "content": "q"}], "145", data_source="other")
+        assert [r.correct for r in s.score(arith, texts)] == [False, True]
+        assert [r.correct for r in s.score(other, texts)] == [True, True]
+        assert s.score(other, texts)[0].info["answer"] == "29\\cdot 5"
+    finally:
+        s.close()
+
+
+def test_a_non_numeric_truth_under_the_number_rule_is_refused_before_the_run():
+    from srpo_ray.rewards.scorer import check_answer_modes
+    cfg = RewardConfig(math_answer_modes={"arith": "number"})
+    ok = Prompt("a", "math", [{"role": "user", "content": "q"}], "-12", data_source="arith")
+    bad = Prompt("b", "math", [{"role": "user", "content": "q"}], "\\sqrt{2}", data_source="arith")
+    check_answer_modes(cfg, [ok])
+    with pytest.raises(ValueError, match="math_answer_modes.arith=verify"):
+        check_answer_modes(cfg, [ok, bad])
+
+
+def test_not_number_metric_counts_rewarded_expressions():
+    from srpo_ray.metrics import summarize_rollouts
+    from srpo_ray.records import RewardResult, RolloutGroup, Sample, ScoredGroup
+    group = RolloutGroup(math_prompt("145"), [1], [Sample([1], [0.0], "t", "stop")] * 3, 0)
+    results = [RewardResult(1.0, True, {"answer": "29\\cdot 5"}), RewardResult(1.0, True, {"answer": "145"}),
+               RewardResult(0.0, False, {"answer": "3 + 4"})]
+    assert summarize_rollouts([ScoredGroup(group, results)])["correct/math/not_number_frac"] == 0.5
 
 
 def test_no_answer_is_flagged(scorer):

@@ -47,7 +47,7 @@ class _Box:
 
 def extract_final_answer(text: str, allow_answer_line: bool) -> str | None:
     """The final answer of a response by the rule in this module's docstring, or None."""
-    boxes, unfinished = _outer_boxes(text)
+    boxes, unfinished = outer_boxes(text)
     if unfinished:
         return None
     if not boxes:
@@ -75,7 +75,7 @@ def _same_region(gap: str) -> bool:
     return len(compact) <= ALTERNATIVES_GAP_CHARS and bool(_ALTERNATIVE_WORD.search(gap))
 
 
-def _outer_boxes(text: str) -> tuple[list[_Box], bool]:
+def outer_boxes(text: str) -> tuple[list[_Box], bool]:
     """Complete outermost boxes in order, and whether an unclosed box follows the last."""
     closing = _matching_braces(text)
     boxes: list[_Box] = []

@@ -1,12 +1,16 @@
 """RewardScorer: one object that scores responses to math and code prompts.
 
-Math: the final answer (math_check.extract_final_answer on the response's last
-`math_max_chars` characters) is checked against the ground truth with math-verify,
-gold first, in a pool of capped child processes (math_pool). Code: the last python
-block runs on the prompt's tests in the sandbox (code_reward). Reward = verdict (1/0, or
-the pass fraction with code_partial_credit) + format_reward when the whole response
-matches format_pattern (every domain). `info` flags: {"timeout": True},
-{"error": "..."}, and for code {"passed": k, "total": n, "failure": "case i: why"}.
+Math: the final answer is judged by the prompt's data source's answer mode
+(reward.math_answer_mode / math_answer_modes). verify: the final answer
+(math_check.extract_final_answer on the response's last `math_max_chars` characters) is
+checked against the ground truth with math-verify, gold first, in a pool of capped
+child processes (math_pool). number: the response's only box must hold a plain number
+literal equal to the truth (answer_forms.plain_number; no child process needed). Code:
+the last python block runs on the prompt's tests in the sandbox (code_reward). Reward =
+verdict (1/0, or the pass fraction with code_partial_credit) + format_reward when the
+response is well formed (answer_forms.well_formed) or matches format_pattern if set.
+`info` flags: {"timeout": True}, {"error": "..."}, math {"answer": the final answer
+judged}, code {"passed": k, "total": n, "failure": "case i: why"}.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from srpo_ray.config import RewardConfig
 from srpo_ray.records import CodeSpec, Prompt, RewardResult
 from srpo_ray.rewards.code_reward import CodeScore, extract_code, score_programs
 from srpo_ray.rewards.code_tests import parse_code_tests
+from srpo_ray.rewards.answer_forms import plain_number, single_box_content, well_formed
 from srpo_ray.rewards.math_check import extract_final_answer
 from srpo_ray.rewards.math_pool import MathCheckPool
 from srpo_ray.rewards.sandbox import SandboxLimits, make_sandbox
@@ -31,7 +36,7 @@ class RewardScorer:
         _check_config(cfg)
         self.cfg = cfg
         try:
-            self._format = re.compile(cfg.format_pattern)
+            self._format = re.compile(cfg.format_pattern) if cfg.format_pattern else None
         except re.error as e:
             raise ValueError(f"reward.format_pattern is not a valid regular expression: {e}") from None
         limits = SandboxLimits(
@@ -63,8 +68,13 @@ class RewardScorer:
                 if not isinstance(gold, str):
                     raise TypeError(f"math prompt {prompt.prompt_id}: ground_truth must be the answer "
                                     f"text, got {type(gold).__name__}")
+                strict = answer_mode(self.cfg, prompt.data_source) == "number"
                 for t, text in enumerate(texts):
-                    answer = extract_final_answer(text[-self.cfg.math_max_chars:], self.cfg.allow_answer_line)
+                    tail = text[-self.cfg.math_max_chars:]
+                    if strict:
+                        results[n][t] = _judge_number(gold, tail, self.cfg.allow_answer_line)
+                        continue
+                    answer = extract_final_answer(tail, self.cfg.allow_answer_line)
                     if answer is None:
                         results[n][t] = RewardResult(0.0, False, {"error": "no final answer"})
                     else:
@@ -85,9 +95,9 @@ class RewardScorer:
         self._score_math(math_slots, results)
         self._score_code(code_slots, results)
         if self.cfg.format_reward:
-            for row, (_, texts) in zip(results, items):
+            for row, (prompt, texts) in zip(results, items):
                 for result, text in zip(row, texts):
-                    if self._format.search(text):
+                    if self._format.search(text) if self._format else well_formed(prompt.domain, text):
                         result.reward += self.cfg.format_reward  # type: ignore[union-attr]
         return results  # type: ignore[return-value]
 
@@ -102,7 +112,7 @@ class RewardScorer:
         verdicts = dict(zip(unique, self._math.check(unique)))
         for n, t, gold, answer in slots:
             v = verdicts[(gold, answer)]
-            info: dict = {}
+            info: dict = {"answer": answer}
             if v.timeout:
                 info["timeout"] = True
             if v.error:
@@ -145,11 +155,48 @@ class RewardScorer:
             self._slots.put(slot)
 
 
+ANSWER_MODES = ("verify", "number")
+
+
+def answer_mode(cfg: RewardConfig, data_source: str) -> str:
+    """The math answer mode of a data source: its entry in math_answer_modes, else math_answer_mode."""
+    return cfg.math_answer_modes.get(data_source, cfg.math_answer_mode)
+
+
+def check_answer_modes(cfg: RewardConfig, prompts: list[Prompt]) -> None:
+    """Every math prompt judged by the number rule must have a number as its truth:
+    checked before a run, so a misconfigured source is an error, not a silent 0 reward."""
+    for prompt in prompts:
+        if prompt.domain == "math" and answer_mode(cfg, prompt.data_source) == "number" \
+                and plain_number(str(prompt.ground_truth)) is None:
+            raise ValueError(f"prompt {prompt.prompt_id!r} (data_source {prompt.data_source!r}) has ground truth "
+                             f"{prompt.ground_truth!r:.80}, which is not a plain number, but its source is judged "
+                             f"by the strict number rule; set reward.math_answer_modes.{prompt.data_source}=verify")
+
+
+def _judge_number(gold: str, text: str, allow_answer_line: bool) -> RewardResult:
+    """The strict number rule: the only box (or, without any box and with
+    allow_answer_line, the answer line) holds a number literal equal to the truth."""
+    answer = single_box_content(text)
+    if answer is None and "\\boxed" not in text and allow_answer_line:
+        answer = extract_final_answer(text, allow_answer_line=True)
+    if answer is None:
+        return RewardResult(0.0, False, {"error": "no single final answer"})
+    value, truth = plain_number(answer), plain_number(gold)
+    if value is None:
+        return RewardResult(0.0, False, {"answer": answer, "error": "answer is not a plain number"})
+    correct = truth is not None and value == truth
+    return RewardResult(float(correct), correct, {"answer": answer})
+
+
 def _check_config(cfg: RewardConfig) -> None:
     def need(ok: bool, key: str, why: str) -> None:
         if not ok:
             raise ValueError(f"reward.{key}={getattr(cfg, key)!r}: {why}")
 
+    need(cfg.math_answer_mode in ANSWER_MODES, "math_answer_mode", f"use one of {ANSWER_MODES}")
+    bad = {k: v for k, v in cfg.math_answer_modes.items() if v not in ANSWER_MODES}
+    need(not bad, "math_answer_modes", f"unknown mode(s) {bad}; use one of {ANSWER_MODES}")
     need(cfg.sandbox in ("bubblewrap", "nsjail", "UNSAFE_no_sandbox"), "sandbox",
          "use bubblewrap, nsjail or UNSAFE_no_sandbox")
     need(isinstance(cfg.math_timeout_s, int) and cfg.math_timeout_s >= 1, "math_timeout_s",

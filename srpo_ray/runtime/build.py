@@ -3,6 +3,8 @@ assemble the trainer (`build_trainer`, what the driver runs)."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 from contextlib import contextmanager
 from typing import Iterator
@@ -17,11 +19,14 @@ from srpo_ray.data import DataError, check_prompt_lengths, load_prompts
 from srpo_ray.runtime.fleets import RayRewardFleet, RayRolloutFleet, WorkerPool
 from srpo_ray.metrics import MetricsLogger
 from srpo_ray.models import resolve_model_path
+from srpo_ray.eval.runner import Evaluator
+from srpo_ray.rewards.scorer import check_answer_modes
 from srpo_ray.trainer import Roles, SRPOTrainer
 
+log = logging.getLogger(__name__)
 
 
-def init_ray(cfg: SRPOConfig) -> bool:
+def init_ray(cfg: SRPOConfig, roles: tuple[str, ...] | None = None) -> bool:
     """Join the configured cluster (or the one a `ray job submit` runs us in); else start
     a local one bound to 127.0.0.1. Returns True if this process started Ray."""
     if ray.is_initialized():
@@ -30,11 +35,12 @@ def init_ray(cfg: SRPOConfig) -> bool:
     if address:
         ray.init(address=address)
         return False
-    from cluster.placement import local_custom_resources, local_num_cpus_needed
+    from cluster.placement import ROLES, local_custom_resources, local_num_cpus_needed
+    roles = roles or ROLES
     # address="local": a new Ray even when another `ray start` cluster runs on this machine
     # (ray.init would join that one, and refuse num_cpus)
-    ray.init(address="local", num_cpus=cfg.cluster.local_num_cpus or local_num_cpus_needed(cfg),
-             resources=local_custom_resources(cfg), include_dashboard=False,
+    ray.init(address="local", num_cpus=cfg.cluster.local_num_cpus or local_num_cpus_needed(cfg, roles),
+             resources=local_custom_resources(cfg, roles), include_dashboard=False,
              _node_ip_address="127.0.0.1")
     return True
 
@@ -48,14 +54,36 @@ def check_stage_data(cfg: SRPOConfig, prompts: list) -> None:
                             f"{list(cfg.data.train_files)} has no such rows; add data or change the stage's domains")
 
 
+def load_eval_prompts(cfg: SRPOConfig, train_prompts: list) -> list:
+    """eval.files as prompts (system prompt applied as in training), checked against the
+    answer modes; a warning when some also appear in the training data."""
+    prompts = load_prompts(cfg.eval.files, system_prompt=cfg.data.system_prompt) if cfg.eval.files else []
+    try:
+        check_answer_modes(cfg.reward, train_prompts + prompts)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    seen = {json.dumps(p.messages) for p in train_prompts}
+    overlap = sum(json.dumps(p.messages) in seen for p in prompts)
+    if overlap:
+        log.warning("%d of %d evaluation problems also appear in data.train_files: their scores are not "
+                    "held-out", overlap, len(prompts))
+    return prompts
+
+
+def longest_response(cfg: SRPOConfig) -> int:
+    """The largest max_new_tokens of any training stage (evaluation's default cap)."""
+    return max(effective_sampling(cfg.rollout, st)["max_new_tokens"] for st in cfg.stages)
+
+
 @contextmanager
 def build_trainer(cfg: SRPOConfig) -> Iterator[SRPOTrainer]:
     """Everything a run needs, torn down (actors, placement groups, a local Ray) after."""
     model_path = resolve_model_path(cfg.model)
-    prompts = load_prompts(cfg.data.train_files)
+    prompts = load_prompts(cfg.data.train_files, system_prompt=cfg.data.system_prompt)
     check_stage_data(cfg, prompts)
+    eval_prompts = load_eval_prompts(cfg, prompts)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    check_prompt_lengths(tokenizer, prompts, cfg.data.max_prompt_tokens)
+    check_prompt_lengths(tokenizer, prompts + eval_prompts, cfg.data.max_prompt_tokens)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     started_ray = init_ray(cfg)
     placement = None
@@ -70,7 +98,9 @@ def build_trainer(cfg: SRPOConfig) -> Iterator[SRPOTrainer]:
                                 progress_bar=cfg.metrics.progress_bar, tensorboard=cfg.metrics.tensorboard)
         checkpoints = CheckpointManager(cfg.trainer.run_dir, keep=cfg.trainer.keep_checkpoints)
         roles.learner.last_checkpoint = checkpoints.latest  # named when a learner rank dies
-        yield SRPOTrainer(cfg, prompts, roles, int(pad_token_id), metrics, checkpoints)
+        evaluator = Evaluator(cfg.eval, eval_prompts, roles.rollout, roles.rewards,
+                              max_new_tokens=longest_response(cfg)) if eval_prompts else None
+        yield SRPOTrainer(cfg, prompts, roles, int(pad_token_id), metrics, checkpoints, evaluator)
     finally:
         if metrics is not None:
             metrics.close()
@@ -83,8 +113,39 @@ def build_trainer(cfg: SRPOConfig) -> Iterator[SRPOTrainer]:
 
 
 def _create_roles(cfg: SRPOConfig, model_path: str, placement) -> Roles:
-    from actors.generation import GenerationWorker
     from actors.learner import create_learner_group
+
+    learner = create_learner_group(cfg, model_path,
+                                   actor_options=lambda r: placement.actor_options("learner", r), setup=False)
+    rollout, rewards = _create_fleets(cfg, model_path, placement)
+    learner.setup()
+    return Roles(rollout=rollout, rewards=rewards, learner=learner)
+
+
+@contextmanager
+def build_eval_roles(cfg: SRPOConfig, model_path: str) -> Iterator[tuple[RayRolloutFleet, RayRewardFleet]]:
+    """Generation and reward workers only (what evaluation needs), torn down after."""
+    from cluster.placement import REWARD, ROLLOUT, plan_placement
+    from cluster.ray_placement import create_placement_groups
+
+    started_ray = init_ray(cfg, roles=(ROLLOUT, REWARD))
+    placement = None
+    try:
+        placement = create_placement_groups(plan_placement(cfg, roles=(ROLLOUT, REWARD)),
+                                            timeout_s=cfg.cluster.placement_timeout_s)
+        yield _create_fleets(cfg, model_path, placement, control_dir=None)
+    finally:
+        if placement is not None:
+            placement.remove()
+        if started_ray:
+            ray.shutdown()
+
+
+def _create_fleets(cfg: SRPOConfig, model_path: str, placement,
+                   control_dir: str | None = "") -> tuple[RayRolloutFleet, RayRewardFleet]:
+    """The generation and reward fleets. control_dir: where scale requests are read
+    ("" = the run dir, None = nowhere)."""
+    from actors.generation import GenerationWorker
     from actors.reward import RewardWorker
 
     on_gpu = cfg.rollout.gpus_per_worker > 0
@@ -96,7 +157,7 @@ def _create_roles(cfg: SRPOConfig, model_path: str, placement) -> Roles:
         gen_env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine: starts in seconds on CPU
 
     rollout_cfg = dataclasses.replace(cfg.rollout, max_model_len=cfg.rollout.max_model_len or (
-        cfg.data.max_prompt_tokens + max(effective_sampling(cfg.rollout, st)["max_new_tokens"] for st in cfg.stages)))
+        cfg.data.max_prompt_tokens + max(longest_response(cfg), cfg.eval.max_new_tokens)))
 
     def rollout_options(i: int) -> dict:
         if i < placement.num_actors("rollout"):
@@ -114,10 +175,8 @@ def _create_roles(cfg: SRPOConfig, model_path: str, placement) -> Roles:
     def new_scorer(i: int):
         return RewardWorker.options(**placement.actor_options("reward", i)).remote(cfg.reward)
 
-    learner = create_learner_group(cfg, model_path,
-                                   actor_options=lambda r: placement.actor_options("learner", r), setup=False)
     rollout = RayRolloutFleet(WorkerPool("generation", new_generator, cfg.rollout.num_workers),
-                              max_staleness=cfg.rollout.max_staleness, control_dir=cfg.trainer.run_dir)
+                              max_staleness=cfg.rollout.max_staleness,
+                              control_dir=cfg.trainer.run_dir if control_dir == "" else control_dir)
     rewards = RayRewardFleet(WorkerPool("reward", new_scorer, cfg.reward.num_workers))
-    learner.setup()
-    return Roles(rollout=rollout, rewards=rewards, learner=learner)
+    return rollout, rewards

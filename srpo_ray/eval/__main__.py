@@ -1,0 +1,107 @@
+"""`python -m srpo_ray.eval --model PATH --data FILE_OR_BUILTIN [--data ...] [key=value ...]`
+
+Evaluates a model on held-out problems with the roles training uses: vLLM generation
+workers (`rollout.num_workers` of them: more are faster) and reward workers (math
+checker, code sandbox). PATH is a Hugging Face folder, a run's checkpoint
+(`runs/x/checkpoints/step_N`, its `hf/` is used), a run folder (its latest checkpoint),
+or `builtin:smollm2-135m-instruct`. Data: verl-layout parquet files (each row's
+data_source is its benchmark) or bundled sets (`builtin:arithmetic_heldout`,
+`builtin:humaneval`, `builtin:aime`, `builtin:champ`; the `builtin:` may be left out).
+Sampling and scoring settings are the `eval.*` and `reward.*` config keys (eval.k,
+eval.temperature, eval.pass_at, ...), over configs/default.yaml or --config. Writes
+OUT/results.json (scores, settings, every problem's samples) and OUT/results.md, and
+prints the table. A bad input is one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+from srpo_ray.config import ConfigError, load_config
+from srpo_ray.data import BUILTIN_PREFIX, DataError
+from srpo_ray.models import ModelPathError
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m srpo_ray.eval", description=__doc__.split("\n\n")[1])
+    ap.add_argument("--model", required=True, help="HF folder, checkpoint folder, run folder or builtin:NAME")
+    ap.add_argument("--data", action="append", required=True, help="parquet file or builtin set (repeatable)")
+    ap.add_argument("--config", default=None, help="YAML config for rollout/reward/eval settings")
+    ap.add_argument("--out", default="eval", help="folder for results.json and results.md (default: eval)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.k=8 rollout.num_workers=2")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        cfg.model.path = model_folder(args.model)
+        cfg.eval.files = [data_spec(d) for d in args.data]
+        from srpo_ray.config import validate
+        validate(cfg)
+        report = run_eval(cfg, Path(args.out))
+    except (ConfigError, DataError, ModelPathError) as e:
+        print(f"srpo_ray.eval: error: {e}", file=sys.stderr)
+        return 2
+    from srpo_ray.eval.report import markdown_table
+    print(markdown_table(report))
+    print(f"\n{report.samples} samples in {report.seconds:.1f} s; results in {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def run_eval(cfg, out: Path):
+    """Load model and data, start the workers, evaluate, write OUT/results.{json,md}."""
+    from tqdm import tqdm
+
+    from srpo_ray.data import check_prompt_lengths, load_prompts
+    from srpo_ray.eval.report import write_report
+    from srpo_ray.eval.runner import Evaluator
+    from srpo_ray.models import resolve_model_path
+    from srpo_ray.rewards.scorer import check_answer_modes
+    from srpo_ray.runtime.build import build_eval_roles, longest_response
+    from transformers import AutoTokenizer
+
+    model_path = resolve_model_path(cfg.model)
+    prompts = load_prompts(cfg.eval.files, system_prompt=cfg.data.system_prompt)
+    try:
+        check_answer_modes(cfg.reward, prompts)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    check_prompt_lengths(AutoTokenizer.from_pretrained(model_path), prompts, cfg.data.max_prompt_tokens)
+    with build_eval_roles(cfg, model_path) as (rollout, rewards):
+        evaluator = Evaluator(cfg.eval, prompts, rollout, rewards, max_new_tokens=longest_response(cfg))
+        with tqdm(total=len(evaluator.prompts), desc="eval", unit="problem", file=sys.stderr) as bar:
+            report = evaluator.run(progress=lambda done, total: bar.update(done - bar.n))
+    write_report(report, out, header={"model": cfg.model.path, "data": list(cfg.eval.files)})
+    return report
+
+
+def model_folder(spec: str) -> str:
+    """A checkpoint folder -> its hf/; a run folder -> its latest checkpoint's hf/;
+    anything else as given (checked when the model is resolved)."""
+    if spec.startswith(BUILTIN_PREFIX):
+        return spec
+    path = Path(spec).expanduser()
+    if (path / "hf").is_dir():
+        return str(path / "hf")
+    if (path / "checkpoints").is_dir():
+        from srpo_ray.checkpoint import CheckpointManager
+        latest = CheckpointManager(path).latest()
+        if latest is None:
+            raise ModelPathError(f"--model {spec}: a run folder without a finished checkpoint; "
+                                 f"give a checkpoint or a Hugging Face model folder")
+        return str(latest / "hf")
+    return spec
+
+
+def data_spec(spec: str) -> str:
+    """A file path as given; a bare builtin set name gets its `builtin:` prefix."""
+    from srpo_ray.builtin_data import builtin_names
+    if not spec.startswith(BUILTIN_PREFIX) and not Path(spec).exists() and spec in builtin_names():
+        return BUILTIN_PREFIX + spec
+    return spec
+
+
+if __name__ == "__main__":
+    sys.exit(main())
