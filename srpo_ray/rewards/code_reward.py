@@ -8,12 +8,22 @@ stripping, or equal token by token where numeric tokens may differ by 1e-6 (abso
 relative; integers compare exactly). Functional cases pass when the returned value,
 serialised to JSON inside the sandbox and parsed here, equals the expected JSON value
 (lists, dicts, strings and booleans exactly, numbers with the same tolerance).
+Assert cases (HumanEval / MBPP style, tests as code) run the program setup_code +
+"\n" + the response's code + "\n\n" + test_code (see CodeSpec; the response's
+`from __future__` imports go first, where Python requires them) and pass when it exits 0
+within its limits: every assert held, nothing raised (HumanEval's own rule). stdout is
+not compared, except that the program ends by writing a random token, fresh per run, to
+fd 1: a response that exits early (`sys.exit(0)`, `os._exit(0)`) before the tests run
+never prints it and fails. (The tests themselves run in the program's process, so a
+deliberately hostile program can still defeat them, e.g. with a return value whose
+`__eq__` is always true; input/output tests judged out here do not have that weakness.)
 """
 from __future__ import annotations
 
 import json
 import math
 import re
+import secrets
 from dataclasses import dataclass, field
 
 from srpo_ray.records import CodeSpec
@@ -28,6 +38,7 @@ OUTPUT_SLACK_BYTES = 64 << 10
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+.#-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _PYTHON_TAGS = {"python", "py", "python3", "py3"}
+_FUTURE_IMPORT = re.compile(r"^from __future__ import [^\n]*\n?", re.MULTILINE)
 _INT = re.compile(r"[+-]?\d+")
 _DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
@@ -63,6 +74,7 @@ def score_programs(sandbox: Sandbox, programs: list[tuple[CodeSpec, str]], *, pa
     scores = [CodeScore(0, len(spec.cases)) for spec, _ in programs]
     inputs_of: dict[int, tuple[CaseInput, ...]] = {}
     jobs, positions = [], []
+    tokens: dict[int, str] = {}  # program -> the token its assert tests print when done
     for k, (spec, code) in enumerate(programs):
         if len(code) > MAX_CODE_CHARS:
             scores[k].info.update(passed=0, total=len(spec.cases),
@@ -73,14 +85,16 @@ def score_programs(sandbox: Sandbox, programs: list[tuple[CodeSpec, str]], *, pa
                 CaseInput(c.input, c.testtype == "functional",
                           min(max_output_bytes, 2 * len(c.output.encode("utf-8")) + OUTPUT_SLACK_BYTES))
                 for c in spec.cases)
-        jobs.append(ProgramJob(code, inputs_of[id(spec)], spec.fn_name))
+        tokens[k] = secrets.token_hex(16) if any(c.testtype == "assert" for c in spec.cases) else ""
+        jobs.append(ProgramJob(full_program(spec, code, tokens[k]), inputs_of[id(spec)], spec.fn_name))
         positions.append(k)
     failures: dict[int, str] = {}
 
     def on_case(j: int, i: int, outcome: CaseOutcome) -> bool:
         k = positions[j]
         case = programs[k][0].cases[i]
-        ok, why = judge_case(case.output, case.testtype == "functional", outcome)
+        expected = tokens[k] if case.testtype == "assert" else case.output
+        ok, why = judge_case(expected, case.testtype, outcome)
         scores[k].passed += ok
         if not ok:
             failures.setdefault(k, f"case {i}: {why}")
@@ -101,8 +115,22 @@ def score_programs(sandbox: Sandbox, programs: list[tuple[CodeSpec, str]], *, pa
     return scores
 
 
-def judge_case(expected: str, functional: bool, outcome: CaseOutcome) -> tuple[bool, str]:
-    """-> (passed, why not)."""
+def full_program(spec: CodeSpec, code: str, done_token: str = "") -> str:
+    """The response's code with the spec's setup code before and test code after, if any,
+    then (with a done_token) a line that writes the token to fd 1 once the tests ran. The
+    response's `from __future__` imports move to the top, the only place Python allows them."""
+    if not (spec.setup_code or spec.test_code):
+        return code
+    futures = "".join(m.group(0).rstrip("\n") + "\n" for m in _FUTURE_IMPORT.finditer(code))
+    program = f"{futures}{spec.setup_code}\n{_FUTURE_IMPORT.sub('', code)}\n\n{spec.test_code}"
+    if done_token:  # os.write: not held back by, or lost in, a replaced sys.stdout
+        program += f"\n\nimport os as _srpo_os\n_srpo_os.write(1, b'\\n{done_token}\\n')\n"
+    return program
+
+
+def judge_case(expected: str, testtype: str, outcome: CaseOutcome) -> tuple[bool, str]:
+    """-> (passed, why not). testtype: stdin, functional or assert (see CodeCase); for an
+    assert case `expected` is the done token (or "" to only require exit status 0)."""
     if outcome.status == "timeout":
         return False, "time limit"
     if outcome.truncated:
@@ -112,7 +140,11 @@ def judge_case(expected: str, functional: bool, outcome: CaseOutcome) -> tuple[b
     if outcome.exit_code != 0:
         last = (outcome.stderr.strip().splitlines() or [""])[-1][:200]
         return False, f"exit status {outcome.exit_code}{': ' + last if last else ''}"
-    if functional:
+    if testtype == "assert":
+        if not expected or expected in outcome.stdout.splitlines():
+            return True, ""
+        return False, "the tests did not run to the end (the program exited early)"
+    if testtype == "functional":
         return (True, "") if returned_matches(outcome.returned, expected) else (False, "wrong answer")
     return (True, "") if stdout_matches(outcome.stdout, expected) else (False, "wrong answer")
 

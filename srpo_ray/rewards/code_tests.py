@@ -13,6 +13,11 @@ Accepted `ground_truth` encodings (a JSON string or the decoded object):
   stdin/stdout (each input/output a string or a list of lines). {"input_output": "..."}
   (APPS's column) is unwrapped first.
 - A plain list of {"input", "output"} dicts (stdin/stdout unless a function name is known).
+- HumanEval / MBPP style, tests as code: {"test": code defining `check(candidate)` or
+  bare asserts, "entry_point": the function `check` is called with, "prompt": optional
+  code run before the response's (HumanEval's prompt: imports and helper functions)}.
+  One "assert" case; CodeSpec.setup_code is the prompt, CodeSpec.test_code the test
+  followed by `check(<entry_point>)` when the test defines `check`.
 
 Functional cases are stored as CodeCase(input=one JSON value per line, output=JSON).
 APPS/TACO graders accept a call's result if it equals the expected output or, when that
@@ -26,6 +31,7 @@ import base64
 import io
 import json
 import pickle
+import re
 import zlib
 from typing import Any
 
@@ -35,7 +41,9 @@ ANY_OF_KEY = "__srpo_any_of__"
 MAX_DECODED_BYTES = 1 << 30
 _FN_KEYS = ("fn_name", "func_name", "function_name")
 _FORMATS = ("a LiveCodeBench list of {input, output, testtype} (JSON or base64+zlib+pickle), "
-            "a {inputs, outputs[, fn_name]} dict (verl/PRIME/TACO/APPS), or a list of {input, output} dicts")
+            "a {inputs, outputs[, fn_name]} dict (verl/PRIME/TACO/APPS), a list of {input, output} dicts, "
+            "or HumanEval-style {test, entry_point[, prompt]} (tests as code)")
+_DEFINES_CHECK = re.compile(r"^def\s+check\s*\(", re.MULTILINE)
 
 
 def parse_code_tests(ground_truth: object, extra_info: dict | None) -> CodeSpec:
@@ -68,6 +76,8 @@ def _from_value(value: Any, fn_name: str | None) -> CodeSpec:
     if isinstance(value, dict):
         if "input_output" in value:
             return _from_value(_plain(_decode_text(value["input_output"])), _fn_name_from(value) or fn_name)
+        if isinstance(value.get("test"), str):
+            return _from_assert_tests(value, fn_name)
         if "public_test_cases" in value or "private_test_cases" in value:
             return _from_livecodebench_row(value, fn_name)
         for key in ("test_cases", "tests"):
@@ -121,6 +131,26 @@ def _from_inputs_outputs(value: dict, fn_name: str | None) -> CodeSpec:
         else:
             cases.append(CodeCase(_text(i, "input", inp), _text(i, "output", out), "stdin"))
     return _spec(cases, fn_name)
+
+
+def _from_assert_tests(value: dict, fn_name: str | None) -> CodeSpec:
+    test = value["test"]
+    if not test.strip():
+        raise ValueError("code ground_truth `test` is empty; it must hold the test code (asserts)")
+    setup = value.get("prompt") or ""
+    if not isinstance(setup, str):
+        raise ValueError(f"code ground_truth `prompt` must be code (a string), got {_short(setup)}")
+    entry_point = value.get("entry_point") or fn_name
+    if entry_point is not None and (not isinstance(entry_point, str) or not entry_point.isidentifier()):
+        raise ValueError(f"code ground_truth `entry_point` must be a function name, got {_short(entry_point)}")
+    test_code = test
+    if _DEFINES_CHECK.search(test):
+        if not entry_point:
+            raise ValueError("the `test` code defines check(candidate) but no `entry_point` names the "
+                             "function to check; add entry_point to the ground truth")
+        test_code = f"{test}\n\ncheck({entry_point})\n"
+    return CodeSpec(cases=(CodeCase("", "", "assert"),), fn_name=entry_point, setup_code=setup,
+                    test_code=test_code)
 
 
 def _from_livecodebench_row(value: dict, fn_name: str | None) -> CodeSpec:
