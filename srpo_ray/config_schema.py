@@ -208,21 +208,31 @@ class OptimConfig:
 @dataclass
 class LearnerConfig:
     num_ranks: int = 2
-    """FSDP2 ranks (Ray actors) in the learner group."""
+    """FSDP2 ranks (Ray actors) in the learner group. One rank whose compute dtype is
+    its parameters' (float32) runs the plain module without FSDP2 (nothing to shard):
+    on one CPU box one rank using every core trains faster than several sharing them
+    (SmolLM2-135M, 2 cores: 1 rank x 2 threads 37-39 s a step, 2 ranks x 1 thread 68 s)."""
     gpus_per_rank: float = 0.0
     cpus_per_rank: float = 1.0
     backend: str = "auto"
     """torch.distributed backend: auto (nccl on GPU, gloo on CPU), nccl or gloo."""
     micro_batch_size: int = 8
-    """Sequences per forward/backward pass on each rank."""
+    """Most sequences per forward/backward pass on each rank. Sequences are grouped
+    longest first, so a micro-batch holds similar lengths (learner/padding_frac reports
+    the padding left)."""
+    max_tokens_per_micro_batch: int = 0
+    """Also cap a micro-batch at this many padded tokens (rows x longest row; a longer
+    sequence goes alone): short sequences then share a pass, long ones don't blow up
+    memory. 0: sequence count only. The loss and its denominator do not change."""
     gradient_checkpointing: bool = False
-    low_host_memory: bool = True
+    low_host_memory: bool = False
     """Serve host allocations of 1 MiB or more with their own mappings, returned to the
     OS when freed (glibc; freed heap is also trimmed after every step either way). On
-    CPU it lowers a rank's peak memory, at some speed: SmolLM2-135M, 2 ranks, micro-batch
-    8 (bench/bench_learner_memory.py): peak 5.2 / 4.2 GB instead of 7.0 / 5.4 GB, a
-    train step 71 s instead of 63 s. false: the faster, hungrier default of glibc.
-    Hardly matters on GPUs, where the big tensors are not in host memory."""
+    CPU it lowers a rank's peak memory at a real cost in speed: SmolLM2-135M, micro-batch
+    8 (bench/bench_learner_memory.py): 2 ranks, peak 5.2 / 4.2 GB instead of 7.0 / 5.4 GB,
+    a train step 71 s instead of 63 s; 1 rank of 2 threads, 64 sequences of <= 98
+    tokens: 55 s instead of 41 s (2026-12-01). Turn it on when host memory, not time, is
+    short. Hardly matters on GPUs, where the big tensors are not in host memory."""
     collective_timeout_s: int = 600
     """A collective that waits longer than this fails instead of hanging."""
 

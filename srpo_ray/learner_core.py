@@ -202,7 +202,10 @@ class FSDPLearner(ShardedWeightsIO):
     def _optimizer_step(self, chunk: TrainBatch, denominator: float, old: list[torch.Tensor] | None,
                         temperature: float, sums: dict, weights: dict, maxima: dict) -> tuple[float, float]:
         optimizer, cfg = self.optimizer, self.cfg
-        mbs = micro_batches(chunk, cfg.learner.micro_batch_size)
+        mbs = micro_batches(chunk, cfg.learner.micro_batch_size, cfg.learner.max_tokens_per_micro_batch)
+        positions = sum(mb.input_ids.numel() for mb in mbs)  # padding_frac: weighted by positions
+        sums["padding_frac"] = sums.get("padding_frac", 0.0) + positions - sum(mb.num_tokens for mb in mbs)
+        weights["padding_frac"] = weights.get("padding_frac", 0.0) + positions
         passes = self._all_reduce_max(len(mbs))
         optimizer.zero_grad(set_to_none=True)
         local_loss = 0.0
@@ -243,7 +246,7 @@ class FSDPLearner(ShardedWeightsIO):
 
     def _old_logprobs(self, chunk: TrainBatch, temperature: float) -> list[torch.Tensor]:
         """Log-probs per micro-batch of `chunk` before any update (no grad), on CPU."""
-        mbs = micro_batches(chunk, self.cfg.learner.micro_batch_size)
+        mbs = micro_batches(chunk, self.cfg.learner.micro_batch_size, self.cfg.learner.max_tokens_per_micro_batch)
         out = []
         with torch.no_grad():
             for i in range(self._all_reduce_max(len(mbs))):

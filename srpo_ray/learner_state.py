@@ -70,11 +70,15 @@ def build_sharded_model(model_path: str, mesh, device: torch.device, dtype: torc
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tied = _tied_embedding_names(model)
-    kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
-    for layer in _decoder_layers(model):
-        fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
+    sharded = mesh.size() > 1 or (mp_policy is not None and mp_policy.param_dtype not in (None, dtype))
+    if sharded:  # one rank with nothing to cast stays a plain module: no FSDP2 copies per layer
+        kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
+        for layer in _decoder_layers(model):
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)
     model.to_empty(device=device)  # allocates this rank's shards only (uninitialised)
+    if not sharded and tied:
+        model.tie_weights()  # to_empty gave the shared tensor two storages
     state = dict(full[0]) if full is not None else {}  # the loader pops from it: keep the caller's whole
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for name, buf in model.named_buffers():  # non-persistent ones (rotary) are not in the state dict

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from srpo_ray.batch import (TrainBatch, build_train_batch, empty_batch, loss_denominator, micro_batches,
+from srpo_ray.batch import (TrainBatch, build_train_batch, empty_batch, loss_denominator, micro_batches, padding_fraction,
                             split_for_ranks, split_into_chunks)
 from srpo_ray.records import Prompt, RewardResult, RolloutGroup, Sample, ScoredGroup
 
@@ -99,16 +99,18 @@ def test_split_for_ranks_gives_empty_shards_when_too_few_sequences():
         split_for_ranks(b, 0)
 
 
-def test_micro_batches_and_chunks_cover_the_batch_in_order():
+def test_micro_batches_take_similar_lengths_together_and_cover_the_batch():
     b = _batch_of_lengths([3, 7, 2, 5, 4])
     mbs = micro_batches(b, 2)
     assert [m.num_sequences for m in mbs] == [2, 2, 1]
-    assert [m.input_ids.shape[1] for m in mbs] == [7, 5, 4]  # trimmed per micro-batch
-    assert torch.cat([m.advantages for m in mbs]).tolist() == b.advantages.tolist()
+    assert [m.input_ids.shape[1] for m in mbs] == [7, 4, 2]  # longest first, trimmed per micro-batch
+    assert sorted(torch.cat([m.advantages for m in mbs]).tolist()) == sorted(b.advantages.tolist())
+    assert padding_fraction(mbs) < padding_fraction([b.select([0, 1]), b.select([2, 3]), b.select([4])])
     assert sum(m.num_response_tokens for m in mbs) == b.num_response_tokens
     assert micro_batches(empty_batch(), 4) == []
     with pytest.raises(ValueError, match="micro_batch_size"):
         micro_batches(b, 0)
+    assert [m.input_ids.shape for m in micro_batches(b, 4, max_tokens=12)] == [(1, 7), (2, 5), (2, 3)]
     chunks = split_into_chunks(b, 2)
     assert [c.num_sequences for c in chunks] == [2, 3] or [c.num_sequences for c in chunks] == [3, 2]
     assert [c.num_sequences for c in split_into_chunks(_batch_of_lengths([3]), 2)].count(0) == 1

@@ -62,4 +62,4 @@ def test_missing_config_file_is_clear(tmp_path):
 
 def test_stage_without_switch_rule_is_rejected():
     with pytest.raises(ConfigError, match="switch rule"):
-        load_config(None, ["stages.0.until_epochs=null"])
+        load_config(None, ["stages.0.until_steps=null"])

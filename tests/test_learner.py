@@ -289,3 +289,29 @@ def test_rank_with_empty_shard_does_not_hang(ray_groups, tiny_model):
     assert m2["learner/sequences"] == 1 and m2["learner/optimizer_steps"] >= 1
     assert m2["learner/grad_norm"] == pytest.approx(m1["learner/grad_norm"], rel=1e-4)
     _assert_same_weights(_weights(two), _weights(one))
+
+
+def test_token_budget_micro_batches_give_the_same_update(tiny_model, monkeypatch):
+    """Mixed lengths trained in one pass, or in passes capped at 12 padded tokens (a
+    long sequence alone, short ones together): the same loss, gradient norm and new
+    weights, since the loss's denominator is the batch's, whatever the passes."""
+    import torch.distributed as dist
+
+    batch = _scored_batch(tiny_model, [9, 2, 7, 3, 1, 6, 2], [1.0, -1.0, 0.5, -0.5, 1.0, -1.0, 0.25], seed=11)
+    results = []
+    for learner_cfg in ({"micro_batch_size": 16}, {"micro_batch_size": 16, "max_tokens_per_micro_batch": 12}):
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+        learner = FSDPLearner(tiny_model, _cfg(**learner_cfg), rank=0, world_size=1)
+        try:
+            learner.setup()
+            metrics = learner.train_step(batch, float(batch.num_response_tokens), TEMPERATURE)
+            results.append((metrics, learner.full_state_dict()))
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    (whole, w_whole), (capped, w_capped) = results
+    assert whole["learner/loss"] == pytest.approx(capped["learner/loss"], rel=1e-5, abs=1e-7)
+    assert whole["learner/grad_norm"] == pytest.approx(capped["learner/grad_norm"], rel=1e-5)
+    assert capped["learner/padding_frac"] < whole["learner/padding_frac"]
+    _assert_same_weights(w_whole, w_capped, atol=1e-6)

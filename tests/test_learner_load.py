@@ -34,13 +34,13 @@ def _in_actor(what: str, which: str = "model"):
     return probe
 
 
-def _group(ray, model_path: str, **algo):
+def _group(ray, model_path: str, ranks: int = 2, **algo):
     from actors.learner import create_learner_group
 
     cfg = _cfg()
     for k, v in algo.items():
         setattr(cfg.algo if k != "dtype" else cfg.model, k, v)
-    group = create_learner_group(cfg, model_path, num_ranks=2, actor_options=lambda r: {"num_cpus": 0.5},
+    group = create_learner_group(cfg, model_path, num_ranks=ranks, actor_options=lambda r: {"num_cpus": 0.5},
                                  setup=False)
     group.get = functools.partial(ray.get, timeout=120)  # a hung rank fails the test
     group.setup()
@@ -77,6 +77,30 @@ def test_sharded_load_equals_model_files(tied, tmp_path):
             _assert_equal(ref, state, torch.bfloat16)
             for rank_buffers in ray.get([h.__ray_call__.remote(_in_actor("buffers", "ref_model")) for h in group.handles]):
                 _assert_equal(rank_buffers, buffers, torch.float32)
+    finally:
+        for handle in group.handles:
+            ray.kill(handle)
+
+
+def test_one_float32_rank_is_a_plain_module_with_tied_embeddings(tmp_path):
+    """Nothing to shard or cast: the one rank skips FSDP2 (its per-layer copies cost 12%
+    of a CPU step) and must still load the files exactly, with the embeddings tied."""
+    from conftest import ensure_local_ray
+    from srpo_ray.models import build_tiny_model
+
+    ray = ensure_local_ray()
+    model_path = build_tiny_model(str(tmp_path / "m"), tie_word_embeddings=True, seed=4)
+    state, _ = _file_weights(model_path)
+    group = _group(ray, model_path, ranks=1)
+
+    def probe(rank_impl):
+        from torch.distributed.fsdp import FSDPModule
+        model = rank_impl.learner.model
+        return (any(isinstance(m, FSDPModule) for m in model.modules()),
+                model.lm_head.weight is model.model.embed_tokens.weight)
+    try:
+        _assert_equal(ray.get(group.state_dict_ref()), state, torch.float32)
+        assert ray.get(group.handles[0].__ray_call__.remote(probe)) == (False, True)
     finally:
         for handle in group.handles:
             ray.kill(handle)

@@ -153,6 +153,6 @@ def scores_by_source(problems: list[ProblemResult], k: int, pass_at: list[int]) 
 def _answer(domain: str, info: dict) -> Optional[str]:
     """The final answer a sample gave (math), or a marker that it gave a program (code)."""
     if domain == "math":
-        answer = info.get("answer")
-        return None if answer is None else str(answer)
+        answer = str(info.get("answer") or "").strip()
+        return answer or None  # an empty \boxed{} (the instruction copied) is no answer
     return None if info.get("error") == "no code block" else "<program>"

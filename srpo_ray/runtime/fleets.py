@@ -54,7 +54,7 @@ class RayRolloutFleet:
     def generate(self, prompts: list[Prompt], sampling: dict, seed: int) -> list[RolloutGroup]:
         self.apply_scale_request()
         self.pool.poll()
-        chunks = split(prompts, self.pool.target * self.chunks_per_worker)
+        chunks = split(prompts, chunk_count(self.pool.target, self.chunks_per_worker))
         starts = [sum(len(c) for c in chunks[:i]) for i in range(len(chunks))]
         # Prompt k of this step draws its samples from seeds base + k*n + j: distinct
         # within a step and across steps, whichever worker serves the chunk.
@@ -290,6 +290,13 @@ def _delivery_for(weights: Any, groups: _BroadcastGroups) -> _Delivery:
     return _FullState(weights)
 
 
+def chunk_count(workers: int, chunks_per_worker: int) -> int:
+    """How many chunks a call is cut into: several per worker balance load across
+    workers; one worker gains nothing from them and would run two smaller vLLM batches
+    one after the other."""
+    return 1 if workers <= 1 else workers * chunks_per_worker
+
+
 def _outcomes(refs: list[Any]) -> list[Any]:
     """Each ref's value, or the exception it raised (a dead actor: RayActorError)."""
     out: list[Any] = []
@@ -309,6 +316,6 @@ class RayRewardFleet:
 
     def score(self, groups: list[RolloutGroup]) -> list[ScoredGroup]:
         self.pool.poll()
-        chunks = split(groups, self.pool.target * self.chunks_per_worker)
+        chunks = split(groups, chunk_count(self.pool.target, self.chunks_per_worker))
         results = self.pool.map_chunks(chunks, lambda m, i, chunk: m.handle.score_groups.remote(chunk))
         return [sg for chunk in results for sg in chunk]
