@@ -75,7 +75,8 @@ def bench_config(args: argparse.Namespace, run_dir: str = "runs/bench_vs_bare",
                  one_step_off: bool = False) -> SRPOConfig:
     """The one config both sides read (see the module docstring)."""
     overrides = ["stages=[{name: math, domains: [math]}]", "data.train_files=[builtin:arithmetic]",
-                 f"trainer.total_steps={args.steps}", f"trainer.run_dir={run_dir}", "metrics.progress_bar=false"]
+                 f"trainer.total_steps={args.steps}", f"trainer.run_dir={run_dir}", "metrics.progress_bar=false",
+                 "eval.files=[]"]  # evaluation is not part of a step (the bare loop has none)
     if args.model:
         overrides.append(f"model.path={args.model}")
     if args.learner_ranks:

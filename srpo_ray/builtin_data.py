@@ -29,6 +29,8 @@ from srpo_ray.data import DataError, write_verl_parquet
 
 BOXED_HINT = "Put the final answer in \\boxed{}."
 CODE_HINT = "Answer with a Python program in a ```python code block."
+ARITHMETIC_DEMO = [{"role": "user", "content": f"What is 14 - 6? {BOXED_HINT}"},
+                   {"role": "assistant", "content": "14 - 6 = 8, so the answer is \\boxed{8}."}]
 ARITHMETIC_SOURCE = "builtin/arithmetic"
 ARITHMETIC_SIZE = 1024
 ARITHMETIC_SEED = 0
@@ -37,6 +39,13 @@ TINY_MATH_SIZE = 16
 MATH_CODE_ARITHMETIC = 128  # the default run's pool: 16 steps of 8 prompts make an epoch
 
 Problem = tuple[int, str, int]  # (a, op, b)
+
+# Every arithmetic prompt opens with one worked example, an earlier chat turn (1-shot):
+# it shows the answer format the strict number rule checks. SmolLM2-135M then boxes 93%
+# of its answers (10% without) and solves 16% of held-out problems (0.3%), so RL starts
+# from a policy that answers and has something to reinforce (measured 2026-12-01, 100
+# held-out problems x 4 samples at T=0.8, + 100 greedy).
+DEMO_PROBLEM: Problem = (14, "-", 6)
 
 
 def builtin_names() -> list[str]:
@@ -62,7 +71,7 @@ def arithmetic_problems(count: int, seed: int, exclude: Collection[Problem] = ()
     """`count` distinct problems drawn from the arithmetic distribution (see the module
     docstring); a repeat, or a problem in `exclude`, is drawn again."""
     rng = random.Random(seed)
-    taken = set(exclude)
+    taken = set(exclude) | {DEMO_PROBLEM}  # the worked example is never a problem to solve
     problems: list[Problem] = []
     for _ in range(100 * count + 1000):  # far more draws than needed; bounds a too-large count
         if len(problems) == count:
@@ -76,9 +85,19 @@ def arithmetic_problems(count: int, seed: int, exclude: Collection[Problem] = ()
 
 
 def arithmetic_row(problem: Problem, source: str, row_id: str, split: str) -> dict:
+    row = verl_row(source, "math", arithmetic_question(problem), str(_solve(problem)), row_id, split)
+    row["prompt"] = [*ARITHMETIC_DEMO, *row["prompt"]]
+    return row
+
+
+def arithmetic_question(problem: Problem) -> str:
     a, op, b = problem
-    answer = {"+": a + b, "-": a - b, "*": a * b}[op]
-    return verl_row(source, "math", f"What is {a} {op} {b}? {BOXED_HINT}", str(answer), row_id, split)
+    return f"What is {a} {op} {b}? {BOXED_HINT}"
+
+
+def _solve(problem: Problem) -> int:
+    a, op, b = problem
+    return {"+": a + b, "-": a - b, "*": a * b}[op]
 
 
 def arithmetic_rows() -> list[dict]:
@@ -151,11 +170,11 @@ def _registry() -> dict[str, tuple[Callable[[], list[dict]], int]]:
     from srpo_ray import eval_sets
 
     return {
-        "tiny_math_code": (tiny_math_code_rows, 1),
-        "arithmetic": (arithmetic_rows, 1),
-        "math_code": (math_code_rows, 2),
+        "tiny_math_code": (tiny_math_code_rows, 2),
+        "arithmetic": (arithmetic_rows, 2),
+        "math_code": (math_code_rows, 3),
         "code_heldout": (eval_sets.code_heldout_rows, 1),
-        "arithmetic_heldout": (eval_sets.arithmetic_heldout_rows, 1),
+        "arithmetic_heldout": (eval_sets.arithmetic_heldout_rows, 2),
         "humaneval": (eval_sets.humaneval_rows, 1),
         "aime": (eval_sets.aime_rows, 1),
         "champ": (eval_sets.champ_rows, 1),

@@ -51,7 +51,7 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] = ()
         except yaml.YAMLError:
             value = raw  # not YAML (e.g. a regex): keep the text as given
         try:
-            OmegaConf.update(merged, key.strip(), value, merge=True)
+            _update(merged, key.strip(), value, raw)
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {item!r}: {_describe(e)}") from None
         except (TypeError, ValueError) as e:
@@ -66,6 +66,17 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] = ()
         raise ConfigError(f"{path}: {_describe(e)}") from None
     validate(cfg)
     return cfg
+
+
+def _update(merged: Any, key: str, value: Any, raw: str) -> None:
+    """Set one override. A text that YAML reads as a mapping or list ("Answer: 17", a
+    regex with brackets) is kept as typed when the key holds a string."""
+    try:
+        OmegaConf.update(merged, key, value, merge=True)
+    except OmegaConfBaseException:
+        if isinstance(value, str) or not isinstance(value, (dict, list)):
+            raise
+        OmegaConf.update(merged, key, raw, merge=True)
 
 
 def _describe(e: OmegaConfBaseException) -> str:

@@ -63,3 +63,10 @@ def test_missing_config_file_is_clear(tmp_path):
 def test_stage_without_switch_rule_is_rejected():
     with pytest.raises(ConfigError, match="switch rule"):
         load_config(None, ["stages.0.until_steps=null"])
+
+
+def test_text_overrides_that_look_like_yaml_mappings_stay_text():
+    cfg = load_config(None, ["data.system_prompt=Answer: end with \\boxed{17}.", "reward.format_pattern=[0-9]+"])
+    assert cfg.data.system_prompt == "Answer: end with \\boxed{17}." and cfg.reward.format_pattern == "[0-9]+"
+    with pytest.raises(ConfigError, match="trainer.total_steps"):
+        load_config(None, ["trainer.total_steps={a: 1}"])

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from srpo_ray.builtin_data import (arithmetic_rows, builtin_dataset_path, builtin_names, math_code_rows,
+from srpo_ray.builtin_data import (ARITHMETIC_DEMO, DEMO_PROBLEM, arithmetic_rows, builtin_dataset_path, builtin_names, math_code_rows,
                                    tiny_math_code_rows)
 from srpo_ray.data import DataError, load_prompts
 from srpo_ray.eval_sets import arithmetic_heldout_rows, champ_answer
@@ -41,7 +41,7 @@ def _needs_wheel(package: str, pip_spec: str) -> None:
 
 
 def _problem(row: dict) -> tuple[int, str, int]:
-    a, op, b = _QUESTION.match(row["prompt"][0]["content"]).groups()
+    a, op, b = _QUESTION.match(row["prompt"][-1]["content"]).groups()
     return int(a), op, int(b)
 
 
@@ -63,10 +63,13 @@ def test_arithmetic_training_and_heldout_are_disjoint_deterministic_and_load(cac
             assert 10 <= a <= 60 and 2 <= b <= 30
             assert row["reward_model"]["ground_truth"] == str({"+": a + b, "-": a - b, "*": a * b}[op])
     assert {op for _, op, _ in train_problems} == {"+", "-", "*"}
-    for name, size in (("arithmetic", 1024), ("arithmetic_heldout", 300), ("math_code", 1032)):
+    for name, size in (("arithmetic", 1024), ("arithmetic_heldout", 300), ("math_code", 136)):
         prompts = load_prompts([f"builtin:{name}"], cache_dir)
         assert len(prompts) == size
-    assert math_code_rows() == train + tiny_math_code_rows()[16:]
+    assert math_code_rows() == train[:128] + tiny_math_code_rows()[16:]
+    # every problem comes after the same worked example, which is never itself a problem
+    assert all(r["prompt"][:2] == ARITHMETIC_DEMO for r in train + heldout)
+    assert DEMO_PROBLEM not in set(train_problems) | set(heldout_problems)
 
 
 def test_builtin_names_and_errors(tmp_path, monkeypatch):
@@ -179,3 +182,29 @@ def test_champ_answers_unwrapped_or_dropped():
                  "x(n)<y(n-1) for all n≥3"):
         assert champ_answer(text, "Find it.") is None, text
     assert champ_answer("(x^2+x+1)(x^2-x+1)", "Factorize x^4+x^2+1 into terms of integer coefficients.") is None
+
+
+CODE_HELDOUT_SOLUTIONS = {
+    "heldout-stdin-0": "a, b = map(int, input().split())\nprint(a - b)",
+    "heldout-stdin-1": "n = int(input())\nprint(n * n)",
+    "heldout-stdin-2": "print(input().upper())",
+    "heldout-stdin-3": "a, b = map(int, input().split())\nprint(max(a, b))",
+    "heldout-stdin-4": "print(int(input()) + 1)",
+    "heldout-stdin-5": "print(len(input()))",
+    "heldout-func-0": "def subtract(a, b):\n    return a - b",
+    "heldout-func-1": "def cube(x):\n    return x ** 3",
+    "heldout-func-2": "def is_odd(n):\n    return n % 2 == 1",
+    "heldout-func-3": "def min_of(xs):\n    return min(xs)",
+    "heldout-func-4": "def double(x):\n    return x * 2",
+    "heldout-func-5": "def first(xs):\n    return xs[0]",
+}
+
+
+def test_code_heldout_is_solvable_and_unlike_training(sandboxed_scorer, cache_dir):
+    prompts = load_prompts(["builtin:code_heldout"], cache_dir)
+    assert sorted(p.prompt_id for p in prompts) == sorted(CODE_HELDOUT_SOLUTIONS)
+    training = {p.messages[-1]["content"] for p in load_prompts(["builtin:math_code"], cache_dir)}
+    assert not {p.messages[-1]["content"] for p in prompts} & training
+    items = [(p, [as_response(CODE_HELDOUT_SOLUTIONS[p.prompt_id]), as_response("print(0)")]) for p in prompts]
+    verdicts = [[r.correct for r in results] for results in sandboxed_scorer.score_batch(items)]
+    assert verdicts == [[True, False]] * len(prompts)
