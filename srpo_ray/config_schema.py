@@ -159,6 +159,32 @@ class RewardConfig:
     killed and replaced, the others keep going)."""
     math_memory_mb: int = 2048
     """RLIMIT_AS of each math-check process (MiB)."""
+    custom_function: str = ""
+    """A reward plug-in that scores every row instead of the built-in math/code rewards:
+    `path/to/file.py:function_name`, a function written for verl,
+    `compute_score(data_source, solution_str, ground_truth, extra_info) -> float | dict`
+    (called with those keyword arguments; a dict needs a numeric `score`, its other
+    numbers become reward/custom/<name>/mean metrics). Rows it scores may have any
+    `ability`. It runs in capped child processes (custom_timeout_s, custom_memory_mb): a
+    call that hangs, runs out of memory, raises, crashes or returns anything else scores
+    0 and is counted (reward/custom_timeouts, reward/custom_errors). A relative path is
+    taken from the working directory of the driver and reward workers. "" = none.
+    format_reward is not added to rows a plug-in scores. See srpo_ray/rewards/plugins.py."""
+    custom_functions: dict[str, str] = field(default_factory=dict)
+    """A plug-in per data_source (exact name), `{source: path/to/file.py:name}`; wins over
+    custom_function for that source's rows, which are no longer scored by the built-in
+    rewards (nor by math_answer_modes)."""
+    custom_correct_threshold: float = 1.0
+    """A plug-in's verdict for History Resampling and correct/* metrics: correct when
+    score >= this (our choice: 1.0, full marks for 0/1 rewards)."""
+    custom_timeout_s: float = 5.0
+    """Seconds per plug-in call; then it is interrupted (scores 0, counted as a timeout),
+    and its process killed and replaced 2 s later if it does not stop."""
+    custom_memory_mb: int = 2048
+    """RLIMIT_AS of each plug-in process (MiB)."""
+    custom_processes: int = 2
+    """Child processes per reward worker that run plug-in calls (only started when a
+    plug-in is configured)."""
 
 
 @dataclass

@@ -138,3 +138,16 @@ def test_stale_rollouts_are_an_error(tmp_path):
     roles.rollout.version = 7
     with pytest.raises(RuntimeError, match="missed a weight update"):
         trainer.fit()
+
+
+def test_a_stage_trains_on_a_plugin_domain(tmp_path):
+    cfg = load_config(None, ["trainer.prompts_per_step=4", "rollout.n=4", "trainer.total_steps=3",
+                             f"trainer.run_dir={tmp_path}", "stages=[{name: words, domains: [wordplay]}]"])
+    words = [Prompt(f"w{i}-mixed", "wordplay", [{"role": "user", "content": "w"}], {"any": "truth"},
+                    data_source="wordplay") for i in range(6)]
+    metrics = MetricsLogger(tmp_path, cfg.trainer.total_steps, progress_bar=False, tensorboard=False)
+    trainer = SRPOTrainer(cfg, prompts() + words, Roles(FakeRollout(), FakeRewards(), FakeLearner()), 0, metrics,
+                          CheckpointManager(tmp_path))
+    trainer.fit()
+    rows = read_metrics(tmp_path)
+    assert all(r["reward/wordplay/mean"] == 0.5 and "reward/math/mean" not in r for r in rows)
