@@ -133,6 +133,11 @@ def validate(cfg: SRPOConfig) -> None:
     need(cfg.trainer.total_steps >= 1, "trainer.total_steps", "must be >= 1")
     need(cfg.trainer.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1")
     need(len(cfg.stages) >= 1, "stages", "need at least one stage")
+    from srpo_ray.algo.source_mix import check_weight_values  # it imports this module
+    check_weight_values("data.source_weights", cfg.data.source_weights)
+    for i, st in enumerate(cfg.stages):
+        if st.source_weights is not None:
+            check_weight_values(f"stages.{i}.source_weights", st.source_weights)
     for i, st in enumerate(cfg.stages):
         key = f"stages.{i}"
         bad = {d: domain_problem(d) for d in st.domains if domain_problem(d)}

@@ -39,6 +39,15 @@ class DataConfig:
     """If set, prepended as a system message to every training and evaluation prompt
     that has none (it replaces a chat template's default system message, e.g. SmolLM2's).
     Prompt ids do not change with it."""
+    source_weights: dict[str, float] = field(default_factory=dict)
+    """Mix data sources by weight, `{data_source: weight}` (relative; {} = unweighted: one
+    pass over the pool per epoch). Each drawn prompt comes from a source picked with
+    probability weight / sum over the sources with prompts left in the stage's pool, so
+    small sources repeat and large ones are subsampled; an epoch is as many draws as the
+    pool has prompts, and History Resampling still judges each prompt at its end
+    (srpo_ray/algo/source_mix.py). Every source of a stage's domains needs a weight (0
+    leaves it out); a weight for a source with no rows is an error. The realised mix is
+    data/source_frac/<source>. Per stage: stages.N.source_weights."""
 
 
 @dataclass
@@ -276,7 +285,8 @@ class ResampleConfig:
 class StageConfig:
     name: str = MISSING
     domains: list[str] = MISSING
-    """Domains this stage trains on (math, code)."""
+    """Domains this stage trains on: math, code, or the `ability` of rows a reward
+    plug-in scores (reward.custom_function(s))."""
     until_steps: Optional[int] = None
     """Switch to the next stage after this many steps in this stage."""
     until_epochs: Optional[int] = None
@@ -299,6 +309,8 @@ class StageConfig:
     """Overrides rollout.n in this stage."""
     prompts_per_step: Optional[int] = None
     """Overrides trainer.prompts_per_step in this stage."""
+    source_weights: Optional[dict[str, float]] = None
+    """Overrides data.source_weights in this stage ({} = unweighted in this stage)."""
 
 
 def _default_stages() -> list[StageConfig]:

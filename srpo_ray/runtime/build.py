@@ -12,6 +12,7 @@ from typing import Iterator
 import ray
 from transformers import AutoTokenizer
 
+from srpo_ray.algo.source_mix import check_source_weights
 from srpo_ray.algo.stages import effective_sampling
 from srpo_ray.checkpoint import CheckpointManager
 from srpo_ray.config import SRPOConfig
@@ -47,6 +48,7 @@ def init_ray(cfg: SRPOConfig, roles: tuple[str, ...] | None = None) -> bool:
 
 
 def check_stage_data(cfg: SRPOConfig, prompts: list) -> None:
+    check_source_weights(cfg, prompts)  # also in the trainer; here it fails before Ray starts
     have = {p.domain for p in prompts}
     for i, stage in enumerate(cfg.stages):
         missing = [d for d in stage.domains if d not in have]
