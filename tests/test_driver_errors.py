@@ -54,3 +54,11 @@ def test_source_weight_for_a_source_not_in_the_data(tmp_path, tiny_model_dir, ca
     assert main([f"model.path={tiny_model_dir}", f"data.train_files=[{data}]", "stages=[{name: m, domains: [math]}]",
                  "data.source_weights={t: 1, gsm8k: 2}"]) == 2
     assert "data.source_weights: no rows with data_source ['gsm8k']" in capsys.readouterr().err
+
+
+def test_reward_plugin_that_fails_to_import(tmp_path, capsys):
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text("import not_a_module_anywhere\n\ndef compute_score(**kwargs):\n    return 1.0\n")
+    assert main([f"reward.custom_function={plugin}:compute_score"]) == 2
+    err = capsys.readouterr().err
+    assert "reward.custom_function: cannot load `compute_score`" in err and "not_a_module_anywhere" in err

@@ -303,6 +303,8 @@ def test_the_example_plugin_scores_the_example_rows(tmp_path, monkeypatch):
     prompts = load_prompts(cfg.data.train_files, scored_by_plugin=lambda s: plugins.plugin_key(cfg.reward, s) is not None)
     words = [p for p in prompts if p.domain == "wordplay"]
     assert len(words) == len(rows) and {p.domain for p in prompts} == {"math", "code", "wordplay"}
+    from srpo_ray.algo.source_mix import check_source_weights
+    check_source_weights(cfg, prompts)  # stage 2 mixes arithmetic and puzzles by weight
     pool = CustomRewardPool(cfg.reward)
     try:
         results = pool.score([(words[1], f"So: \\boxed{{{words[1].ground_truth}}}"), (words[1], "no idea")])

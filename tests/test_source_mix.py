@@ -184,7 +184,10 @@ DATA = {"gsm8k": "math", "aime": "math", "apps": "code"}
      r"no rows with data_source \['gsm9k'\].*its sources: \['aime', 'apps', 'gsm8k'\]"),
     (["stages.1.source_weights={apps: 1, nope: 1}"], "stages.1.source_weights", r"\['nope'\]"),
     (["data.source_weights={gsm8k: 1}"], "data.source_weights", r"data_source \['aime'\] with no weight"),
-    (["stages.0.source_weights={gsm8k: 0, aime: 0, apps: 1}"], "stages.0.source_weights", "has weight 0"),
+    (["data.source_weights={gsm8k: 0, aime: 0, apps: 1}"], "data.source_weights",
+     r"every source of stage 0 \(math\) has weight 0"),
+    (["stages.0.source_weights={gsm8k: 1, aime: 1, apps: 1}"], "stages.0.source_weights",
+     r"source\(s\) \['apps'\] have no rows in stage 0's domains \['math'\]"),
 ])
 def test_bad_source_weights_are_errors_naming_the_key(overrides, key, message):
     cfg = load_config(None, overrides)

@@ -117,6 +117,10 @@ def check_source_weights(cfg: SRPOConfig, prompts: Sequence[Any]) -> None:
             continue
         key = f"stages.{i}.source_weights" if st.source_weights is not None else "data.source_weights"
         drawn = {p.data_source for p in prompts if p.domain in st.domains}
+        outside = sorted(set(st.source_weights or {}) - drawn)
+        if outside:  # data.source_weights spans stages; a stage's own weights are for its own sources
+            raise ConfigError(f"{key}: source(s) {outside} have no rows in stage {i}'s domains "
+                              f"{list(st.domains)}; add the domain to the stage or drop the weight")
         missing = sorted(drawn - set(weights))
         if missing:
             raise ConfigError(f"{key}: stage {i} ({st.name}) draws by source weight, but its domains "

@@ -20,6 +20,7 @@ path must exist on every reward node.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -111,6 +112,18 @@ def _check_numbers(cfg: RewardConfig) -> None:
     need(cfg.custom_memory_mb >= 64, "custom_memory_mb", "must be >= 64 (Python itself needs ~30 MiB)")
     need(cfg.custom_processes >= 1, "custom_processes", "need at least 1")
     need(math.isfinite(cfg.custom_correct_threshold), "custom_correct_threshold", "must be a finite number")
+
+
+def check_plugins_load(cfg: RewardConfig) -> None:
+    """Import every configured plug-in once in a capped child process, as a reward worker
+    will (so a missing module is a start-up error naming the key, not a worker crash).
+    Raises ValueError."""
+    if not configured_plugins(cfg):
+        return
+    try:
+        CustomRewardPool(dataclasses.replace(cfg, custom_processes=1)).close()
+    except RuntimeError as e:
+        raise ValueError(str(e)) from None
 
 
 class CustomRewardPool:

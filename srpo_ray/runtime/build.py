@@ -15,13 +15,13 @@ from transformers import AutoTokenizer
 from srpo_ray.algo.source_mix import check_source_weights
 from srpo_ray.algo.stages import effective_sampling
 from srpo_ray.checkpoint import CheckpointManager
-from srpo_ray.config import SRPOConfig
+from srpo_ray.config import ConfigError, SRPOConfig
 from srpo_ray.data import DataError, check_prompt_lengths, load_prompts
 from srpo_ray.runtime.fleets import RayRewardFleet, RayRolloutFleet, WorkerPool
 from srpo_ray.metrics import MetricsLogger
 from srpo_ray.models import resolve_model_path
 from srpo_ray.eval.runner import Evaluator
-from srpo_ray.rewards.plugins import plugin_key
+from srpo_ray.rewards.plugins import check_plugins_load, plugin_key
 from srpo_ray.rewards.scorer import check_answer_modes
 from srpo_ray.trainer import Roles, SRPOTrainer
 
@@ -58,6 +58,14 @@ def check_stage_data(cfg: SRPOConfig, prompts: list) -> None:
                             f"add data or change the stage's domains")
 
 
+def check_reward_plugins(cfg: SRPOConfig) -> None:
+    """Reward plug-ins import (once, in a capped child) before anything starts."""
+    try:
+        check_plugins_load(cfg.reward)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def scored_by_plugin(cfg: SRPOConfig):
     """data_source -> True when a reward plug-in scores its rows (what load_prompts needs)."""
     return lambda source: plugin_key(cfg.reward, source) is not None
@@ -88,6 +96,7 @@ def longest_response(cfg: SRPOConfig) -> int:
 @contextmanager
 def build_trainer(cfg: SRPOConfig) -> Iterator[SRPOTrainer]:
     """Everything a run needs, torn down (actors, placement groups, a local Ray) after."""
+    check_reward_plugins(cfg)
     model_path = resolve_model_path(cfg.model)
     prompts = load_prompts(cfg.data.train_files, system_prompt=cfg.data.system_prompt,
                            scored_by_plugin=scored_by_plugin(cfg))
