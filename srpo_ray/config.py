@@ -16,6 +16,8 @@ from omegaconf.errors import OmegaConfBaseException
 from srpo_ray.config_schema import (AlgoConfig, ClusterConfig, DataConfig, EvalConfig, LearnerConfig, MetricsConfig,
                                     ModelConfig, OptimConfig, ResampleConfig, RewardConfig, RolloutConfig,
                                     SRPOConfig, StageConfig, TrainerConfig)
+from srpo_ray.records import domain_problem
+from srpo_ray.rewards.plugins import check_plugins
 
 __all__ = ["AlgoConfig", "ClusterConfig", "ConfigError", "DataConfig", "EvalConfig", "LearnerConfig", "MetricsConfig",
            "ModelConfig", "OptimConfig", "ResampleConfig", "RewardConfig", "RolloutConfig", "SRPOConfig",
@@ -134,14 +136,24 @@ def validate(cfg: SRPOConfig) -> None:
         need(mode in modes, f"reward.math_answer_modes.{source}", f"{mode!r}: must be one of {modes}")
     need(cfg.reward.sandbox in ("bubblewrap", "nsjail", "UNSAFE_no_sandbox"), "reward.sandbox",
          "must be bubblewrap, nsjail or UNSAFE_no_sandbox")
+    try:
+        check_plugins(cfg.reward)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     validate_eval(cfg.eval)
     need(cfg.trainer.total_steps >= 1, "trainer.total_steps", "must be >= 1")
     need(cfg.trainer.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1")
     need(len(cfg.stages) >= 1, "stages", "need at least one stage")
+    from srpo_ray.algo.source_mix import check_weight_values  # it imports this module
+    check_weight_values("data.source_weights", cfg.data.source_weights)
+    for i, st in enumerate(cfg.stages):
+        if st.source_weights is not None:
+            check_weight_values(f"stages.{i}.source_weights", st.source_weights)
     for i, st in enumerate(cfg.stages):
         key = f"stages.{i}"
-        bad = [d for d in st.domains if d not in ("math", "code")]
-        need(not bad, f"{key}.domains", f"unknown domain(s) {bad}; use math and/or code")
+        bad = {d: domain_problem(d) for d in st.domains if domain_problem(d)}
+        need(not bad, f"{key}.domains", f"bad domain name(s) {bad}; a domain is math, code, or the `ability` "
+             f"of rows a reward plug-in scores")
         need(bool(st.domains), f"{key}.domains", "must name at least one domain")
         need((st.until_metric is None) == (st.until_threshold is None), f"{key}.until_metric",
              "until_metric and until_threshold go together")

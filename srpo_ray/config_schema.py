@@ -39,6 +39,15 @@ class DataConfig:
     """If set, prepended as a system message to every training and evaluation prompt
     that has none (it replaces a chat template's default system message, e.g. SmolLM2's).
     Prompt ids do not change with it."""
+    source_weights: dict[str, float] = field(default_factory=dict)
+    """Mix data sources by weight, `{data_source: weight}` (relative; {} = unweighted: one
+    pass over the pool per epoch). Each drawn prompt comes from a source picked with
+    probability weight / sum over the sources with prompts left in the stage's pool, so
+    small sources repeat and large ones are subsampled; an epoch is as many draws as the
+    pool has prompts, and History Resampling still judges each prompt at its end
+    (srpo_ray/algo/source_mix.py). Every source of a stage's domains needs a weight (0
+    leaves it out); a weight for a source with no rows is an error. The realised mix is
+    data/source_frac/<source>. Per stage: stages.N.source_weights."""
 
 
 @dataclass
@@ -159,6 +168,32 @@ class RewardConfig:
     killed and replaced, the others keep going)."""
     math_memory_mb: int = 2048
     """RLIMIT_AS of each math-check process (MiB)."""
+    custom_function: str = ""
+    """A reward plug-in that scores every row instead of the built-in math/code rewards:
+    `path/to/file.py:function_name`, a function written for verl,
+    `compute_score(data_source, solution_str, ground_truth, extra_info) -> float | dict`
+    (called with those keyword arguments; a dict needs a numeric `score`, its other
+    numbers become reward/custom/<name>/mean metrics). Rows it scores may have any
+    `ability`. It runs in capped child processes (custom_timeout_s, custom_memory_mb): a
+    call that hangs, runs out of memory, raises, crashes or returns anything else scores
+    0 and is counted (reward/custom_timeouts, reward/custom_errors). A relative path is
+    taken from the working directory of the driver and reward workers. "" = none.
+    format_reward is not added to rows a plug-in scores. See srpo_ray/rewards/plugins.py."""
+    custom_functions: dict[str, str] = field(default_factory=dict)
+    """A plug-in per data_source (exact name), `{source: path/to/file.py:name}`; wins over
+    custom_function for that source's rows, which are no longer scored by the built-in
+    rewards (nor by math_answer_modes)."""
+    custom_correct_threshold: float = 1.0
+    """A plug-in's verdict for History Resampling and correct/* metrics: correct when
+    score >= this (our choice: 1.0, full marks for 0/1 rewards)."""
+    custom_timeout_s: float = 5.0
+    """Seconds per plug-in call; then it is interrupted (scores 0, counted as a timeout),
+    and its process killed and replaced 2 s later if it does not stop."""
+    custom_memory_mb: int = 2048
+    """RLIMIT_AS of each plug-in process (MiB)."""
+    custom_processes: int = 2
+    """Child processes per reward worker that run plug-in calls (only started when a
+    plug-in is configured)."""
 
 
 @dataclass
@@ -250,7 +285,8 @@ class ResampleConfig:
 class StageConfig:
     name: str = MISSING
     domains: list[str] = MISSING
-    """Domains this stage trains on (math, code)."""
+    """Domains this stage trains on: math, code, or the `ability` of rows a reward
+    plug-in scores (reward.custom_function(s))."""
     until_steps: Optional[int] = None
     """Switch to the next stage after this many steps in this stage."""
     until_epochs: Optional[int] = None
@@ -273,6 +309,8 @@ class StageConfig:
     """Overrides rollout.n in this stage."""
     prompts_per_step: Optional[int] = None
     """Overrides trainer.prompts_per_step in this stage."""
+    source_weights: Optional[dict[str, float]] = None
+    """Overrides data.source_weights in this stage ({} = unweighted in this stage)."""
 
 
 def _default_stages() -> list[StageConfig]:

@@ -4,19 +4,22 @@ Columns: `prompt` (chat messages: a list of {role, content}; a plain string is t
 one user message), `data_source` (str), `ability` (the domain: math or code),
 `reward_model` (struct with `ground_truth`), `extra_info` (struct, optional). Code rows
 carry their tests in `reward_model.ground_truth` (see srpo_ray.rewards.code_tests for the
-accepted encodings). Every row is checked before training starts; a bad row is an error
-naming the file and the row.
+accepted encodings). Rows whose data source a reward plug-in scores
+(`scored_by_plugin`, srpo_ray/rewards/plugins.py) may have any `ability`: it becomes
+their domain (lowercased, spaces as _; math and code aliases still map to math and
+code), and their ground truth is kept as it is, for the plug-in. Every row is checked
+before training starts; a bad row is an error naming the file and the row.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pyarrow.parquet as pq
 
-from srpo_ray.records import Prompt
+from srpo_ray.records import Prompt, domain_problem
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -33,15 +36,17 @@ class DataError(ValueError):
 
 
 def load_prompts(files: Iterable[str], cache_dir: str | None = None,
-                 system_prompt: str | None = None) -> list[Prompt]:
+                 system_prompt: str | None = None,
+                 scored_by_plugin: Callable[[str], bool] | None = None) -> list[Prompt]:
     """Read and validate every row of every file. Duplicate ids with the same content
     are kept once; the same id with different content is an error. `system_prompt`
     (data.system_prompt) becomes the first message of every prompt that has no system
-    message; a prompt's id does not depend on it."""
+    message; a prompt's id does not depend on it. `scored_by_plugin(data_source)`: True
+    when a reward plug-in scores that source's rows (any ability, truth kept as is)."""
     prompts: dict[str, Prompt] = {}
     for spec in files:
         path = _resolve_file(spec, cache_dir)
-        for row_index, prompt in _read_file(path):
+        for row_index, prompt in _read_file(path, scored_by_plugin):
             if system_prompt and prompt.messages[0]["role"] != "system":
                 prompt.messages.insert(0, {"role": "system", "content": system_prompt})
             seen = prompts.get(prompt.prompt_id)
@@ -66,7 +71,7 @@ def _resolve_file(spec: str, cache_dir: str | None) -> Path:
     return path
 
 
-def _read_file(path: Path) -> Iterable[tuple[int, Prompt]]:
+def _read_file(path: Path, scored_by_plugin: Callable[[str], bool] | None) -> Iterable[tuple[int, Prompt]]:
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for a non-parquet file
@@ -80,26 +85,29 @@ def _read_file(path: Path) -> Iterable[tuple[int, Prompt]]:
     for batch in table.to_batches(max_chunksize=4096):
         for row in batch.to_pylist():
             try:
-                yield row_index, row_to_prompt(row)
+                yield row_index, row_to_prompt(row, scored_by_plugin)
             except (DataError, ValueError, TypeError) as e:
                 raise DataError(f"{path} row {row_index}: {e}") from None
             row_index += 1
 
 
-def row_to_prompt(row: dict[str, Any]) -> Prompt:
+def row_to_prompt(row: dict[str, Any], scored_by_plugin: Callable[[str], bool] | None = None) -> Prompt:
     """One verl-layout row -> Prompt. Raises ValueError saying what is wrong."""
     messages = _messages(row.get("prompt"))
     data_source = str(row.get("data_source") or "")
     extra_info = row.get("extra_info") or {}
     if not isinstance(extra_info, dict):
         raise ValueError(f"extra_info must be a struct/dict, got {type(extra_info).__name__}")
-    domain = _domain(row.get("ability"), extra_info, data_source)
+    plugin = bool(scored_by_plugin and scored_by_plugin(data_source))
+    domain = _domain(row.get("ability"), extra_info, data_source, plugin)
     reward_model = row.get("reward_model")
-    if not isinstance(reward_model, dict) or reward_model.get("ground_truth") is None:
+    raw_truth = reward_model.get("ground_truth") if isinstance(reward_model, dict) else None
+    if plugin:  # the plug-in reads the truth as the data has it (None when there is none)
+        truth: Any = raw_truth.tolist() if hasattr(raw_truth, "tolist") else raw_truth
+    elif raw_truth is None:
         raise ValueError("reward_model.ground_truth is missing; every row needs the answer (math) or the tests (code)")
-    raw_truth = reward_model["ground_truth"]
-    if domain == "math":
-        truth: Any = _math_truth(raw_truth)
+    elif domain == "math":
+        truth = _math_truth(raw_truth)
     else:
         from srpo_ray.rewards.code_tests import parse_code_tests
         truth = parse_code_tests(raw_truth, extra_info)
@@ -127,14 +135,22 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return out
 
 
-def _domain(ability: Any, extra_info: dict, data_source: str) -> str:
+def _domain(ability: Any, extra_info: dict, data_source: str, plugin: bool) -> str:
     raw = ability if ability is not None else extra_info.get("domain")
     if raw is None:
         raise ValueError(f"no domain: set the `ability` column to math or code (data_source {data_source!r})")
-    domain = _DOMAIN_ALIASES.get(str(raw).strip().lower())
-    if domain is None:
-        raise ValueError(f"unknown domain {raw!r} in `ability`; use one of {sorted(set(_DOMAIN_ALIASES))}")
-    return domain
+    name = "_".join(str(raw).strip().lower().split())
+    domain = _DOMAIN_ALIASES.get(name)
+    if domain is not None:
+        return domain
+    if not plugin:
+        raise ValueError(f"unknown domain {raw!r} in `ability` (data_source {data_source!r}); use one of "
+                         f"{sorted(set(_DOMAIN_ALIASES))}, or score this source with a reward plug-in "
+                         f"(reward.custom_functions.{data_source or '<data_source>'}=path/to/file.py:function)")
+    problem = domain_problem(name)
+    if problem:
+        raise ValueError(f"`ability` {raw!r} cannot be a domain name: {problem}")
+    return name
 
 
 def _math_truth(raw: Any) -> str:

@@ -4,6 +4,11 @@ event files when tensorboard is installed, and a progress bar on stderr.
 Metric names (also explained in README.md):
     reward/<domain>/mean, response_len/<domain>/mean   per domain, this step's rollouts
     correct/<domain>/mean         verifier-correct fraction per domain
+    reward/custom_errors, reward/custom_timeouts   responses a reward plug-in failed to score
+                                   (raised, crashed, ran out of memory, returned no number) /
+                                   timed out on; each scored 0 (only in steps with plug-in rows)
+    reward/custom/<name>/mean     mean of a number a plug-in returned in its dict next to
+                                   `score`, over the responses it returned it for
     correct/math/not_number_frac  share of correct math answers that are not a plain number
                                    (expressions math-verify evaluated: a restated question
                                    such as \\boxed{29\\cdot 5} is a reward hack to look for)
@@ -155,6 +160,9 @@ def summarize_rollouts(scored: list) -> dict[str, float]:
     zero_variance = 0
     timeouts = 0
     math_correct = math_correct_not_number = 0
+    custom = {"reward/custom_errors": 0, "reward/custom_timeouts": 0}
+    custom_metrics: dict[str, list[float]] = {}
+    seen_custom = False
     for sg in scored:
         rewards = sg.rewards
         zero_variance += max(rewards) == min(rewards)
@@ -162,6 +170,13 @@ def summarize_rollouts(scored: list) -> dict[str, float]:
         rows = by_domain.setdefault(domain, [])
         for sample, result in zip(sg.group.samples, sg.results):
             rows.append((result.reward, result.correct, len(sample.token_ids), sample.finish_reason == "length"))
+            if result.info.get("custom"):  # scored by a reward plug-in
+                seen_custom = True
+                custom["reward/custom_timeouts"] += bool(result.info.get("timeout"))
+                custom["reward/custom_errors"] += "error" in result.info
+                for name, value in result.info.get("metrics", {}).items():
+                    custom_metrics.setdefault(name.replace("/", "_"), []).append(value)
+                continue
             timeouts += bool(result.info.get("timeout"))
             if domain == "math" and result.correct:
                 math_correct += 1
@@ -178,6 +193,9 @@ def summarize_rollouts(scored: list) -> dict[str, float]:
     out["groups/count"] = len(scored)
     out["groups/zero_variance_frac"] = zero_variance / max(1, len(scored))
     out["reward/timeouts"] = timeouts
+    if seen_custom:
+        out.update(custom)
+        out.update({f"reward/custom/{name}/mean": sum(v) / len(v) for name, v in custom_metrics.items()})
     if math_correct:
         out["correct/math/not_number_frac"] = math_correct_not_number / math_correct
     return out

@@ -4,10 +4,23 @@ They are plain dataclasses so Ray pickles them by value; nothing here imports Ra
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-DOMAINS = ("math", "code")
+DOMAINS = ("math", "code")  # the built-in rewards; rows scored by a reward plug-in may have any domain
+_DOMAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_.+-]{0,63}")
+
+
+def domain_problem(name: str) -> str | None:
+    """Why `name` cannot be a domain (it becomes part of metric names such as
+    reward/<domain>/mean), or None: lowercase letters, digits and _ . + -, at most 64,
+    and not `all` (the name of the all-domains metrics)."""
+    if name == "all":
+        return "`all` is reserved (the metrics over all domains)"
+    if not _DOMAIN_NAME.fullmatch(name):
+        return "use lowercase letters, digits and _ . + - (at most 64)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -42,9 +55,9 @@ class Prompt:
     content hash) and keys the ledger."""
 
     prompt_id: str
-    domain: str  # one of DOMAINS
+    domain: str  # math, code, or (rows a reward plug-in scores) the row's ability
     messages: list[dict[str, str]]  # chat messages: [{"role": ..., "content": ...}]
-    ground_truth: str | CodeSpec  # math: the answer as text; code: its tests
+    ground_truth: Any  # math: the answer as text; code: its CodeSpec; plug-in rows: the data's value as is
     data_source: str = ""
     extra_info: dict[str, Any] = field(default_factory=dict)
 

@@ -27,6 +27,7 @@ import torch
 
 from srpo_ray.algo.advantages import group_advantages
 from srpo_ray.algo.ledger import HistoryLedger
+from srpo_ray.algo.source_mix import check_source_weights, stage_source_weights
 from srpo_ray.algo.overlong import apply_overlong_policy
 from srpo_ray.algo.stages import StageSchedule, effective_sampling, prompts_per_step
 from srpo_ray.batch import build_train_batch
@@ -96,12 +97,14 @@ class SRPOTrainer:
         self.metrics, self.checkpoints, self.evaluator = metrics, checkpoints, evaluator
         self.last_eval: Any = None  # the newest EvalReport, saved with a checkpoint of its step
         self.by_id = {p.prompt_id: p for p in prompts}
+        check_source_weights(cfg, prompts)
         self.ledger = HistoryLedger(cfg.resample, seed=cfg.trainer.seed)
         self.stages = StageSchedule(cfg.stages)
         self.collector = make_collector(cfg.algo)
         self.step = 0
         self.version = 0  # number of weight updates the generators have received
         self._saved_step = -1
+        self._weighted_sources: list[str] = []  # the current stage's, when it draws by source weight
 
     # ---- the loop -------------------------------------------------------------------
     def fit(self) -> None:
@@ -173,7 +176,7 @@ class SRPOTrainer:
             draw=lambda k: self._draw_more(step, k, epoch_metrics),
             run_round=lambda ids, round_index: self._rollout_round(step, ids, round_index, sampling, timings))
         metrics = {
-            **summarize_rollouts(collected.generated), **collected.metrics,
+            **summarize_rollouts(collected.generated), **collected.metrics, **self._source_mix_metrics(collected),
             **{f"epoch/{k}": v for k, v in epoch_metrics.items()},
             "pool/size": self.ledger.pool_size, "pool/removed": self.ledger.num_removed,
             "epoch": self.ledger.epoch, "stage": self.stages.index,
@@ -280,10 +283,37 @@ class SRPOTrainer:
         if not first:
             self.stages.advance()
         stage = self.stages.current
-        pool = [pid for pid, p in self.by_id.items() if p.domain in stage.domains]
-        self.ledger.set_pool(pool)
+        pool, weights = self._stage_pool()
+        if weights:
+            self.ledger.set_pool(pool, [self.by_id[i].data_source for i in pool], weights)
+        else:
+            self.ledger.set_pool(pool)
         self.metrics.event(f"from step {step + 1}: stage {self.stages.index} ({stage.name}): "
-                           f"{len(pool)} prompts in domains {list(stage.domains)}")
+                           f"{len(pool)} prompts in domains {list(stage.domains)}"
+                           + (f", sources drawn by weight {weights}" if weights else ""))
+
+    def _stage_pool(self) -> tuple[list[str], dict[str, float]]:
+        """The current stage's prompt ids and source weights ({}: unweighted); sources of
+        weight 0 are left out (check_source_weights made sure every source has one).
+        Remembers the sources drawn by weight, for the data/source_frac metrics."""
+        stage = self.stages.current
+        weights = stage_source_weights(self.cfg.data, stage)
+        pool = [pid for pid, p in self.by_id.items()
+                if p.domain in stage.domains and (not weights or weights[p.data_source] > 0)]
+        self._weighted_sources = sorted({self.by_id[i].data_source for i in pool}) if weights else []
+        return pool, weights
+
+    def _source_mix_metrics(self, collected: Collected) -> dict[str, float]:
+        """data/source_frac/<source>: share of the step's groups from each source the
+        stage draws by weight (0 for one not drawn this step, so means over steps are fair)."""
+        if not self._weighted_sources:
+            return {}
+        counts = dict.fromkeys(self._weighted_sources, 0)
+        for sg in collected.generated:
+            source = sg.group.prompt.data_source
+            counts[source] = counts.get(source, 0) + 1
+        total = max(1, len(collected.generated))
+        return {f"data/source_frac/{s}": c / total for s, c in counts.items()}
 
     def _check_versions(self, groups: list[RolloutGroup]) -> None:
         oldest = self.version - self.cfg.rollout.max_staleness  # the fleet regenerates older ones
@@ -334,6 +364,9 @@ class SRPOTrainer:
         self._saved_step = self.step  # this state is the checkpoint it came from
         self.ledger.load_state_dict(state["ledger"])
         self.stages.load_state_dict(state["stages"])
+        pool, weights = self._stage_pool()  # the weighting is config: re-attached, not saved
+        if weights:
+            self.ledger.use_source_weights(pool, [self.by_id[i].data_source for i in pool], weights)
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])

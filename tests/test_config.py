@@ -32,7 +32,7 @@ def test_default_is_used_without_config_file():
     ("trainer.total_steps=many", "trainer.total_steps"),
     ("nonsense=1", "nonsense"),
     ("rollout.n=1", "rollout.n"),
-    ("stages.0.domains=[poetry]", "stages.0.domains"),
+    ("stages.0.domains=[all]", "stages.0.domains"),
     ("algo.loss_agg=sum", "algo.loss_agg"),
     ("trainer.total_steps", "key=value"),
 ])

@@ -138,3 +138,62 @@ def test_stale_rollouts_are_an_error(tmp_path):
     roles.rollout.version = 7
     with pytest.raises(RuntimeError, match="missed a weight update"):
         trainer.fit()
+
+
+def test_a_stage_trains_on_a_plugin_domain(tmp_path):
+    cfg = load_config(None, ["trainer.prompts_per_step=4", "rollout.n=4", "trainer.total_steps=3",
+                             f"trainer.run_dir={tmp_path}", "stages=[{name: words, domains: [wordplay]}]"])
+    words = [Prompt(f"w{i}-mixed", "wordplay", [{"role": "user", "content": "w"}], {"any": "truth"},
+                    data_source="wordplay") for i in range(6)]
+    metrics = MetricsLogger(tmp_path, cfg.trainer.total_steps, progress_bar=False, tensorboard=False)
+    trainer = SRPOTrainer(cfg, prompts() + words, Roles(FakeRollout(), FakeRewards(), FakeLearner()), 0, metrics,
+                          CheckpointManager(tmp_path))
+    trainer.fit()
+    rows = read_metrics(tmp_path)
+    assert all(r["reward/wordplay/mean"] == 0.5 and "reward/math/mean" not in r for r in rows)
+
+
+def weighted_trainer(run_dir, *overrides):
+    """One math stage over a 3-prompt source and a 30-prompt one, drawn half and half."""
+    cfg = load_config(None, ["trainer.prompts_per_step=4", "rollout.n=4", "trainer.total_steps=40",
+                             f"trainer.run_dir={run_dir}", "stages=[{name: math, domains: [math]}]",
+                             "data.source_weights={small: 1, big: 1}", *overrides])
+    data = [Prompt(f"{source}{i}-mixed", "math", [{"role": "user", "content": "q"}], "1", data_source=source)
+            for source, n in (("small", 3), ("big", 30)) for i in range(n)]
+    metrics = MetricsLogger(run_dir, cfg.trainer.total_steps, progress_bar=False, tensorboard=False)
+    return SRPOTrainer(cfg, data, Roles(FakeRollout(), FakeRewards(), FakeLearner()), 0, metrics,
+                       CheckpointManager(run_dir))
+
+
+def test_the_realised_source_mix_is_a_metric_that_follows_the_weights(tmp_path):
+    weighted_trainer(tmp_path).fit()
+    rows = read_metrics(tmp_path)
+    draws = 40 * 4
+    small = sum(r["data/source_frac/small"] * 4 for r in rows)
+    assert all(r["data/source_frac/small"] + r["data/source_frac/big"] == 1 for r in rows)
+    assert abs(small - draws / 2) <= 4 * (draws * 0.25) ** 0.5  # 4 binomial std (fixed seed)
+    assert small > 3 * 10  # the 3-prompt source repeats: about 80 of 160 draws
+
+
+def test_unweighted_runs_have_no_source_mix_metrics(tmp_path):
+    trainer, _ = make_trainer(tmp_path, "trainer.total_steps=2")
+    trainer.fit()
+    assert not any(k.startswith("data/source_frac") for r in read_metrics(tmp_path) for k in r)
+
+
+def test_resume_with_source_weights_repeats_the_uninterrupted_run(tmp_path):
+    full_dir, part_dir = tmp_path / "full", tmp_path / "part"
+    weighted_trainer(full_dir, "trainer.total_steps=12").fit()
+    weighted_trainer(part_dir, "trainer.total_steps=5").fit()
+    resumed = weighted_trainer(part_dir, "trainer.total_steps=12")
+    assert resumed.resume() is not None and resumed.step == 5
+    resumed.fit()
+    keys = ("data/source_frac/small", "pool/size", "epoch", "reward/mean")
+    assert [[r[k] for k in keys] for r in read_metrics(full_dir)] == \
+        [[r[k] for k in keys] for r in read_metrics(part_dir)]
+    assert [r["step"] for r in read_metrics(part_dir)] == list(range(1, 13))
+
+
+def test_a_weight_for_a_source_not_in_the_data_stops_the_trainer(tmp_path):
+    with pytest.raises(Exception, match=r"data.source_weights: no rows with data_source \['smal'\]"):
+        weighted_trainer(tmp_path, "data.source_weights={smal: 1, small: 1, big: 1}")

@@ -18,6 +18,9 @@ Rules (SRPO, arXiv 2504.14286, plus the choices the paper leaves open):
 - Re-test (`retest_every_epochs=K>0`, our choice): a removed prompt sits out K epochs
   and then comes back into the pool; if it is all-correct again it leaves again.
 - `enabled=False` never removes anything (plain epoch sampler that still keeps history).
+- Weighted sources (`set_pool(ids, sources, weights)`): an epoch is as many draws as the
+  pool has prompts, each from a source picked by weight (srpo_ray/algo/source_mix.py);
+  the drop rule above is unchanged, judged on every prompt of the epoch's pool.
 
 Memory: no per-prompt Python objects. Every prompt has an integer slot; its state lives
 in numpy arrays indexed by slot; ids are stored as one UTF-8 byte buffer plus offsets;
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from srpo_ray.algo.source_mix import SourceMix, weighted_order
 from srpo_ray.config import ResampleConfig
 
 _STATE_VERSION = 1
@@ -84,18 +88,30 @@ class HistoryLedger:
         self._ep_samples = np.zeros(0, np.int32)  # rollouts recorded in the open epoch
         self._ep_correct = np.zeros(0, np.int32)
         self._log: dict[str, list[np.ndarray]] = {f: [] for f in _LOG_FIELDS}  # closed epochs
+        self._mix: SourceMix | None = None  # weighted sources; None: plain epochs
 
     # ---- sampler interface -------------------------------------------------------------
 
-    def set_pool(self, prompt_ids: Sequence[str]) -> None:
+    def set_pool(self, prompt_ids: Sequence[str], sources: Sequence[str] | None = None,
+                 weights: Mapping[str, float] | None = None) -> None:
         """Make `prompt_ids` the eligible set (removed ones stay out) and start a new
-        shuffle over the pool. Ids not seen before are registered."""
+        shuffle over the pool. Ids not seen before are registered. With `weights`
+        ({source: weight}) and `sources` (each id's source), epochs draw by source
+        weight (see the module docstring); without, plain epochs."""
         slots = self._register(prompt_ids)
         self._eligible[:] = False
         self._eligible[slots] = True
+        self._set_mix(slots, sources, weights)
         self._generation += 1
         self._started = True
         self._start_epoch()
+
+    def use_source_weights(self, prompt_ids: Sequence[str], sources: Sequence[str],
+                           weights: Mapping[str, float] | None) -> None:
+        """Draw the pool's next epochs by these source weights (None or {}: plain epochs),
+        leaving the open epoch's order as it is: after `load_state_dict`, the trainer
+        re-attaches its stage's weighting this way (it is config, not checkpointed)."""
+        self._set_mix(self._register(prompt_ids), sources, weights)
 
     def next_batch(self, k: int) -> tuple[list[str], dict]:
         """Up to k ids of the open epoch (fewer at its end). If the epoch's order is used
@@ -132,7 +148,7 @@ class HistoryLedger:
         if not self._started:
             raise RuntimeError("HistoryLedger.close_epoch called before set_pool")
         closing = self._epoch
-        pool = self._order
+        pool = self._order if self._mix is None else self._pool_slots()  # weighted: draws repeat or skip
         samples, correct = self._ep_samples[pool], self._ep_correct[pool]
         observed = samples > 0
         all_correct = observed & (correct == samples)
@@ -207,7 +223,8 @@ class HistoryLedger:
         """Bytes held in the ledger's arrays (the whole state)."""
         arrays = [self._order, self._id_data, self._id_offsets, self._keys_sorted, self._slot_by_key,
                   self._removed_at, self._eligible, self._ep_samples, self._ep_correct]
-        return sum(a.nbytes for a in arrays) + sum(a.nbytes for f in _LOG_FIELDS for a in self._log[f])
+        mix = self._mix.nbytes if self._mix is not None else 0
+        return mix + sum(a.nbytes for a in arrays) + sum(a.nbytes for f in _LOG_FIELDS for a in self._log[f])
 
     # ---- checkpointing and export --------------------------------------------------------
 
@@ -280,13 +297,29 @@ class HistoryLedger:
     # ---- internals -------------------------------------------------------------------------
 
     def _start_epoch(self) -> None:
-        # Canonical order (by hash) before shuffling: the shuffle depends on the pool as a
-        # set, not on the order the caller listed the ids in.
-        by_key = self._slot_by_key
-        pool = by_key[self._eligible[by_key] & (self._removed_at[by_key] < 0)]
+        pool = self._pool_slots()
         rng = np.random.default_rng([self._seed, self._epoch, self._generation])
-        self._order = pool[rng.permutation(len(pool))].astype(np.int32)
+        if self._mix is None:
+            self._order = pool[rng.permutation(len(pool))].astype(np.int32)
+        else:
+            self._mix.grow(self.num_known)
+            self._order = weighted_order(pool, self._mix, rng)
         self._cursor = 0
+
+    def _pool_slots(self) -> np.ndarray:
+        """The eligible, not removed slots in canonical order (by hash): a shuffle then
+        depends on the pool as a set, not on the order the caller listed the ids in."""
+        by_key = self._slot_by_key
+        return by_key[self._eligible[by_key] & (self._removed_at[by_key] < 0)]
+
+    def _set_mix(self, slots: np.ndarray, sources: Sequence[str] | None,
+                 weights: Mapping[str, float] | None) -> None:
+        if not weights:
+            self._mix = None
+            return
+        if sources is None:
+            raise ValueError("set_pool with source weights needs each prompt id's source (sources=...)")
+        self._mix = SourceMix(slots, sources, weights, self.num_known)
 
     def _append_history(self, epoch: int) -> None:
         seen = np.flatnonzero(self._ep_samples > 0).astype(np.int32)

@@ -59,11 +59,13 @@ def run_eval(cfg, out: Path):
     from srpo_ray.eval.runner import Evaluator
     from srpo_ray.models import resolve_model_path
     from srpo_ray.rewards.scorer import check_answer_modes
-    from srpo_ray.runtime.build import build_eval_roles, longest_response
+    from srpo_ray.runtime.build import build_eval_roles, check_reward_plugins, longest_response, scored_by_plugin
     from transformers import AutoTokenizer
 
+    check_reward_plugins(cfg)
     model_path = resolve_model_path(cfg.model)
-    prompts = load_prompts(cfg.eval.files, system_prompt=cfg.data.system_prompt)
+    prompts = load_prompts(cfg.eval.files, system_prompt=cfg.data.system_prompt,
+                           scored_by_plugin=scored_by_plugin(cfg))
     try:
         check_answer_modes(cfg.reward, prompts)
     except ValueError as e:

@@ -118,8 +118,10 @@ class Evaluator:
             if sg.group.prompt.prompt_id != prompt.prompt_id:
                 raise RuntimeError(f"scored groups came back out of order ({sg.group.prompt.prompt_id} "
                                    f"where {prompt.prompt_id} was expected)")
+            custom = any(r.info.get("custom") for r in sg.results)  # a plug-in gives no answer to vote on
             results.append(ProblemResult(
-                prompt_id=prompt.prompt_id, source=prompt.data_source or prompt.domain, domain=prompt.domain,
+                prompt_id=prompt.prompt_id, source=prompt.data_source or prompt.domain,
+                domain="custom" if custom else prompt.domain,
                 correct=[r.correct for r in sg.results],
                 answers=[_answer(prompt.domain, r.info) for r in sg.results],
                 lengths=[len(s.token_ids) for s in sg.group.samples],
@@ -151,7 +153,10 @@ def scores_by_source(problems: list[ProblemResult], k: int, pass_at: list[int]) 
 
 
 def _answer(domain: str, info: dict) -> Optional[str]:
-    """The final answer a sample gave (math), or a marker that it gave a program (code)."""
+    """The final answer a sample gave (math), or a marker that it gave a program (code)
+    or was scored by a reward plug-in."""
+    if info.get("custom"):
+        return None if "error" in info or info.get("timeout") else "<scored>"
     if domain == "math":
         answer = str(info.get("answer") or "").strip()
         return answer or None  # an empty \boxed{} (the instruction copied) is no answer

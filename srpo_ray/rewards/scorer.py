@@ -1,4 +1,6 @@
-"""RewardScorer: one object that scores responses to math and code prompts.
+"""RewardScorer: one object that scores responses to math and code prompts, and to
+prompts of any domain whose data source has a reward plug-in (reward.custom_function /
+custom_functions; plugins.py): a plug-in replaces the built-in rules below for its rows.
 
 Math: the final answer is judged by the prompt's data source's answer mode
 (reward.math_answer_mode / math_answer_modes). verify: the final answer
@@ -25,6 +27,7 @@ from srpo_ray.rewards.code_tests import parse_code_tests
 from srpo_ray.rewards.answer_forms import plain_number, single_box_content, well_formed
 from srpo_ray.rewards.math_check import extract_final_answer
 from srpo_ray.rewards.math_pool import MathCheckPool
+from srpo_ray.rewards.plugins import CustomRewardPool, check_plugins, configured_plugins, plugin_key
 from srpo_ray.rewards.sandbox import SandboxLimits, make_sandbox
 
 
@@ -46,6 +49,7 @@ class RewardScorer:
         self._sandbox = make_sandbox(cfg.sandbox, limits, cfg.code_python)
         self._sandbox.self_check()
         self._math = MathCheckPool(cfg.math_processes, cfg.math_timeout_s, cfg.math_memory_mb)
+        self._custom = CustomRewardPool(cfg) if configured_plugins(cfg) else None
         self._slots: queue.Queue[int] = queue.Queue()
         for slot in range(cfg.code_parallel):
             self._slots.put(slot)
@@ -62,8 +66,11 @@ class RewardScorer:
         results: list[list[RewardResult | None]] = [[None] * len(texts) for _, texts in items]
         math_slots: list[tuple[int, int, str, str]] = []  # (item, text, gold, answer)
         code_slots: list[tuple[int, int, CodeSpec, str]] = []
+        custom_slots: list[tuple[int, int]] = []  # scored by a plug-in
         for n, (prompt, texts) in enumerate(items):
-            if prompt.domain == "math":
+            if self._custom is not None and plugin_key(self.cfg, prompt.data_source) is not None:
+                custom_slots += [(n, t) for t in range(len(texts))]
+            elif prompt.domain == "math":
                 gold = prompt.ground_truth
                 if not isinstance(gold, str):
                     raise TypeError(f"math prompt {prompt.prompt_id}: ground_truth must be the answer "
@@ -90,19 +97,28 @@ class RewardScorer:
                     else:
                         code_slots.append((n, t, spec, code))
             else:
-                raise ValueError(f"prompt {prompt.prompt_id}: unknown domain {prompt.domain!r}; "
-                                 f"use math or code")
+                raise ValueError(f"prompt {prompt.prompt_id}: domain {prompt.domain!r} has no built-in reward "
+                                 f"(math or code); score data_source {prompt.data_source!r} with a plug-in "
+                                 f"(reward.custom_function or reward.custom_functions)")
         self._score_math(math_slots, results)
         self._score_code(code_slots, results)
+        if custom_slots:
+            calls = [(items[n][0], items[n][1][t]) for n, t in custom_slots]
+            for (n, t), result in zip(custom_slots, self._custom.score(calls)):  # type: ignore[union-attr]
+                results[n][t] = result
         if self.cfg.format_reward:
             for row, (prompt, texts) in zip(results, items):
                 for result, text in zip(row, texts):
+                    if result.info.get("custom"):  # type: ignore[union-attr]
+                        continue  # a plug-in's score is the whole reward
                     if self._format.search(text) if self._format else well_formed(prompt.domain, text):
                         result.reward += self.cfg.format_reward  # type: ignore[union-attr]
         return results  # type: ignore[return-value]
 
     def close(self) -> None:
         self._math.close()
+        if self._custom is not None:
+            self._custom.close()
         if self._threads is not None:
             self._threads.shutdown(wait=True)
 
@@ -167,6 +183,8 @@ def check_answer_modes(cfg: RewardConfig, prompts: list[Prompt]) -> None:
     """Every math prompt judged by the number rule must have a number as its truth:
     checked before a run, so a misconfigured source is an error, not a silent 0 reward."""
     for prompt in prompts:
+        if plugin_key(cfg, prompt.data_source) is not None:
+            continue  # a plug-in scores it
         if prompt.domain == "math" and answer_mode(cfg, prompt.data_source) == "number" \
                 and plain_number(str(prompt.ground_truth)) is None:
             raise ValueError(f"prompt {prompt.prompt_id!r} (data_source {prompt.data_source!r}) has ground truth "
@@ -213,3 +231,4 @@ def _check_config(cfg: RewardConfig) -> None:
     need(cfg.code_max_output_bytes >= 1024, "code_max_output_bytes", "must be >= 1024")
     need(cfg.code_tmp_mb >= 1, "code_tmp_mb", "must be >= 1")
     need(1 <= cfg.code_parallel <= 64, "code_parallel", "must be between 1 and 64")
+    check_plugins(cfg)

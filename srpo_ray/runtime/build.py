@@ -12,14 +12,16 @@ from typing import Iterator
 import ray
 from transformers import AutoTokenizer
 
+from srpo_ray.algo.source_mix import check_source_weights
 from srpo_ray.algo.stages import effective_sampling
 from srpo_ray.checkpoint import CheckpointManager
-from srpo_ray.config import SRPOConfig
+from srpo_ray.config import ConfigError, SRPOConfig
 from srpo_ray.data import DataError, check_prompt_lengths, load_prompts
 from srpo_ray.runtime.fleets import RayRewardFleet, RayRolloutFleet, WorkerPool
 from srpo_ray.metrics import MetricsLogger
 from srpo_ray.models import resolve_model_path
 from srpo_ray.eval.runner import Evaluator
+from srpo_ray.rewards.plugins import check_plugins_load, plugin_key
 from srpo_ray.rewards.scorer import check_answer_modes
 from srpo_ray.trainer import Roles, SRPOTrainer
 
@@ -46,18 +48,34 @@ def init_ray(cfg: SRPOConfig, roles: tuple[str, ...] | None = None) -> bool:
 
 
 def check_stage_data(cfg: SRPOConfig, prompts: list) -> None:
+    check_source_weights(cfg, prompts)  # also in the trainer; here it fails before Ray starts
     have = {p.domain for p in prompts}
     for i, stage in enumerate(cfg.stages):
         missing = [d for d in stage.domains if d not in have]
         if missing:
             raise DataError(f"stages.{i} ({stage.name}) trains on {missing} but data.train_files "
-                            f"{list(cfg.data.train_files)} has no such rows; add data or change the stage's domains")
+                            f"{list(cfg.data.train_files)} has no such rows (its domains: {sorted(have)}); "
+                            f"add data or change the stage's domains")
+
+
+def check_reward_plugins(cfg: SRPOConfig) -> None:
+    """Reward plug-ins import (once, in a capped child) before anything starts."""
+    try:
+        check_plugins_load(cfg.reward)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def scored_by_plugin(cfg: SRPOConfig):
+    """data_source -> True when a reward plug-in scores its rows (what load_prompts needs)."""
+    return lambda source: plugin_key(cfg.reward, source) is not None
 
 
 def load_eval_prompts(cfg: SRPOConfig, train_prompts: list) -> list:
     """eval.files as prompts (system prompt applied as in training), checked against the
     answer modes; a warning when some also appear in the training data."""
-    prompts = load_prompts(cfg.eval.files, system_prompt=cfg.data.system_prompt) if cfg.eval.files else []
+    prompts = load_prompts(cfg.eval.files, system_prompt=cfg.data.system_prompt,
+                           scored_by_plugin=scored_by_plugin(cfg)) if cfg.eval.files else []
     try:
         check_answer_modes(cfg.reward, train_prompts + prompts)
     except ValueError as e:
@@ -78,8 +96,10 @@ def longest_response(cfg: SRPOConfig) -> int:
 @contextmanager
 def build_trainer(cfg: SRPOConfig) -> Iterator[SRPOTrainer]:
     """Everything a run needs, torn down (actors, placement groups, a local Ray) after."""
+    check_reward_plugins(cfg)
     model_path = resolve_model_path(cfg.model)
-    prompts = load_prompts(cfg.data.train_files, system_prompt=cfg.data.system_prompt)
+    prompts = load_prompts(cfg.data.train_files, system_prompt=cfg.data.system_prompt,
+                           scored_by_plugin=scored_by_plugin(cfg))
     check_stage_data(cfg, prompts)
     eval_prompts = load_eval_prompts(cfg, prompts)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
