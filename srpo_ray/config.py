@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from srpo_ray.config_schema import (AlgoConfig, ClusterConfig, DataConfig, EvalConfig, LearnerConfig, MetricsConfig,
                                     ModelConfig, OptimConfig, ResampleConfig, RewardConfig, RolloutConfig,
-                                    SRPOConfig, StageConfig, TrainerConfig)
+                                    SRPOConfig, StageConfig, TrainerConfig, TRACKERS)
 
 __all__ = ["AlgoConfig", "ClusterConfig", "ConfigError", "DataConfig", "EvalConfig", "LearnerConfig", "MetricsConfig",
            "ModelConfig", "OptimConfig", "ResampleConfig", "RewardConfig", "RolloutConfig", "SRPOConfig",
@@ -64,8 +64,19 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] = ()
         cfg: SRPOConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {_describe(e)}") from None
+    _fold_deprecated(cfg)
     validate(cfg)
     return cfg
+
+
+def _fold_deprecated(cfg: SRPOConfig) -> None:
+    """metrics.tensorboard (a bool before metrics.trackers existed) -> metrics.trackers."""
+    m = cfg.metrics
+    if m.tensorboard is True and "tensorboard" not in m.trackers:
+        m.trackers.append("tensorboard")
+    elif m.tensorboard is False:
+        m.trackers = [t for t in m.trackers if t != "tensorboard"]
+    m.tensorboard = None
 
 
 def _describe(e: OmegaConfBaseException) -> str:
@@ -124,6 +135,14 @@ def validate(cfg: SRPOConfig) -> None:
     need(cfg.reward.sandbox in ("bubblewrap", "nsjail", "UNSAFE_no_sandbox"), "reward.sandbox",
          "must be bubblewrap, nsjail or UNSAFE_no_sandbox")
     validate_eval(cfg.eval)
+    bad = [t for t in cfg.metrics.trackers if t not in TRACKERS]
+    need(not bad, "metrics.trackers", f"unknown tracker(s) {bad}; choose from {list(TRACKERS)}")
+    need("jsonl" in cfg.metrics.trackers, "metrics.trackers",
+         "must include jsonl (metrics.jsonl feeds the plot and the run summary), e.g. [jsonl, wandb]")
+    need(len(set(cfg.metrics.trackers)) == len(cfg.metrics.trackers), "metrics.trackers", "lists a tracker twice")
+    need(cfg.metrics.wandb_mode in ("", "online", "offline"), "metrics.wandb_mode",
+         "must be online, offline or empty (W&B decides: WANDB_MODE, else online)")
+    need(cfg.metrics.rollouts_per_step >= 0, "metrics.rollouts_per_step", "must be >= 0 (0 = none)")
     need(cfg.trainer.total_steps >= 1, "trainer.total_steps", "must be >= 1")
     need(cfg.trainer.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1")
     need(len(cfg.stages) >= 1, "stages", "need at least one stage")

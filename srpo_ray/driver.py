@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, resume = parse_cli(argv)
         from srpo_ray.runtime.build import build_trainer
-        with build_trainer(cfg) as trainer:
+        with build_trainer(cfg, resume=resume) as trainer:
             if resume:
                 trainer.resume()
             trainer.fit()

@@ -73,7 +73,7 @@ def make_trainer(tmp_path, *overrides):
     cfg = load_config(None, ["trainer.prompts_per_step=4", "rollout.n=4", "trainer.total_steps=8",
                              f"trainer.run_dir={tmp_path}", "stages.0.until_epochs=1", *overrides])
     roles = Roles(FakeRollout(), FakeRewards(), FakeLearner())
-    metrics = MetricsLogger(tmp_path, cfg.trainer.total_steps, progress_bar=False, tensorboard=False)
+    metrics = MetricsLogger(tmp_path, cfg.trainer.total_steps, progress_bar=False)
     return SRPOTrainer(cfg, prompts(), roles, 0, metrics, CheckpointManager(tmp_path)), roles
 
 

@@ -21,6 +21,7 @@ from srpo_ray.metrics import MetricsLogger
 from srpo_ray.models import resolve_model_path
 from srpo_ray.eval.runner import Evaluator
 from srpo_ray.rewards.scorer import check_answer_modes
+from srpo_ray.trackers import check_clients, make_trackers
 from srpo_ray.trainer import Roles, SRPOTrainer
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,11 @@ def longest_response(cfg: SRPOConfig) -> int:
 
 
 @contextmanager
-def build_trainer(cfg: SRPOConfig) -> Iterator[SRPOTrainer]:
-    """Everything a run needs, torn down (actors, placement groups, a local Ray) after."""
+def build_trainer(cfg: SRPOConfig, resume: bool = False) -> Iterator[SRPOTrainer]:
+    """Everything a run needs, torn down (actors, placement groups, a local Ray) after.
+    resume: the trackers continue the run dir's W&B / MLflow runs (the caller resumes
+    the trainer itself)."""
+    check_clients(cfg)  # a missing tracker client stops the run before anything slow
     model_path = resolve_model_path(cfg.model)
     prompts = load_prompts(cfg.data.train_files, system_prompt=cfg.data.system_prompt)
     check_stage_data(cfg, prompts)
@@ -85,25 +89,34 @@ def build_trainer(cfg: SRPOConfig) -> Iterator[SRPOTrainer]:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     check_prompt_lengths(tokenizer, prompts + eval_prompts, cfg.data.max_prompt_tokens)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    started_ray = init_ray(cfg)
+    trackers = make_trackers(cfg, resume=resume)  # a tracker that cannot start stops the run before Ray
+    started_ray = False
     placement = None
     metrics = None
     roles = None
+    failed = False
     try:
+        started_ray = init_ray(cfg)
         from cluster.ray_placement import create_placement_groups
         from cluster.placement import plan_placement
         placement = create_placement_groups(plan_placement(cfg), timeout_s=cfg.cluster.placement_timeout_s)
         roles = _create_roles(cfg, model_path, placement)
-        metrics = MetricsLogger(cfg.trainer.run_dir, cfg.trainer.total_steps,
-                                progress_bar=cfg.metrics.progress_bar, tensorboard=cfg.metrics.tensorboard)
+        metrics = MetricsLogger(cfg.trainer.run_dir, cfg.trainer.total_steps, progress_bar=cfg.metrics.progress_bar,
+                                trackers=trackers)
         checkpoints = CheckpointManager(cfg.trainer.run_dir, keep=cfg.trainer.keep_checkpoints)
         roles.learner.last_checkpoint = checkpoints.latest  # named when a learner rank dies
         evaluator = Evaluator(cfg.eval, eval_prompts, roles.rollout, roles.rewards,
                               max_new_tokens=longest_response(cfg)) if eval_prompts else None
         yield SRPOTrainer(cfg, prompts, roles, int(pad_token_id), metrics, checkpoints, evaluator)
+    except BaseException:
+        failed = True
+        raise
     finally:
         if metrics is not None:
-            metrics.close()
+            metrics.close(failed=failed)
+        else:
+            for tracker in trackers:
+                tracker.close(failed=True)
         if roles is not None:
             roles.learner.close_weights()
         if placement is not None:
