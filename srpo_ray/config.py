@@ -178,16 +178,20 @@ def validate_eval(ev: EvalConfig) -> None:
 
 
 def parse_cli(argv: list[str] | None = None) -> tuple[SRPOConfig, bool]:
-    """`[--config FILE] [--resume] [key=value ...]` -> (config, resume)."""
+    """`[--config FILE] [--resume] [--verbose] [key=value ...]` -> (config, resume);
+    --verbose is metrics.verbose=true."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m srpo_ray.driver",
                                  description="Train a policy with SRPO on Ray.")
     ap.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in trainer.run_dir")
+    ap.add_argument("--verbose", action="store_true",
+                    help="every library's and actor's output on the console (default: in RUN_DIR/logs/)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.total_steps=10")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    return load_config(args.config, args.overrides), args.resume
+    overrides = args.overrides + (["metrics.verbose=true"] if args.verbose else [])
+    return load_config(args.config, overrides), args.resume
 
 
 def to_yaml(cfg: SRPOConfig) -> str:

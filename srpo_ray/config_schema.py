@@ -299,6 +299,10 @@ class TrainerConfig:
 @dataclass
 class MetricsConfig:
     progress_bar: bool = True
+    verbose: bool = False
+    """Show every library's and actor's output on the console (what `--verbose` sets).
+    false: the console keeps the progress bar, events, evaluations, warnings and errors,
+    and the rest goes to <run_dir>/logs/ (driver.log, <role>-<index>.log per actor)."""
     trackers: list[str] = field(default_factory=lambda: ["jsonl"])
     """Where metrics go: jsonl (<run_dir>/metrics.jsonl; always listed: the plot and the
     run summary read it), tensorboard (<run_dir>/tensorboard/), wandb (Weights & Biases),

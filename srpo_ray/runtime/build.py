@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 from srpo_ray.algo.stages import effective_sampling
 from srpo_ray.checkpoint import CheckpointManager
 from srpo_ray.config import SRPOConfig
+from srpo_ray.console import log_dir, with_actor_log
 from srpo_ray.data import DataError, check_prompt_lengths, load_prompts
 from srpo_ray.runtime.fleets import RayRewardFleet, RayRolloutFleet, WorkerPool
 from srpo_ray.metrics import MetricsLogger
@@ -27,14 +28,17 @@ from srpo_ray.trainer import Roles, SRPOTrainer
 log = logging.getLogger(__name__)
 
 
-def init_ray(cfg: SRPOConfig, roles: tuple[str, ...] | None = None) -> bool:
+def init_ray(cfg: SRPOConfig, roles: tuple[str, ...] | None = None, quiet: bool = False) -> bool:
     """Join the configured cluster (or the one a `ray job submit` runs us in); else start
-    a local one bound to 127.0.0.1. Returns True if this process started Ray."""
+    a local one bound to 127.0.0.1. Returns True if this process started Ray.
+    quiet: the actors write their output to the run dir (srpo_ray/console.py), so none is
+    forwarded to this process, and Ray's log lines go through our handlers."""
     if ray.is_initialized():
         return False
+    output = {"log_to_driver": not quiet, "configure_logging": not quiet}
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **output)
         return False
     from cluster.placement import ROLES, local_custom_resources, local_num_cpus_needed
     roles = roles or ROLES
@@ -42,7 +46,7 @@ def init_ray(cfg: SRPOConfig, roles: tuple[str, ...] | None = None) -> bool:
     # (ray.init would join that one, and refuse num_cpus)
     ray.init(address="local", num_cpus=cfg.cluster.local_num_cpus or local_num_cpus_needed(cfg, roles),
              resources=local_custom_resources(cfg, roles), include_dashboard=False,
-             _node_ip_address="127.0.0.1")
+             _node_ip_address="127.0.0.1", **output)
     return True
 
 
@@ -96,7 +100,7 @@ def build_trainer(cfg: SRPOConfig, resume: bool = False) -> Iterator[SRPOTrainer
     roles = None
     failed = False
     try:
-        started_ray = init_ray(cfg)
+        started_ray = init_ray(cfg, quiet=not cfg.metrics.verbose)
         from cluster.ray_placement import create_placement_groups
         from cluster.placement import plan_placement
         placement = create_placement_groups(plan_placement(cfg), timeout_s=cfg.cluster.placement_timeout_s)
@@ -128,9 +132,11 @@ def build_trainer(cfg: SRPOConfig, resume: bool = False) -> Iterator[SRPOTrainer
 def _create_roles(cfg: SRPOConfig, model_path: str, placement) -> Roles:
     from actors.learner import create_learner_group
 
-    learner = create_learner_group(cfg, model_path,
-                                   actor_options=lambda r: placement.actor_options("learner", r), setup=False)
-    rollout, rewards = _create_fleets(cfg, model_path, placement)
+    logs = actor_logs(cfg)
+    learner = create_learner_group(cfg, model_path, setup=False, actor_options=lambda r: with_actor_log(
+        placement.actor_options("learner", r), logs, "learner", r))
+    learner.log_dir = logs  # named when a rank dies
+    rollout, rewards = _create_fleets(cfg, model_path, placement, logs=logs)
     learner.setup()
     return Roles(rollout=rollout, rewards=rewards, learner=learner)
 
@@ -154,10 +160,16 @@ def build_eval_roles(cfg: SRPOConfig, model_path: str) -> Iterator[tuple[RayRoll
             ray.shutdown()
 
 
-def _create_fleets(cfg: SRPOConfig, model_path: str, placement,
-                   control_dir: str | None = "") -> tuple[RayRolloutFleet, RayRewardFleet]:
+def actor_logs(cfg: SRPOConfig) -> str | None:
+    """Where the actors' output goes: <run_dir>/logs/, or None (metrics.verbose: where
+    Ray sends it, forwarded to the console)."""
+    return None if cfg.metrics.verbose else str(log_dir(cfg.trainer.run_dir))
+
+
+def _create_fleets(cfg: SRPOConfig, model_path: str, placement, control_dir: str | None = "",
+                   logs: str | None = None) -> tuple[RayRolloutFleet, RayRewardFleet]:
     """The generation and reward fleets. control_dir: where scale requests are read
-    ("" = the run dir, None = nowhere)."""
+    ("" = the run dir, None = nowhere); logs: the actors' log dir (None: Ray's)."""
     from actors.generation import GenerationWorker
     from actors.reward import RewardWorker
 
@@ -182,14 +194,16 @@ def _create_fleets(cfg: SRPOConfig, model_path: str, placement,
                 "resources": {label: 0.001} if label else {}}
 
     def new_generator(i: int):
-        return GenerationWorker.options(**rollout_options(i), runtime_env={"env_vars": gen_env}).remote(
+        options = with_actor_log({**rollout_options(i), "runtime_env": {"env_vars": gen_env}}, logs, "generation", i)
+        return GenerationWorker.options(**options).remote(
             model_path, rollout_cfg, cfg.model.dtype, cfg.data.max_prompt_tokens, i)
 
     def new_scorer(i: int):
-        return RewardWorker.options(**placement.actor_options("reward", i)).remote(cfg.reward)
+        return RewardWorker.options(**with_actor_log(placement.actor_options("reward", i), logs, "reward", i)).remote(
+            cfg.reward)
 
-    rollout = RayRolloutFleet(WorkerPool("generation", new_generator, cfg.rollout.num_workers),
+    rollout = RayRolloutFleet(WorkerPool("generation", new_generator, cfg.rollout.num_workers, log_dir=logs),
                               max_staleness=cfg.rollout.max_staleness,
                               control_dir=cfg.trainer.run_dir if control_dir == "" else control_dir)
-    rewards = RayRewardFleet(WorkerPool("reward", new_scorer, cfg.reward.num_workers))
+    rewards = RayRewardFleet(WorkerPool("reward", new_scorer, cfg.reward.num_workers, log_dir=logs))
     return rollout, rewards
