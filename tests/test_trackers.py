@@ -242,3 +242,8 @@ def test_wandb_offline_run_reads_back(tmp_path, monkeypatch):
               for row in json.loads(path.read_text())["data"]]
     assert [0, "from step 1: stage 0 (math)"] in events
     assert [3, "before step 4: epoch end, History Resampling: dropped=2"] in events
+
+    # --resume: the same W&B run id (offline, a second run dir that `wandb sync` joins)
+    [resumed] = make_trackers(cfg, resume=True)
+    assert resumed.run_id == run_id
+    resumed.close()
