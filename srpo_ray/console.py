@@ -3,7 +3,9 @@
 Default: the console keeps the progress bar, the run's events (stage switches, History
 Resampling, evaluations, checkpoints), srpo_ray's warnings and errors, every library's
 errors, and the final summary. The rest goes to files in <run_dir>/logs/:
-- driver.log: every log line of the driver process (Ray, transformers, MLflow ...).
+- driver.log: every log line of the driver process (Ray, transformers, ...); W&B and
+  MLflow, which print through their own handlers, are told to be quiet (WANDB_QUIET,
+  MLFLOW_LOGGING_LEVEL=WARNING) unless those are set.
 - <role>-<index>.log (generation-0.log, reward-0.log, learner-0.log): an actor's whole
   output, vLLM's and torch's included (its stdout and stderr file descriptors point
   there: `redirect_actor_output`, first thing in each actor's __init__).
@@ -28,6 +30,9 @@ OUR_LOGGERS = ("srpo_ray", "actors", "cluster")
 # Client libraries that would print to the console on their own (banners, summaries,
 # INFO lines): quiet unless the user set them.
 QUIET_ENV = {"WANDB_QUIET": "true", "MLFLOW_LOGGING_LEVEL": "WARNING"}
+# Libraries that log through a console handler of their own (not propagating to the
+# root logger), set up when they are imported: routed through ours while quiet.
+OWN_HANDLERS = ("ray", "transformers")
 
 
 def log_dir(run_dir: str | Path) -> Path:
@@ -104,8 +109,9 @@ def console_logging(run_dir: str | Path, verbose: bool) -> Iterator[Path | None]
     module docstring lists. Yields the log dir (None when verbose: nothing is routed
     away). Restores the logging setup and environment it found."""
     logs = log_dir(run_dir)
-    root, ray_logger = logging.getLogger(), logging.getLogger("ray")
-    saved = (root.level, ray_logger.propagate, list(ray_logger.handlers))
+    root = logging.getLogger()
+    saved_level = root.level
+    own = {name: (logging.getLogger(name).propagate, list(logging.getLogger(name).handlers)) for name in OWN_HANDLERS}
     file_handler = _LazyFileHandler(logs / "driver.log", delay=True)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     console = _TqdmHandler()
@@ -115,11 +121,12 @@ def console_logging(run_dir: str | Path, verbose: bool) -> Iterator[Path | None]
         console.addFilter(_ConsoleFilter())
         for key, value in QUIET_ENV.items():
             os.environ.setdefault(key, value)
-        # Ray logs through a handler of its own; let its lines reach ours instead (the
-        # runtime then starts or joins Ray with configure_logging=False).
-        ray_logger.propagate = True
-        for h in saved[2]:
-            ray_logger.removeHandler(h)
+        # their lines reach our handlers instead (the runtime then starts or joins Ray
+        # with configure_logging=False, so Ray does not set its handler up again)
+        for name, (_, handlers) in own.items():
+            logging.getLogger(name).propagate = True
+            for h in handlers:
+                logging.getLogger(name).removeHandler(h)
     root.setLevel(logging.INFO)
     root.addHandler(file_handler)
     root.addHandler(console)
@@ -129,11 +136,13 @@ def console_logging(run_dir: str | Path, verbose: bool) -> Iterator[Path | None]
         root.removeHandler(console)
         root.removeHandler(file_handler)
         file_handler.close()
-        root.setLevel(saved[0])
-        ray_logger.propagate = saved[1]
-        for h in saved[2]:
-            if h not in ray_logger.handlers:
-                ray_logger.addHandler(h)
+        root.setLevel(saved_level)
+        for name, (propagate, handlers) in own.items():
+            logger = logging.getLogger(name)
+            logger.propagate = propagate
+            for h in handlers:
+                if h not in logger.handlers:
+                    logger.addHandler(h)
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
