@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import ray
 
 from actors.engines import GenerationEngine, create_engine, set_engine_env
+from srpo_ray.console import redirect_actor_output
 from srpo_ray.models import chat_prompt_ids
 from srpo_ray.records import Prompt, RolloutGroup
 from srpo_ray.weight_shm import SharedWeightReader
@@ -38,6 +39,7 @@ class GenerationWorkerImpl:
                  max_prompt_tokens: int, worker_index: int, engine: GenerationEngine | None = None) -> None:
         """engine: serve with this engine instead of starting vLLM (another backend, or
         a benchmark's stand-in)."""
+        redirect_actor_output()  # before vLLM starts talking (srpo_ray/console.py)
         set_engine_env(rollout_cfg)  # before anything imports torch
         from transformers import AutoTokenizer
 

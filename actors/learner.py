@@ -26,6 +26,7 @@ import torch
 
 from srpo_ray.batch import TrainBatch
 from srpo_ray.config import SRPOConfig
+from srpo_ray.console import redirect_actor_output
 from srpo_ray.runtime.learner_group import LearnerGroup
 from srpo_ray.weight_shm import SharedWeightBuffer
 from srpo_ray.weight_sync import (BroadcastGroup, PublishedWeights, bucket_parts, open_store, pack_bucket,
@@ -212,6 +213,7 @@ class LearnerRankImpl(WeightServing):
                  master_addr: str | None = None, master_port: int | None = None):
         """master_addr/master_port: rank 0's endpoint; rank 0 may leave them None to
         pick its own (read it back with get_master_endpoint())."""
+        redirect_actor_output()  # srpo_ray/console.py
         from srpo_ray.learner_core import FSDPLearner
 
         if master_addr is None or master_port is None:

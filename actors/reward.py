@@ -12,12 +12,14 @@ from __future__ import annotations
 import ray
 
 from srpo_ray.config import RewardConfig
+from srpo_ray.console import redirect_actor_output
 from srpo_ray.records import RolloutGroup, ScoredGroup
 from srpo_ray.rewards.scorer import RewardScorer
 
 
 class RewardWorkerImpl:
     def __init__(self, cfg: RewardConfig) -> None:
+        redirect_actor_output()  # srpo_ray/console.py
         self._scorer = RewardScorer(cfg)
 
     def score_groups(self, groups: list[RolloutGroup]) -> list[ScoredGroup]:

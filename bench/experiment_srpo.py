@@ -183,7 +183,7 @@ def common_overrides(scale: Scale, data: list[Path], run_dir: Path, model: str) 
         f"rollout.n={scale.n}", f"rollout.max_new_tokens={scale.max_new_tokens}",
         f"rollout.temperature={scale.temperature}",
         "rollout.kv_cache_memory_bytes=536870912", f"optim.lr={scale.lr}",
-        "metrics.progress_bar=false", "metrics.tensorboard=false", "metrics.rollouts_per_step=1000",
+        "metrics.progress_bar=false", "metrics.trackers=[jsonl]", "metrics.rollouts_per_step=1000",
     ]
 
 

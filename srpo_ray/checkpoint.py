@@ -49,13 +49,7 @@ class CheckpointManager:
 
     def latest(self) -> Path | None:
         """The newest committed checkpoint, or None."""
-        pointer = self.root / "latest"
-        if pointer.is_file():
-            candidate = self.root / pointer.read_text().strip()
-            if candidate.is_dir():
-                return candidate
-        committed = self._committed()
-        return committed[-1] if committed else None
+        return latest_checkpoint(self.root)
 
     def clean_partial(self) -> list[Path]:
         """Remove `.tmp` folders left by a run killed while saving."""
@@ -65,12 +59,28 @@ class CheckpointManager:
         return partial
 
     def _committed(self) -> list[Path]:
-        return sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        return _committed(self.root)
 
     def _prune(self, newest: Path) -> None:
         old = [p for p in self._committed() if p != newest]
         for p in old[: max(0, len(old) - (self.keep - 1))]:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest committed checkpoint in `root` (a run's checkpoints/ folder), or None:
+    the one `latest` names, else the highest step_N/."""
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if candidate.is_dir():
+            return candidate
+    committed = _committed(root)
+    return committed[-1] if committed else None
+
+
+def _committed(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
 
 
 def _fsync_file(path: Path) -> None:

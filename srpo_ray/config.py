@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from srpo_ray.config_schema import (AlgoConfig, ClusterConfig, DataConfig, EvalConfig, LearnerConfig, MetricsConfig,
                                     ModelConfig, OptimConfig, ResampleConfig, RewardConfig, RolloutConfig,
-                                    SRPOConfig, StageConfig, TrainerConfig)
+                                    SRPOConfig, StageConfig, TrainerConfig, TRACKERS)
 from srpo_ray.records import domain_problem
 from srpo_ray.rewards.plugins import check_plugins
 
@@ -66,6 +66,7 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] = ()
         cfg: SRPOConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {_describe(e)}") from None
+    _fold_deprecated(cfg)
     validate(cfg)
     return cfg
 
@@ -79,6 +80,16 @@ def _update(merged: Any, key: str, value: Any, raw: str) -> None:
         if isinstance(value, str) or not isinstance(value, (dict, list)):
             raise
         OmegaConf.update(merged, key, raw, merge=True)
+
+
+def _fold_deprecated(cfg: SRPOConfig) -> None:
+    """metrics.tensorboard (a bool before metrics.trackers existed) -> metrics.trackers."""
+    m = cfg.metrics
+    if m.tensorboard is True and "tensorboard" not in m.trackers:
+        m.trackers.append("tensorboard")
+    elif m.tensorboard is False:
+        m.trackers = [t for t in m.trackers if t != "tensorboard"]
+    m.tensorboard = None
 
 
 def _describe(e: OmegaConfBaseException) -> str:
@@ -141,6 +152,14 @@ def validate(cfg: SRPOConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     validate_eval(cfg.eval)
+    bad = [t for t in cfg.metrics.trackers if t not in TRACKERS]
+    need(not bad, "metrics.trackers", f"unknown tracker(s) {bad}; choose from {list(TRACKERS)}")
+    need("jsonl" in cfg.metrics.trackers, "metrics.trackers",
+         "must include jsonl (metrics.jsonl feeds the plot and the run summary), e.g. [jsonl, wandb]")
+    need(len(set(cfg.metrics.trackers)) == len(cfg.metrics.trackers), "metrics.trackers", "lists a tracker twice")
+    need(cfg.metrics.wandb_mode in ("", "online", "offline"), "metrics.wandb_mode",
+         "must be online, offline or empty (W&B decides: WANDB_MODE, else online)")
+    need(cfg.metrics.rollouts_per_step >= 0, "metrics.rollouts_per_step", "must be >= 0 (0 = none)")
     need(cfg.trainer.total_steps >= 1, "trainer.total_steps", "must be >= 1")
     need(cfg.trainer.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1")
     need(len(cfg.stages) >= 1, "stages", "need at least one stage")
@@ -182,16 +201,20 @@ def validate_eval(ev: EvalConfig) -> None:
 
 
 def parse_cli(argv: list[str] | None = None) -> tuple[SRPOConfig, bool]:
-    """`[--config FILE] [--resume] [key=value ...]` -> (config, resume)."""
+    """`[--config FILE] [--resume] [--verbose] [key=value ...]` -> (config, resume);
+    --verbose is metrics.verbose=true."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m srpo_ray.driver",
                                  description="Train a policy with SRPO on Ray.")
     ap.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in trainer.run_dir")
+    ap.add_argument("--verbose", action="store_true",
+                    help="every library's and actor's output on the console (default: in RUN_DIR/logs/)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.total_steps=10")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    return load_config(args.config, args.overrides), args.resume
+    overrides = args.overrides + (["metrics.verbose=true"] if args.verbose else [])
+    return load_config(args.config, overrides), args.resume
 
 
 def to_yaml(cfg: SRPOConfig) -> str:

@@ -12,6 +12,7 @@ from omegaconf import MISSING
 
 # Bundled data sources whose answers are integers: judged by the strict number rule.
 NUMBER_ANSWER_SOURCES = {"builtin/arithmetic": "number", "arithmetic_heldout": "number", "aime": "number"}
+TRACKERS = ("jsonl", "tensorboard", "wandb", "mlflow")  # metrics.trackers
 
 
 @dataclass
@@ -336,10 +337,37 @@ class TrainerConfig:
 @dataclass
 class MetricsConfig:
     progress_bar: bool = True
-    tensorboard: bool = True
-    """Also write TensorBoard event files when tensorboard is installed."""
+    verbose: bool = False
+    """Show every library's and actor's output on the console (what `--verbose` sets).
+    false: the console keeps the progress bar, events, evaluations, warnings and errors,
+    and the rest goes to <run_dir>/logs/ (driver.log, <role>-<index>.log per actor)."""
+    trackers: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Where metrics go: jsonl (<run_dir>/metrics.jsonl; always listed: the plot and the
+    run summary read it), tensorboard (<run_dir>/tensorboard/), wandb (Weights & Biases),
+    mlflow. tensorboard, wandb and mlflow each need their client (pip extras of the same
+    names); besides the per-step metrics they get the config, events (stage switches,
+    History Resampling, checkpoints), a table of sampled generations per step and the
+    evaluation results (srpo_ray/trackers.py)."""
+    tensorboard: Optional[bool] = None
+    """Deprecated (use trackers): true adds tensorboard to trackers, false removes it."""
+    project: str = "srpo-ray"
+    """W&B project and MLflow experiment the run is logged under."""
+    run_name: str = ""
+    """W&B / MLflow run name; empty: the last part of trainer.run_dir."""
+    wandb_mode: str = ""
+    """online or offline (files under <run_dir>/wandb/, upload later with `wandb sync`);
+    empty: W&B decides (the WANDB_MODE environment variable, else online)."""
+    wandb_entity: str = ""
+    """W&B team or user; empty: the logged-in user's default."""
+    mlflow_tracking_uri: str = ""
+    """MLflow tracking server or store; empty: the MLFLOW_TRACKING_URI environment
+    variable, else a local store in the run dir (sqlite:///<run_dir>/mlflow.db,
+    artifacts in <run_dir>/mlflow-artifacts/; browse with
+    `mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db`)."""
     rollouts_per_step: int = 2
-    """Rollout groups per step written in full to <run_dir>/rollouts.jsonl (0 = none)."""
+    """Rollout groups per step written in full to <run_dir>/rollouts.jsonl and, one row
+    per sample (prompt, response, reward, verdict), to the trackers' generations table
+    (0 = none)."""
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Per-step metrics: one JSON line per step in `<run_dir>/metrics.jsonl`, TensorBoard
-event files when tensorboard is installed, and a progress bar on stderr.
+"""Per-step metrics: one JSON line per step in `<run_dir>/metrics.jsonl`, the trackers of
+metrics.trackers (TensorBoard, W&B, MLflow: srpo_ray/trackers.py), and a progress bar on
+stderr.
 
 Metric names (also explained in README.md):
     reward/<domain>/mean, response_len/<domain>/mean   per domain, this step's rollouts
@@ -35,24 +36,34 @@ Metric names (also explained in README.md):
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from srpo_ray.rewards.answer_forms import plain_number
+
+from srpo_ray.trackers import generation_rows, numeric
+
+if TYPE_CHECKING:
+    from srpo_ray.trackers import Tracker
+
+log = logging.getLogger(__name__)
 
 PROGRESS_KEYS = ("reward/mean", "groups/zero_variance_frac", "pool/size", "time/step")
 
 
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0,
-                 progress_bar: bool = True, tensorboard: bool = True):
+                 progress_bar: bool = True, trackers: Sequence[Tracker] = ()):
+        """trackers: started trackers (srpo_ray.trackers.make_trackers); closed by close()."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", buffering=1)
-        self._tb = _tensorboard_writer(Path(run_dir) / "tensorboard") if tensorboard else None
+        self.trackers = list(trackers)
+        self._step = start_step  # the newest step logged: trackers see events at it
         self._bar = None
         self._eval_postfix = ""  # the latest evaluation's headline, shown on the progress bar
         # the trainer collects the next step's rollouts in a thread (rollout.one_step_off)
@@ -62,6 +73,14 @@ class MetricsLogger:
             self._bar = tqdm(total=total_steps, initial=start_step, desc="srpo", file=sys.stderr,
                              dynamic_ncols=True)
 
+    def start_at(self, step: int) -> None:
+        """The run continues after `step` (--resume): the bar and the trackers' event step."""
+        with self._lock:
+            self._step = step
+            if self._bar is not None:
+                self._bar.n = step
+                self._bar.refresh()
+
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         with self._lock:
             self._log(step, metrics)
@@ -69,10 +88,8 @@ class MetricsLogger:
     def _log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self._tb.add_scalar(key, value, step)
+        self._step = max(self._step, step)
+        self._to_trackers("log", step, numeric(metrics))
         if self._bar is not None:
             self._bar.update(1)
             postfix = {k.split("/")[-2] if k.count("/") > 1 else k: _short(record[k])
@@ -87,16 +104,15 @@ class MetricsLogger:
         with self._lock:
             record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
             self._file.write(json.dumps(record) + "\n")
-            if self._tb is not None:
-                for key, value in metrics.items():
-                    if isinstance(value, (int, float)):
-                        self._tb.add_scalar(key, value, step)
+            self._step = max(self._step, step)
+            self._to_trackers("log", step, numeric(metrics))
             self._eval_postfix = summary
             self._event(f"step {step}: eval {summary}")
 
     def rollouts(self, step: int, scored: list, limit: int, learner_version: int) -> None:
         """Append up to `limit` scored groups to rollouts.jsonl, for reading what the
-        policy writes (and for checking weight sync: each sample keeps its log-probs).
+        policy writes (and for checking weight sync: each sample keeps its log-probs),
+        and send their samples to the trackers' generations table.
         staleness: how many weight versions the learner that trains on the group is
         ahead of the policy that sampled it."""
         if limit <= 0:
@@ -112,6 +128,8 @@ class MetricsLogger:
                                  "finish_reason": s.finish_reason, "reward": r.reward, "correct": r.correct}
                                 for s, r in zip(g.samples, sg.results)],
                 }) + "\n")
+            if self.trackers and scored:
+                self._to_trackers("table", step, generation_rows(step, scored[:limit]))
 
     def event(self, message: str) -> None:
         """A one-off line (stage switch, epoch end, resume) above the progress bar."""
@@ -123,12 +141,27 @@ class MetricsLogger:
             self._bar.write(message, file=sys.stderr)
         else:
             print(message, file=sys.stderr, flush=True)
+        self._to_trackers("event", self._step, message)
 
-    def close(self) -> None:
+    def _to_trackers(self, method: str, *args: Any) -> None:
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as e:  # a tracker's outage must not stop training
+                self.trackers.remove(tracker)
+                log.warning("tracker %s failed (%s: %s); it is off for the rest of the run (metrics.jsonl "
+                            "still has everything)", type(tracker).__name__, type(e).__name__, e)
+
+    def close(self, failed: bool = False) -> None:
+        """failed: the run stopped on an error (trackers mark their run so)."""
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self.trackers:
+            try:
+                tracker.close(failed=failed)
+            except Exception as e:
+                log.warning("tracker %s did not close cleanly: %s", type(tracker).__name__, e)
+        self.trackers = []
         self._file.close()
 
 
@@ -142,14 +175,6 @@ def _plain(value: Any) -> Any:
 
 def _short(value: Any) -> Any:
     return round(value, 3) if isinstance(value, float) else value
-
-
-def _tensorboard_writer(log_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(log_dir=str(log_dir))
 
 
 def summarize_rollouts(scored: list) -> dict[str, float]:

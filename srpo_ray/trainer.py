@@ -347,6 +347,7 @@ class SRPOTrainer:
         self.roles.learner.load(str(latest))
         self.load_state_dict(torch.load(latest / STATE_FILE, weights_only=False))
         self.roles.rollout.push_weights(self.roles.learner.publish_weights(), self.version)
+        self.metrics.start_at(self.step)
         self.metrics.event(f"resumed from {latest} at step {self.step} (stage {self.stages.index}, "
                            f"epoch {self.ledger.epoch}, policy version {self.version})")
         return latest

@@ -197,11 +197,15 @@ def test_export_parquet_has_per_epoch_history(tmp_path):
     led.observe("b", 3, 4)  # the open epoch counts too
     led.export_parquet(tmp_path / "h.parquet")
     rows = {r["prompt_id"]: r for r in pq.read_table(tmp_path / "h.parquet").to_pylist()}
-    assert rows["a"] == {"prompt_id": "a", "epochs": [0], "pass_rates": [1.0], "removed_at_epoch": 0,
+    assert rows["a"] == {"prompt_id": "a", "epochs": [0], "correct": [2], "samples": [2], "pass_rates": [1.0],
+                         "pass_rate": 1.0, "removed_epochs": [0], "removed_at_epoch": 0,
                          "in_pool": False, "total_samples": 2, "total_correct": 2}
     assert rows["b"]["epochs"] == [0, 1] and rows["b"]["pass_rates"] == [0.25, 0.75]
+    assert rows["b"]["correct"] == [1, 3] and rows["b"]["samples"] == [4, 4] and rows["b"]["pass_rate"] == 0.5
     assert rows["b"]["removed_at_epoch"] is None and rows["b"]["total_correct"] == 4
+    assert rows["b"]["removed_epochs"] == []
     assert rows["c"]["epochs"] == [] and rows["c"]["in_pool"] and rows["c"]["total_samples"] == 0
+    assert rows["c"]["pass_rate"] is None
 
 
 def test_bad_input_raises_with_a_clear_message(monkeypatch):

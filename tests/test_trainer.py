@@ -73,7 +73,7 @@ def make_trainer(tmp_path, *overrides):
     cfg = load_config(None, ["trainer.prompts_per_step=4", "rollout.n=4", "trainer.total_steps=8",
                              f"trainer.run_dir={tmp_path}", "stages.0.until_epochs=1", *overrides])
     roles = Roles(FakeRollout(), FakeRewards(), FakeLearner())
-    metrics = MetricsLogger(tmp_path, cfg.trainer.total_steps, progress_bar=False, tensorboard=False)
+    metrics = MetricsLogger(tmp_path, cfg.trainer.total_steps, progress_bar=False)
     return SRPOTrainer(cfg, prompts(), roles, 0, metrics, CheckpointManager(tmp_path)), roles
 
 
@@ -145,7 +145,7 @@ def test_a_stage_trains_on_a_plugin_domain(tmp_path):
                              f"trainer.run_dir={tmp_path}", "stages=[{name: words, domains: [wordplay]}]"])
     words = [Prompt(f"w{i}-mixed", "wordplay", [{"role": "user", "content": "w"}], {"any": "truth"},
                     data_source="wordplay") for i in range(6)]
-    metrics = MetricsLogger(tmp_path, cfg.trainer.total_steps, progress_bar=False, tensorboard=False)
+    metrics = MetricsLogger(tmp_path, cfg.trainer.total_steps, progress_bar=False)
     trainer = SRPOTrainer(cfg, prompts() + words, Roles(FakeRollout(), FakeRewards(), FakeLearner()), 0, metrics,
                           CheckpointManager(tmp_path))
     trainer.fit()
@@ -160,7 +160,7 @@ def weighted_trainer(run_dir, *overrides):
                              "data.source_weights={small: 1, big: 1}", *overrides])
     data = [Prompt(f"{source}{i}-mixed", "math", [{"role": "user", "content": "q"}], "1", data_source=source)
             for source, n in (("small", 3), ("big", 30)) for i in range(n)]
-    metrics = MetricsLogger(run_dir, cfg.trainer.total_steps, progress_bar=False, tensorboard=False)
+    metrics = MetricsLogger(run_dir, cfg.trainer.total_steps, progress_bar=False)
     return SRPOTrainer(cfg, data, Roles(FakeRollout(), FakeRewards(), FakeLearner()), 0, metrics,
                        CheckpointManager(run_dir))
 

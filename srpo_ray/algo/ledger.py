@@ -26,7 +26,8 @@ Memory: no per-prompt Python objects. Every prompt has an integer slot; its stat
 in numpy arrays indexed by slot; ids are stored as one UTF-8 byte buffer plus offsets;
 the id -> slot map is a sorted array of 64-bit BLAKE2b hashes searched with
 np.searchsorted (hash collisions are detected and raised). About 37 bytes per prompt
-plus its id's bytes, plus 16 bytes per (prompt, epoch) observation kept as history.
+plus its id's bytes, plus 16 bytes per (prompt, epoch) observation kept as history and 8
+per removal (`history_table` and `python -m srpo_ray.ledger` read them back).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from srpo_ray.config import ResampleConfig
 
 _STATE_VERSION = 1
 _LOG_FIELDS = ("slot", "epoch", "correct", "samples")
+_REMOVAL_FIELDS = ("slot", "epoch")  # one row per removal by History Resampling
 
 
 def _hash_ids(ids: Sequence[str]) -> np.ndarray:
@@ -89,6 +91,7 @@ class HistoryLedger:
         self._ep_correct = np.zeros(0, np.int32)
         self._log: dict[str, list[np.ndarray]] = {f: [] for f in _LOG_FIELDS}  # closed epochs
         self._mix: SourceMix | None = None  # weighted sources; None: plain epochs
+        self._removals: dict[str, list[np.ndarray]] = {f: [] for f in _REMOVAL_FIELDS}
 
     # ---- sampler interface -------------------------------------------------------------
 
@@ -224,7 +227,8 @@ class HistoryLedger:
         arrays = [self._order, self._id_data, self._id_offsets, self._keys_sorted, self._slot_by_key,
                   self._removed_at, self._eligible, self._ep_samples, self._ep_correct]
         mix = self._mix.nbytes if self._mix is not None else 0
-        return mix + sum(a.nbytes for a in arrays) + sum(a.nbytes for f in _LOG_FIELDS for a in self._log[f])
+        logs = [a for f in _LOG_FIELDS for a in self._log[f]] + [a for f in _REMOVAL_FIELDS for a in self._removals[f]]
+        return mix + sum(a.nbytes for a in arrays + logs)
 
     # ---- checkpointing and export --------------------------------------------------------
 
@@ -238,6 +242,7 @@ class HistoryLedger:
             "ep_correct": self._ep_correct, "order": self._order,
         }
         arrays.update({f"log_{f}": self._log_array(f) for f in _LOG_FIELDS})
+        arrays.update({f"removal_{f}": _compact(self._removals, f) for f in _REMOVAL_FIELDS})
         state: dict[str, Any] = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
         state.update(version=_STATE_VERSION, seed=self._seed, epoch=self._epoch,
                      generation=self._generation, cursor=self._cursor, started=self._started)
@@ -266,33 +271,51 @@ class HistoryLedger:
         self._ep_samples, self._ep_correct = arr("ep_samples", np.int32), arr("ep_correct", np.int32)
         self._order = arr("order", np.int32)
         self._log = {f: [arr(f"log_{f}", np.int32)] for f in _LOG_FIELDS}
+        if "removal_slot" in state:
+            self._removals = {f: [arr(f"removal_{f}", np.int32)] for f in _REMOVAL_FIELDS}
+        else:  # written before removals were logged: what removed_at still knows
+            slots = np.flatnonzero(self._removed_at >= 0).astype(np.int32)
+            self._removals = {"slot": [slots], "epoch": [self._removed_at[slots]]}
         self._seed, self._epoch = int(state["seed"]), int(state["epoch"])
         self._generation, self._cursor = int(state["generation"]), int(state["cursor"])
         self._started = bool(state["started"])
 
-    def export_parquet(self, path: str | Path) -> None:
-        """Per-prompt history for data curation, one row per known prompt:
-        prompt_id, epochs (list of epoch indices in which it was observed), pass_rates
-        (correct/samples in those epochs; the last may be the open epoch), removed_at_epoch
-        (the epoch whose close removed it most recently; null if never or re-tested back),
-        in_pool, total_samples, total_correct."""
+    def history_table(self) -> pa.Table:
+        """Per-prompt difficulty history, one row per known prompt (data curation):
+        prompt_id; epochs (epoch indices in which it was observed) with correct, samples
+        and pass_rates in those epochs (the last may be the open epoch); pass_rate over
+        all of them (null if never observed); removed_epochs (every epoch whose close
+        removed it); removed_at_epoch (the latest of those while it is still out; null if
+        never removed or re-tested back); in_pool; total_samples, total_correct."""
         slot, epoch, correct, samples = (self._history_array(f) for f in _LOG_FIELDS)
         n = self.num_known
-        by_slot = np.lexsort((epoch, slot))
-        offsets = np.zeros(n + 1, np.int64)
-        np.cumsum(np.bincount(slot, minlength=n), out=offsets[1:])
-        pass_rates = correct[by_slot] / samples[by_slot]
-        table = pa.table({
+
+        def per_prompt(slots: np.ndarray, epochs: np.ndarray, *values: np.ndarray) -> list[pa.Array]:
+            order = np.lexsort((epochs, slots))
+            offsets = np.zeros(n + 1, np.int64)
+            np.cumsum(np.bincount(slots, minlength=n), out=offsets[1:])
+            return [pa.LargeListArray.from_arrays(offsets, pa.array(v[order])) for v in (epochs, *values)]
+
+        epochs, correct_lists, sample_lists, rates = per_prompt(slot, epoch, correct, samples,
+                                                                correct / np.maximum(samples, 1))
+        removed_slot, removed_epoch = (_compact(self._removals, f).astype(np.int64) for f in _REMOVAL_FIELDS)
+        [removed_epochs] = per_prompt(removed_slot, removed_epoch)
+        total_samples = np.bincount(slot, weights=samples, minlength=n).astype(np.int64)
+        total_correct = np.bincount(slot, weights=correct, minlength=n).astype(np.int64)
+        return pa.table({
             "prompt_id": self._id_array(),
-            "epochs": pa.LargeListArray.from_arrays(offsets, pa.array(epoch[by_slot])),
-            "pass_rates": pa.LargeListArray.from_arrays(offsets, pa.array(pass_rates)),
+            "epochs": epochs, "correct": correct_lists, "samples": sample_lists, "pass_rates": rates,
+            "pass_rate": pa.array(total_correct / np.maximum(total_samples, 1), mask=total_samples == 0),
+            "removed_epochs": removed_epochs,
             "removed_at_epoch": pa.array(self._removed_at, mask=self._removed_at < 0),
             "in_pool": pa.array(self._eligible & (self._removed_at < 0)),
-            "total_samples": pa.array(np.bincount(slot, weights=samples, minlength=n).astype(np.int64)),
-            "total_correct": pa.array(np.bincount(slot, weights=correct, minlength=n).astype(np.int64)),
+            "total_samples": pa.array(total_samples), "total_correct": pa.array(total_correct),
         })
+
+    def export_parquet(self, path: str | Path) -> None:
+        """`history_table()` written as parquet."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, path)
+        pq.write_table(self.history_table(), path)
 
     # ---- internals -------------------------------------------------------------------------
 
@@ -329,12 +352,13 @@ class HistoryLedger:
             self._log[f].append(chunk[f])
         self._ep_samples[seen] = 0
         self._ep_correct[seen] = 0
+        removed = np.flatnonzero(self._removed_at == epoch).astype(np.int32)  # by this close
+        if removed.size:
+            self._removals["slot"].append(removed)
+            self._removals["epoch"].append(np.full(len(removed), epoch, np.int32))
 
     def _log_array(self, field: str) -> np.ndarray:
-        parts = self._log[field]
-        if len(parts) > 1:  # compact, so the list stays short
-            self._log[field] = parts = [np.concatenate(parts)]
-        return parts[0] if parts else np.zeros(0, np.int32)
+        return _compact(self._log, field)
 
     def _history_array(self, field: str) -> np.ndarray:
         """Closed epochs' log plus the open epoch's observations."""
@@ -426,3 +450,12 @@ class HistoryLedger:
             old = getattr(self, name)
             setattr(self, name, np.concatenate([old, np.full(count, fill, old.dtype)]))
         return np.arange(first, first + count, dtype=np.int32)
+
+
+def _compact(log: dict[str, list[np.ndarray]], field: str) -> np.ndarray:
+    """One array of a log's field (its per-epoch parts concatenated once, so the list
+    stays short)."""
+    parts = log[field]
+    if len(parts) > 1:
+        log[field] = parts = [np.concatenate(parts)]
+    return parts[0] if parts else np.zeros(0, np.int32)

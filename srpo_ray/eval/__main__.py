@@ -15,7 +15,6 @@ prints the table. A bad input is one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Optional
@@ -31,26 +30,34 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--data", action="append", required=True, help="parquet file or builtin set (repeatable)")
     ap.add_argument("--config", default=None, help="YAML config for rollout/reward/eval settings")
     ap.add_argument("--out", default="eval", help="folder for results.json and results.md (default: eval)")
+    ap.add_argument("--verbose", action="store_true", help="library and worker output on the console "
+                    "(else in OUT/logs/)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.k=8 rollout.num_workers=2")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
         cfg.model.path = model_folder(args.model)
         cfg.eval.files = [data_spec(d) for d in args.data]
         from srpo_ray.config import validate
         validate(cfg)
-        report = run_eval(cfg, Path(args.out))
     except (ConfigError, DataError, ModelPathError) as e:
         print(f"srpo_ray.eval: error: {e}", file=sys.stderr)
         return 2
+    from srpo_ray.console import console_logging
+
+    with console_logging(args.out, verbose=args.verbose) as logs:
+        try:
+            report = run_eval(cfg, Path(args.out), logs)
+        except (ConfigError, DataError, ModelPathError) as e:
+            print(f"srpo_ray.eval: error: {e}", file=sys.stderr)
+            return 2
     from srpo_ray.eval.report import markdown_table
     print(markdown_table(report))
     print(f"\n{report.samples} samples in {report.seconds:.1f} s; results in {Path(args.out) / 'results.json'}")
     return 0
 
 
-def run_eval(cfg, out: Path):
+def run_eval(cfg, out: Path, logs: Optional[Path] = None):
     """Load model and data, start the workers, evaluate, write OUT/results.{json,md}."""
     from tqdm import tqdm
 
@@ -71,7 +78,7 @@ def run_eval(cfg, out: Path):
     except ValueError as e:
         raise DataError(str(e)) from None
     check_prompt_lengths(AutoTokenizer.from_pretrained(model_path), prompts, cfg.data.max_prompt_tokens)
-    with build_eval_roles(cfg, model_path) as (rollout, rewards):
+    with build_eval_roles(cfg, model_path, str(logs) if logs else None) as (rollout, rewards):
         evaluator = Evaluator(cfg.eval, prompts, rollout, rewards, max_new_tokens=longest_response(cfg))
         with tqdm(total=len(evaluator.prompts), desc="eval", unit="problem", file=sys.stderr) as bar:
             report = evaluator.run(progress=lambda done, total: bar.update(done - bar.n))

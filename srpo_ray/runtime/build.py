@@ -16,6 +16,7 @@ from srpo_ray.algo.source_mix import check_source_weights
 from srpo_ray.algo.stages import effective_sampling
 from srpo_ray.checkpoint import CheckpointManager
 from srpo_ray.config import ConfigError, SRPOConfig
+from srpo_ray.console import log_dir, with_actor_log
 from srpo_ray.data import DataError, check_prompt_lengths, load_prompts
 from srpo_ray.runtime.fleets import RayRewardFleet, RayRolloutFleet, WorkerPool
 from srpo_ray.metrics import MetricsLogger
@@ -23,19 +24,23 @@ from srpo_ray.models import resolve_model_path
 from srpo_ray.eval.runner import Evaluator
 from srpo_ray.rewards.plugins import check_plugins_load, plugin_key
 from srpo_ray.rewards.scorer import check_answer_modes
+from srpo_ray.trackers import check_clients, make_trackers
 from srpo_ray.trainer import Roles, SRPOTrainer
 
 log = logging.getLogger(__name__)
 
 
-def init_ray(cfg: SRPOConfig, roles: tuple[str, ...] | None = None) -> bool:
+def init_ray(cfg: SRPOConfig, roles: tuple[str, ...] | None = None, quiet: bool = False) -> bool:
     """Join the configured cluster (or the one a `ray job submit` runs us in); else start
-    a local one bound to 127.0.0.1. Returns True if this process started Ray."""
+    a local one bound to 127.0.0.1. Returns True if this process started Ray.
+    quiet: the actors write their output to the run dir (srpo_ray/console.py), so none is
+    forwarded to this process, and Ray's log lines go through our handlers."""
     if ray.is_initialized():
         return False
+    output = {"log_to_driver": not quiet, "configure_logging": not quiet}
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **output)
         return False
     from cluster.placement import ROLES, local_custom_resources, local_num_cpus_needed
     roles = roles or ROLES
@@ -43,7 +48,7 @@ def init_ray(cfg: SRPOConfig, roles: tuple[str, ...] | None = None) -> bool:
     # (ray.init would join that one, and refuse num_cpus)
     ray.init(address="local", num_cpus=cfg.cluster.local_num_cpus or local_num_cpus_needed(cfg, roles),
              resources=local_custom_resources(cfg, roles), include_dashboard=False,
-             _node_ip_address="127.0.0.1")
+             _node_ip_address="127.0.0.1", **output)
     return True
 
 
@@ -94,8 +99,11 @@ def longest_response(cfg: SRPOConfig) -> int:
 
 
 @contextmanager
-def build_trainer(cfg: SRPOConfig) -> Iterator[SRPOTrainer]:
-    """Everything a run needs, torn down (actors, placement groups, a local Ray) after."""
+def build_trainer(cfg: SRPOConfig, resume: bool = False) -> Iterator[SRPOTrainer]:
+    """Everything a run needs, torn down (actors, placement groups, a local Ray) after.
+    resume: the trackers continue the run dir's W&B / MLflow runs (the caller resumes
+    the trainer itself)."""
+    check_clients(cfg)  # a missing tracker client stops the run before anything slow
     check_reward_plugins(cfg)
     model_path = resolve_model_path(cfg.model)
     prompts = load_prompts(cfg.data.train_files, system_prompt=cfg.data.system_prompt,
@@ -105,25 +113,34 @@ def build_trainer(cfg: SRPOConfig) -> Iterator[SRPOTrainer]:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     check_prompt_lengths(tokenizer, prompts + eval_prompts, cfg.data.max_prompt_tokens)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    started_ray = init_ray(cfg)
+    trackers = make_trackers(cfg, resume=resume)  # a tracker that cannot start stops the run before Ray
+    started_ray = False
     placement = None
     metrics = None
     roles = None
+    failed = False
     try:
+        started_ray = init_ray(cfg, quiet=not cfg.metrics.verbose)
         from cluster.ray_placement import create_placement_groups
         from cluster.placement import plan_placement
         placement = create_placement_groups(plan_placement(cfg), timeout_s=cfg.cluster.placement_timeout_s)
         roles = _create_roles(cfg, model_path, placement)
-        metrics = MetricsLogger(cfg.trainer.run_dir, cfg.trainer.total_steps,
-                                progress_bar=cfg.metrics.progress_bar, tensorboard=cfg.metrics.tensorboard)
+        metrics = MetricsLogger(cfg.trainer.run_dir, cfg.trainer.total_steps, progress_bar=cfg.metrics.progress_bar,
+                                trackers=trackers)
         checkpoints = CheckpointManager(cfg.trainer.run_dir, keep=cfg.trainer.keep_checkpoints)
         roles.learner.last_checkpoint = checkpoints.latest  # named when a learner rank dies
         evaluator = Evaluator(cfg.eval, eval_prompts, roles.rollout, roles.rewards,
                               max_new_tokens=longest_response(cfg)) if eval_prompts else None
         yield SRPOTrainer(cfg, prompts, roles, int(pad_token_id), metrics, checkpoints, evaluator)
+    except BaseException:
+        failed = True
+        raise
     finally:
         if metrics is not None:
-            metrics.close()
+            metrics.close(failed=failed)
+        else:
+            for tracker in trackers:
+                tracker.close(failed=True)
         if roles is not None:
             roles.learner.close_weights()
         if placement is not None:
@@ -135,25 +152,29 @@ def build_trainer(cfg: SRPOConfig) -> Iterator[SRPOTrainer]:
 def _create_roles(cfg: SRPOConfig, model_path: str, placement) -> Roles:
     from actors.learner import create_learner_group
 
-    learner = create_learner_group(cfg, model_path,
-                                   actor_options=lambda r: placement.actor_options("learner", r), setup=False)
-    rollout, rewards = _create_fleets(cfg, model_path, placement)
+    logs = actor_logs(cfg)
+    learner = create_learner_group(cfg, model_path, setup=False, actor_options=lambda r: with_actor_log(
+        placement.actor_options("learner", r), logs, "learner", r))
+    learner.log_dir = logs  # named when a rank dies
+    rollout, rewards = _create_fleets(cfg, model_path, placement, logs=logs)
     learner.setup()
     return Roles(rollout=rollout, rewards=rewards, learner=learner)
 
 
 @contextmanager
-def build_eval_roles(cfg: SRPOConfig, model_path: str) -> Iterator[tuple[RayRolloutFleet, RayRewardFleet]]:
-    """Generation and reward workers only (what evaluation needs), torn down after."""
+def build_eval_roles(cfg: SRPOConfig, model_path: str,
+                     logs: str | None = None) -> Iterator[tuple[RayRolloutFleet, RayRewardFleet]]:
+    """Generation and reward workers only (what evaluation needs), torn down after.
+    logs: the actors' log dir (None: their output goes where Ray sends it)."""
     from cluster.placement import REWARD, ROLLOUT, plan_placement
     from cluster.ray_placement import create_placement_groups
 
-    started_ray = init_ray(cfg, roles=(ROLLOUT, REWARD))
+    started_ray = init_ray(cfg, roles=(ROLLOUT, REWARD), quiet=logs is not None)
     placement = None
     try:
         placement = create_placement_groups(plan_placement(cfg, roles=(ROLLOUT, REWARD)),
                                             timeout_s=cfg.cluster.placement_timeout_s)
-        yield _create_fleets(cfg, model_path, placement, control_dir=None)
+        yield _create_fleets(cfg, model_path, placement, control_dir=None, logs=logs)
     finally:
         if placement is not None:
             placement.remove()
@@ -161,10 +182,16 @@ def build_eval_roles(cfg: SRPOConfig, model_path: str) -> Iterator[tuple[RayRoll
             ray.shutdown()
 
 
-def _create_fleets(cfg: SRPOConfig, model_path: str, placement,
-                   control_dir: str | None = "") -> tuple[RayRolloutFleet, RayRewardFleet]:
+def actor_logs(cfg: SRPOConfig) -> str | None:
+    """Where the actors' output goes: <run_dir>/logs/, or None (metrics.verbose: where
+    Ray sends it, forwarded to the console)."""
+    return None if cfg.metrics.verbose else str(log_dir(cfg.trainer.run_dir))
+
+
+def _create_fleets(cfg: SRPOConfig, model_path: str, placement, control_dir: str | None = "",
+                   logs: str | None = None) -> tuple[RayRolloutFleet, RayRewardFleet]:
     """The generation and reward fleets. control_dir: where scale requests are read
-    ("" = the run dir, None = nowhere)."""
+    ("" = the run dir, None = nowhere); logs: the actors' log dir (None: Ray's)."""
     from actors.generation import GenerationWorker
     from actors.reward import RewardWorker
 
@@ -189,14 +216,16 @@ def _create_fleets(cfg: SRPOConfig, model_path: str, placement,
                 "resources": {label: 0.001} if label else {}}
 
     def new_generator(i: int):
-        return GenerationWorker.options(**rollout_options(i), runtime_env={"env_vars": gen_env}).remote(
+        options = with_actor_log({**rollout_options(i), "runtime_env": {"env_vars": gen_env}}, logs, "generation", i)
+        return GenerationWorker.options(**options).remote(
             model_path, rollout_cfg, cfg.model.dtype, cfg.data.max_prompt_tokens, i)
 
     def new_scorer(i: int):
-        return RewardWorker.options(**placement.actor_options("reward", i)).remote(cfg.reward)
+        return RewardWorker.options(**with_actor_log(placement.actor_options("reward", i), logs, "reward", i)).remote(
+            cfg.reward)
 
-    rollout = RayRolloutFleet(WorkerPool("generation", new_generator, cfg.rollout.num_workers),
+    rollout = RayRolloutFleet(WorkerPool("generation", new_generator, cfg.rollout.num_workers, log_dir=logs),
                               max_staleness=cfg.rollout.max_staleness,
                               control_dir=cfg.trainer.run_dir if control_dir == "" else control_dir)
-    rewards = RayRewardFleet(WorkerPool("reward", new_scorer, cfg.reward.num_workers))
+    rewards = RayRewardFleet(WorkerPool("reward", new_scorer, cfg.reward.num_workers, log_dir=logs))
     return rollout, rewards

@@ -97,9 +97,9 @@ class RayRolloutFleet:
             self.pool.poll()
             members = self.pool.ready()
             outcomes = self._delivery.deliver(members, version)
-            dead = [m for m, out in zip(members, outcomes) if isinstance(out, RayActorError)]
-            for m in dead:
-                self.pool.lost(m)
+            dead = [(m, out) for m, out in zip(members, outcomes) if isinstance(out, RayActorError)]
+            for m, out in dead:
+                self.pool.lost(m, out)
             if dead:  # a broadcast breaks for everyone when one receiver dies: send again
                 continue
             errors = [out for out in outcomes if isinstance(out, BaseException)]
@@ -153,8 +153,8 @@ class RayRolloutFleet:
             for m in self.pool.ready():
                 try:
                     self._finish_sync(m)
-                except RayActorError:
-                    self.pool.lost(m)  # its replacement syncs before its first chunk
+                except RayActorError as e:
+                    self.pool.lost(m, e)  # its replacement syncs before its first chunk
 
     def apply_scale_request(self) -> None:
         """Apply `<control_dir>/scale_request.json` if it is new (each request once)."""

@@ -16,6 +16,7 @@ import logging
 from typing import Any, Callable, Sequence
 
 from srpo_ray.batch import TrainBatch, loss_denominator, split_for_ranks
+from srpo_ray.console import actor_log_file
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,14 @@ def _dead_rank(error: BaseException, refs: Sequence[Any], ranks: Sequence[int]) 
 class LearnerRankDiedError(RuntimeError):
     """A learner rank's actor died during a group call; the run cannot continue."""
 
-    def __init__(self, rank: int, method: str, cause: BaseException, checkpoint: Any = None):
+    def __init__(self, rank: int, method: str, cause: BaseException, checkpoint: Any = None,
+                 log_file: str | None = None):
         self.rank, self.method = rank, method
         where = checkpoint if checkpoint else "the last checkpoint in trainer.run_dir (if any)"
+        output = f" Its output: {log_file}." if log_file else ""
         super().__init__(f"learner rank {rank} died during {method}; the other ranks cannot go on "
                          f"without it, so the run stops. Restart with --resume to continue from "
-                         f"{where}. Ray's report: {cause}")
+                         f"{where}.{output} Ray's report: {cause}")
 
 
 class LearnerGroup:
@@ -81,6 +84,7 @@ class LearnerGroup:
         self.loss_agg = loss_agg
         self.get = get
         self.last_checkpoint = last_checkpoint
+        self.log_dir: str | None = None  # the ranks' log files (srpo_ray/console.py), named when one dies
 
     @property
     def world_size(self) -> int:
@@ -100,7 +104,8 @@ class LearnerGroup:
             if dead is None:
                 raise
             checkpoint = self.last_checkpoint() if self.last_checkpoint is not None else None
-            raise LearnerRankDiedError(dead[0], method, dead[1], checkpoint) from e
+            log_file = actor_log_file(self.log_dir, "learner", dead[0]) if self.log_dir else None
+            raise LearnerRankDiedError(dead[0], method, dead[1], checkpoint, log_file) from e
 
     def setup(self) -> None:
         self._all("setup")

@@ -20,6 +20,8 @@ from typing import Any, Callable, Sequence
 import ray
 from ray.exceptions import RayActorError
 
+from srpo_ray.console import actor_log_file
+
 log = logging.getLogger(__name__)
 MAX_REPLACEMENTS_PER_CALL = 3
 MAX_RETRIES_PER_CHUNK = 3
@@ -44,8 +46,10 @@ class Member:
 class WorkerPool:
     """Actor handles of one role, resizable while work is running."""
 
-    def __init__(self, role: str, factory: Callable[[int], Any], size: int):
-        self.role, self.factory = role, factory
+    def __init__(self, role: str, factory: Callable[[int], Any], size: int, log_dir: str | None = None):
+        """log_dir: where the workers' output goes (<role>-<index>.log), named when one
+        dies; None: Ray's worker logs."""
+        self.role, self.factory, self.log_dir = role, factory, log_dir
         self.members: list[Member] = []
         self.target = 0
         self.replacements = 0  # workers lost and replaced since the pool was made
@@ -134,8 +138,8 @@ class WorkerPool:
             m.busy = False
             try:
                 result = receive(m, index, done[0])
-            except RayActorError:
-                self._lost(m)
+            except RayActorError as e:
+                self._lost(m, e)
                 pending.appendleft(index)
                 continue
             if result is RETRY:
@@ -149,9 +153,9 @@ class WorkerPool:
                 self._stop(m)
         return results
 
-    def lost(self, member: Member) -> None:
-        """`member`'s actor died: drop it and start a replacement if below target."""
-        self._lost(member)
+    def lost(self, member: Member, error: BaseException | None = None) -> None:
+        """`member`'s actor died (of `error`): drop it and start a replacement if below target."""
+        self._lost(member, error)
 
     # ---------------------------------------------------------------- internals
     def _start(self) -> Member:
@@ -165,8 +169,8 @@ class WorkerPool:
     def _started(self, member: Member) -> None:
         try:
             ray.get(member.starting)
-        except RayActorError:
-            self._lost(member)
+        except RayActorError as e:
+            self._lost(member, e)
             return
         member.starting = None
         log.info("%s worker %d started", self.role, member.index)
@@ -176,17 +180,28 @@ class WorkerPool:
         ray.kill(member.handle, no_restart=True)
         log.info("%s worker %d retired", self.role, member.index)
 
-    def _lost(self, member: Member) -> None:
+    def _lost(self, member: Member, error: BaseException | None = None) -> None:
         if member in self.members:
             self.members.remove(member)
         self.replacements += 1
         self._losses_this_call += 1
+        # Ray's report carries the actor's traceback when it raised; its own output (a
+        # native crash, vLLM's last words) is in its log file
+        output = (f"its output: {actor_log_file(self.log_dir, self.role, member.index)}" if self.log_dir
+                  else "its output: Ray's worker logs")
         if self._losses_this_call > MAX_REPLACEMENTS_PER_CALL:
             raise RuntimeError(f"{self.role} workers keep dying ({self._losses_this_call} replacements in one "
-                               f"call); see the worker logs above")
-        log.warning("%s worker %d died; starting a replacement", self.role, member.index)
+                               f"call); the last one ({output}) died of:\n{error}") from None
+        log.warning("%s worker %d died; starting a replacement (%s): %s", self.role, member.index, output,
+                    _last_line(error))
         if len([m for m in self.members if not m.draining]) < self.target:
             self._start()
+
+
+def _last_line(error: BaseException | None) -> str:
+    """The gist of Ray's report: a traceback's last line is the exception itself."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no report"
 
 
 def split(items: Sequence[Any], parts: int) -> list[list[Any]]:
