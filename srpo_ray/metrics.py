@@ -65,7 +65,8 @@ class MetricsLogger:
         self.trackers = list(trackers)
         self._step = start_step  # the newest step logged: trackers see events at it
         self._bar = None
-        self._eval_postfix = ""  # the latest evaluation's headline, shown on the progress bar
+        self._postfix: dict[str, Any] = {}  # the latest step's figures on the progress bar
+        self._eval_postfix: dict[str, Any] = {}  # and the latest evaluation's avg@k
         # the trainer collects the next step's rollouts in a thread (rollout.one_step_off)
         self._lock = threading.Lock()
         if progress_bar:
@@ -94,9 +95,8 @@ class MetricsLogger:
             self._bar.update(1)
             postfix = {k.split("/")[-2] if k.count("/") > 1 else k: _short(record[k])
                        for k in PROGRESS_KEYS if k in record}
-            if self._eval_postfix:
-                postfix["eval"] = self._eval_postfix
-            self._bar.set_postfix(postfix, refresh=False)
+            self._postfix = postfix
+            self._bar.set_postfix({**postfix, **self._eval_postfix}, refresh=False)
 
     def log_eval(self, step: int, metrics: dict[str, Any], summary: str) -> None:
         """An evaluation's `eval/...` metrics at `step` (a line of its own in
@@ -106,7 +106,9 @@ class MetricsLogger:
             self._file.write(json.dumps(record) + "\n")
             self._step = max(self._step, step)
             self._to_trackers("log", step, numeric(metrics))
-            self._eval_postfix = summary
+            self._eval_postfix = _eval_headline(metrics)
+            if self._bar is not None:
+                self._bar.set_postfix({**self._postfix, **self._eval_postfix}, refresh=True)
             self._event(f"step {step}: eval {summary}")
 
     def rollouts(self, step: int, scored: list, limit: int, learner_version: int) -> None:
@@ -163,6 +165,13 @@ class MetricsLogger:
                 log.warning("tracker %s did not close cleanly: %s", type(tracker).__name__, e)
         self.trackers = []
         self._file.close()
+
+
+def _eval_headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """{"eval avg@k": value} of all sources pooled (or the only one) for the progress bar."""
+    keys = sorted(k for k in metrics if k.startswith("eval/") and "/avg@" in k)
+    pooled = [k for k in keys if k.startswith("eval/all/")] or keys[:1]
+    return {f"eval {pooled[0].rsplit('/', 1)[1]}": _short(float(metrics[pooled[0]]))} if pooled else {}
 
 
 def _plain(value: Any) -> Any:
