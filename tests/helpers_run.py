@@ -1,4 +1,4 @@
-"""Helpers shared by the end-to-end driver tests (test_integration, test_faults,
+"""Helpers shared by the end-to-end driver tests (test_integration, test_eval_run, test_faults,
 test_multinode, test_ray_job): a small mixed math/code data set, the driver's argv for
 the scripted tiny model, readers for a run's metrics and rollouts, the check that
 rollouts were sampled with a given checkpoint's weights, and `ActorClassHook`, which
@@ -38,6 +38,19 @@ def write_data(path: Path) -> Path:
         rows.append({"data_source": "test/code", "ability": "code",
                      "prompt": [{"role": "user", "content": f"Add two numbers ({i})."}],
                      "reward_model": {"ground_truth": tests}, "extra_info": {"id": f"code{i}"}})
+    write_verl_parquet(rows, path)
+    return path
+
+
+def write_eval_data(path: Path) -> Path:
+    """Two sources: `sevens` (answer 7: always right at a low temperature) and `mixed`
+    (one problem answered 7, one answered 3)."""
+    rows = [{"data_source": source, "ability": "math",
+             "prompt": [{"role": "user", "content": f"Held-out question {i} ({source})?"}],
+             "reward_model": {"ground_truth": truth}, "extra_info": {"id": f"{source}-{i}"}}
+            for source, truths in (("sevens", ["7", "7"]), ("mixed", ["7", "3"])) for i, truth in enumerate(truths)]
+    from srpo_ray.data import write_verl_parquet
+
     write_verl_parquet(rows, path)
     return path
 

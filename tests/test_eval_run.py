@@ -1,34 +1,19 @@
 """Evaluation on the real roles: `python -m srpo_ray.eval` with vLLM and the reward
 workers on the scripted tiny model (tests/scripted_model.py: it answers \\boxed{7} at a
 low temperature, \\boxed{7} or \\boxed{3} at temperature 1), so every score is known;
-its errors; and a training run that evaluates every step ending exactly where the same
-run without evaluation ends (test_integration.py's run)."""
+and its errors. (A training run that evaluates every step ends exactly where the same
+run without evaluation does: test_integration.py, on its run.)"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
-
-from helpers_run import driver_run, metrics
-from srpo_ray.data import write_verl_parquet
+from helpers_run import write_eval_data
 from srpo_ray.eval.__main__ import main as eval_main
 
 pytestmark = pytest.mark.slow
 P_SEVEN = 1 / (1 + 2.718281828459045 ** -0.5)  # the scripted model's p(7) at temperature 1
-
-
-def write_eval_data(path: Path) -> Path:
-    """Two sources: `sevens` (answer 7: always right at a low temperature) and `mixed`
-    (one problem answered 7, one answered 3)."""
-    rows = [{"data_source": source, "ability": "math",
-             "prompt": [{"role": "user", "content": f"Held-out question {i} ({source})?"}],
-             "reward_model": {"ground_truth": truth}, "extra_info": {"id": f"{source}-{i}"}}
-            for source, truths in (("sevens", ["7", "7"]), ("mixed", ["7", "3"])) for i, truth in enumerate(truths)]
-    write_verl_parquet(rows, path)
-    return path
 
 
 def cli(model: str, data: str, out: Path, *overrides: str) -> int:
@@ -74,34 +59,3 @@ def test_eval_command_errors_name_the_input(scripted_model_dir, tmp_path, capsys
     code = cli(model or scripted_model_dir, data, tmp_path / "out", *([override] if override else []))
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("srpo_ray.eval: error:") and message in err, err
-
-
-def test_evaluating_every_step_leaves_training_unchanged(scripted_model_dir, tmp_path_factory):
-    """The same run as test_integration's, with and without evaluation every step: the
-    same ledger, stage and final weights; the eval metrics at steps 0-4; eval.json saved."""
-    root = tmp_path_factory.mktemp("eval_during_training")
-    eval_data = write_eval_data(root / "heldout.parquet")
-    common = ("trainer.total_steps=4",)
-    _, plain = driver_run(scripted_model_dir, root, "plain", *common)
-    _, evaluated = driver_run(scripted_model_dir, root, "evaluated", *common, f"eval.files=[{eval_data}]",
-                              "eval.every_steps=1", "eval.k=4", "eval.temperature=0.02")
-    final = Path("checkpoints") / "step_000004"
-    state = lambda run: torch.load(run / final / "trainer_state.pt", weights_only=False)  # noqa: E731
-    assert str(state(plain)["ledger"]) == str(state(evaluated)["ledger"])
-    assert state(plain)["stages"] == state(evaluated)["stages"] and state(evaluated)["version"] >= 1
-    weights = lambda run: load_file(str(run / final / "hf" / "model.safetensors"))  # noqa: E731
-    plain_w, eval_w = weights(plain), weights(evaluated)
-    assert plain_w.keys() == eval_w.keys()
-    for name in plain_w:
-        torch.testing.assert_close(plain_w[name], eval_w[name], atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
-
-    rows = metrics(evaluated)
-    evals = [r for r in rows if "eval/sevens/avg@4" in r]
-    assert [r["step"] for r in evals] == [0, 1, 2, 3, 4]
-    assert evals[0]["eval/sevens/avg@4"] == 1.0 and evals[0]["eval/mixed/avg@4"] == 0.5
-    train_keys = lambda r: {k: v for k, v in r.items() if not k.startswith(("time/", "eval/"))}  # noqa: E731
-    assert [train_keys(r) for r in metrics(plain)] == [train_keys(r) for r in rows if r not in evals]
-    saved = json.loads((evaluated / final / "eval.json").read_text())
-    assert saved["step"] == 4 and saved["policy_version"] == state(evaluated)["version"]
-    summary = (evaluated / "eval" / "summary.md").read_text()  # the driver's before/after table
-    assert "| sevens | avg@4 | 1.000 |" in summary and "step 0" in summary and "step 4" in summary

@@ -9,10 +9,14 @@ samples at temperature 1, so groups are mixed, the learner updates and the weigh
 must reach the generator (rollout log-probs equal the learner's)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from helpers_run import assert_sampled_with, driver_run, metrics, rollouts, run_args
+from helpers_run import assert_sampled_with, driver_run, metrics, rollouts, run_args, write_eval_data
 from srpo_ray.driver import main
 
 pytestmark = pytest.mark.slow
@@ -71,3 +75,32 @@ def test_resume_continues_at_the_next_step_with_the_same_ledger(full_run, script
         assert (a["stage"], a["pool/size"], a["epoch"]) == (b["stage"], b["pool/size"], b["epoch"])
     full_at_2 = torch.load(full_dir / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=False)
     assert str(full_at_2["ledger"]) == str(ledger_at_2)
+
+
+def test_evaluating_every_step_leaves_training_unchanged(full_run, scripted_model_dir):
+    """The same run with evaluation every step: the same ledger, stage and final weights
+    as without; the eval metrics at steps 0-4; eval.json saved; the summary written."""
+    root, _, plain = full_run
+    eval_data = write_eval_data(root / "heldout.parquet")
+    _, evaluated = driver_run(scripted_model_dir, root, "evaluated", "trainer.total_steps=4",
+                              f"eval.files=[{eval_data}]", "eval.every_steps=1", "eval.k=4", "eval.temperature=0.02")
+    final = Path("checkpoints") / "step_000004"
+    state = lambda run: torch.load(run / final / "trainer_state.pt", weights_only=False)  # noqa: E731
+    assert str(state(plain)["ledger"]) == str(state(evaluated)["ledger"])
+    assert state(plain)["stages"] == state(evaluated)["stages"] and state(evaluated)["version"] >= 1
+    weights = lambda run: load_file(str(run / final / "hf" / "model.safetensors"))  # noqa: E731
+    plain_w, eval_w = weights(plain), weights(evaluated)
+    assert plain_w.keys() == eval_w.keys()
+    for name in plain_w:
+        torch.testing.assert_close(plain_w[name], eval_w[name], atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+
+    rows = metrics(evaluated)
+    evals = [r for r in rows if "eval/sevens/avg@4" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2, 3, 4]
+    assert evals[0]["eval/sevens/avg@4"] == 1.0 and evals[0]["eval/mixed/avg@4"] == 0.5
+    train_keys = lambda r: {k: v for k, v in r.items() if not k.startswith(("time/", "eval/"))}  # noqa: E731
+    assert [train_keys(r) for r in metrics(plain)] == [train_keys(r) for r in rows if r not in evals]
+    saved = json.loads((evaluated / final / "eval.json").read_text())
+    assert saved["step"] == 4 and saved["policy_version"] == state(evaluated)["version"]
+    summary = (evaluated / "eval" / "summary.md").read_text()  # the driver's before/after table
+    assert "| sevens | avg@4 | 1.000 |" in summary and "step 0" in summary and "step 4" in summary
