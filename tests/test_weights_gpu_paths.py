@@ -345,3 +345,21 @@ def test_cuda_ipc_fills_every_rank_and_merges_handles_per_chunk():
     assert set(first["ipc_handles"]) == {"GPU-r0", "GPU-r1"} and first["names"] == [
         s.name for s in distinct_slots(buckets[0])]
     assert log[-1][1] == "done"
+
+
+def test_closing_a_broadcast_group_hides_only_an_already_closed_group():
+    from srpo_ray.weights.broadcast import BroadcastGroup
+
+    group = BroadcastGroup.__new__(BroadcastGroup)
+
+    class Closed:
+        def shutdown(self):
+            raise RuntimeError("already shut down")
+    group._pg = Closed()
+    group.close()  # fine
+
+    class Renamed:  # a torch that renamed the method must fail loudly, not leak the group
+        pass
+    group._pg = Renamed()
+    with pytest.raises(AttributeError):
+        group.close()

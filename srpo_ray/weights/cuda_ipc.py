@@ -29,7 +29,7 @@ import itertools
 from typing import TYPE_CHECKING, Any, Iterator
 
 from srpo_ray.weights.layout import BucketMeta, as_bytes, distinct_slots, plan_stream
-from srpo_ray.weights.nccl import HostCopy
+from srpo_ray.weights.nccl import HostCopy, check_slot
 from srpo_ray.weights.transport import PublishedWeights, WeightTransport, outcomes
 
 if TYPE_CHECKING:
@@ -109,7 +109,8 @@ class CudaIpcTransport(WeightTransport):
             self._handle = {str(torch.cuda.get_device_properties(device).uuid): args}
         meta = self._buckets[index]
         for slot in distinct_slots(meta):
-            _, tensor = next(self._tensors)
+            name, tensor = next(self._tensors)
+            check_slot(name, tensor, slot)
             self._buffer[slot.offset:slot.offset + slot.nbytes].copy_(as_bytes(tensor))
         if self.settings.rank == 0:
             self._host.slot(index, meta.nbytes).copy_(self._buffer[:meta.nbytes], non_blocking=True)

@@ -52,6 +52,14 @@ BUFFERS = 2  # one bucket being sent while the next fills
 POLL_S = 0.001
 
 
+def check_slot(name: str, tensor: "torch.Tensor", slot: Any) -> None:
+    """The receiver cuts the stream by the declared layout: a tensor that differs from
+    it would shift every byte after it (vLLM's NCCLTrainerWeightTransferEngine checks alike)."""
+    if name != slot.name or tensor.numel() * tensor.element_size() != slot.nbytes:
+        raise ValueError(f"weight stream yields {name} ({tensor.numel() * tensor.element_size()} bytes) where "
+                         f"its layout declared {slot.name} ({slot.nbytes} bytes)")
+
+
 class TransferAborted(RuntimeError):
     """The learner's send stopped: a receiver died (the fleet said so) or its deadline passed."""
 
@@ -188,6 +196,8 @@ class NcclTransport(WeightTransport):
                 pass  # join the gathers
             return 0
         if self._comm is None:
+            for _ in self._source.tensors():
+                pass  # the other ranks are gathering: keep them company, then fail
             raise RuntimeError("no NCCL weight group open here: the fleet opens one before sending")
         deadline = time.monotonic() + self.settings.timeout_s
         aborted = (lambda: self._control.check([key])) if key else (lambda: False)
@@ -201,9 +211,10 @@ class NcclTransport(WeightTransport):
         owners = [(i, s, j == 0, j == len(d) - 1) for i, m in enumerate(self._buckets)
                   for d in [distinct_slots(m)] for j, s in enumerate(d)]
         failure: TransferAborted | None = None
-        for (index, slot, first, last), (_, tensor) in zip(owners, self._source.tensors()):
+        for (index, slot, first, last), (name, tensor) in zip(owners, self._source.tensors()):
             if failure is not None:
                 continue  # keep joining the gathers: the other ranks must not hang in one
+            check_slot(name, tensor, slot)
             k = index % BUFFERS
             try:
                 if first and events[k] is not None:  # the buffer's previous bucket must be out
