@@ -15,6 +15,8 @@ import time
 import pytest
 import torch
 
+from fixtures_models import tiny_tied_model_dir  # noqa: F401 - fixture
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (pip install '.[gpu]')")]
@@ -105,8 +107,6 @@ def test_a_bf16_learner_updates_a_cuda_engine_over_every_one_gpu_transport(tiny_
 
 
 def test_a_sleeping_engine_wakes_for_the_update_and_for_sampling(tiny_model_dir, tmp_path):
-    import ray
-
     from conftest import ensure_local_ray
     from srpo_ray.records import Prompt
 
@@ -132,8 +132,6 @@ def test_a_sleeping_engine_wakes_for_the_update_and_for_sampling(tiny_model_dir,
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL between learner and generator needs two GPUs")
 def test_nccl_from_the_learner_to_a_generator_on_another_gpu(tiny_model_dir, tmp_path):
-    import ray
-
     from actors.generation import GenerationWorker
     from actors.learner import create_learner_group
     from conftest import ensure_local_ray

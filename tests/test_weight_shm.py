@@ -175,3 +175,67 @@ def test_workers_and_a_late_joiner_get_bit_identical_weights(tiny_model_dir):  #
         for handle in pool.workers + [source]:
             ray.kill(handle)
     assert not os.path.exists(published.detail.path)
+
+
+class SleepyEngine(KeepCopies):
+    """Stand-in engine with vLLM's sleep tags: refuses to sample or load while the
+    memory it needs is asleep, and logs every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.asleep: set[str] = set()
+        self.calls: list[str] = []
+
+    def sleep(self) -> None:
+        self.asleep = {"weights", "kv_cache"}
+        self.calls.append("sleep")
+
+    def wake_up(self, tags=None) -> bool:
+        self.asleep -= set(tags or ("weights", "kv_cache"))
+        self.calls.append(f"wake {sorted(tags or [])}")
+        return not self.asleep
+
+    def load_weight_stream(self, names, weights) -> None:
+        assert "weights" not in self.asleep, "loaded into released weight memory"
+        self.calls.append("load")
+        super().load_weight_stream(names, weights)
+
+    def generate(self, prompt_token_ids, n, temperature, top_p, max_new_tokens, seed):
+        from srpo_ray.records import Sample
+
+        assert not self.asleep, f"sampled with {self.asleep} asleep"
+        self.calls.append("generate")
+        return [[Sample([1], [-0.5], "x", "length") for _ in range(n)] for _ in prompt_token_ids]
+
+
+@ray.remote
+class SleepyWorker(GenerationWorkerImpl):
+    def __init__(self, model_dir: str, index: int):
+        super().__init__(model_dir, RolloutConfig(), "float32", 32, index, engine=SleepyEngine())
+
+    def calls(self) -> list[str]:
+        return self.engine.calls
+
+
+def test_colocated_generators_sleep_after_sampling_and_wake_for_update_then_sampling(tiny_model_dir):  # noqa: F811
+    """The fleet's sleep/wake sequence around a training step (what vLLM's sleep mode gets
+    on GPUs): generate, sleep, wake weights, load, wake KV cache, generate, sleep."""
+    from srpo_ray.records import Prompt
+
+    ensure_local_ray()
+    pool = WorkerPool("generation", lambda i: SleepyWorker.options(num_cpus=0.25).remote(tiny_model_dir, i), 1)
+    source = WeightSourceActor.options(num_cpus=0.1).remote("object_store", BUCKET_BYTES)
+    fleet = RayRolloutFleet(pool, sleep=True)
+    prompts = [Prompt("p", "math", [{"role": "user", "content": "1 + 1?"}], "2")]
+    sampling = {"n": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 4}
+    try:
+        fleet.generate(prompts, sampling, seed=0)
+        fleet.push_weights(ray.get(source.publish.remote(random_state(1))), 1)
+        assert fleet.generate(prompts, sampling, seed=1)[0].policy_version == 1
+        fleet.generate(prompts, sampling, seed=2)  # no update in between: wakes everything
+        assert ray.get(pool.workers[0].calls.remote()) == [
+            "generate", "sleep", "wake ['weights']", "load", "wake ['kv_cache']", "generate", "sleep",
+            "wake ['kv_cache', 'weights']", "generate", "sleep"]
+    finally:
+        for handle in pool.workers + [source]:
+            ray.kill(handle)

@@ -20,7 +20,7 @@ from srpo_ray.weights.cuda_ipc import CudaIpcTransport, check_back_to_back, chun
 from srpo_ray.weights.layout import TensorSpec, distinct_slots, plan_stream, streaming_peak_bytes
 from srpo_ray.weights.nccl import NcclDetail, NcclTransport, TransferAborted, update_info, wait_until, worker_init_info
 from srpo_ray.weights.object_store import ObjectStoreTransport
-from srpo_ray.weights.reload_file import FOLDER_PREFIX, ReloadFolder, write_safetensors
+from srpo_ray.weights.reload_file import FOLDER_PREFIX, ReloadFolder
 from srpo_ray.weights.source import ModelSource, StateDictSource
 from srpo_ray.weights.transport import PublishedWeights, SenderSettings, WeightDeliveryError
 
