@@ -95,7 +95,8 @@ def test_a_bf16_learner_updates_a_cuda_engine_over_every_one_gpu_transport(tiny_
         before = torch.tensor(ray.get(fleet.pool.workers[0].token_logprobs.remote(PROMPT, RESPONSE)))
         for transport in ("cuda_ipc", "shared_memory", "object_store"):
             published = ray.get(learner.handles[0].publish_weights.remote(transport))
-            published.sources = list(learner.handles)
+            if published.every_rank_sends:  # what LearnerGroup.publish_weights does
+                published.sources = list(learner.handles)
             assert published.transport == transport
             fleet.push_weights(published, fleet.version + 1)
             _assert_holds(fleet.pool.workers, model, fleet.version)

@@ -135,8 +135,8 @@ class LearnerGroup:
         0's record goes to the rollout fleet's push_weights."""
         refs = [h.publish_weights.remote() for h in self.handles]
         published = self._get("publish_weights", refs)[0]
-        if published is not None and hasattr(published, "sources"):
-            published.sources = list(self.handles)  # transports that stream need every rank's gathers
+        if getattr(published, "every_rank_sends", False):
+            published.sources = list(self.handles)  # nccl, cuda_ipc: each send gathers on every rank
         return published
 
     def save(self, directory: str) -> None:

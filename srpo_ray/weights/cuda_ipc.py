@@ -86,7 +86,8 @@ class CudaIpcTransport(WeightTransport):
         if self.settings.rank != 0:
             return None
         return PublishedWeights(self.name, self._buckets, source=self.ops.current_actor(),
-                                timeout_s=self.settings.timeout_s, publish_id=self._publish_id)
+                                timeout_s=self.settings.timeout_s, publish_id=self._publish_id,
+                                every_rank_sends=True)
 
     def serve_fill(self, publish_id: int, index: int) -> dict[str, tuple]:
         """Gather chunk `index`'s tensors (every rank, in order), copy them into this

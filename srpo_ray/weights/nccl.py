@@ -158,7 +158,8 @@ class NcclTransport(WeightTransport):
             return None
         detail = NcclDetail(self._control_store(), self.settings.tensor_parallel_size, self.settings.bucket_bytes)
         return PublishedWeights(self.name, self._buckets, source=self.ops.current_actor(),
-                                timeout_s=self.settings.timeout_s, detail=detail, publish_id=self._publish_id)
+                                timeout_s=self.settings.timeout_s, detail=detail, publish_id=self._publish_id,
+                                every_rank_sends=True)
 
     def _control_store(self) -> tuple[str, int]:
         from srpo_ray.weights.broadcast import free_port, open_store

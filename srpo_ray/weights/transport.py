@@ -57,10 +57,11 @@ class PublishedWeights:
 
     transport: the transport's name. buckets: the layout, in sending order. source:
     the publishing actor's handle (it serves the transport's calls: sends, catch-up
-    copies). sources: every learner rank (cuda_ipc: each rank feeds the generators on
-    its own GPU). detail: the transport's own record (a shared-memory file reference,
-    object-store refs, a rendezvous endpoint). timeout_s: how long any wait for a peer
-    may take. publish_id: distinct per publish of one publisher."""
+    copies). sources: every learner rank, filled in by the learner group when
+    `every_rank_sends` (nccl, cuda_ipc: a send gathers, a collective of all ranks).
+    detail: the transport's own record (a shared-memory file reference, object-store
+    refs, a rendezvous endpoint). timeout_s: how long any wait for a peer may take.
+    publish_id: distinct per publish of one publisher."""
 
     transport: str
     buckets: list[BucketMeta]
@@ -69,6 +70,7 @@ class PublishedWeights:
     detail: Any = None
     sources: list[Any] = field(default_factory=list)
     publish_id: int = 0
+    every_rank_sends: bool = False
 
     @property
     def nbytes(self) -> int:
