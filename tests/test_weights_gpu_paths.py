@@ -323,6 +323,10 @@ def test_cuda_ipc_fills_every_rank_and_merges_handles_per_chunk():
 
         def remote(self, transport, op, *args):
             log.append((self.who, op, args[:1] if op in ("fill", "chunk") else ()))
+            if op == "gpu":
+                return Ref(value=f"GPU-{self.who.replace('g', 'r')}")  # g0 on r0's GPU, g2 on none
+            if op == "load":  # the host copy, through the object store
+                return Ref(value=5)
             if op == "fill":
                 return Ref(value={f"GPU-{self.who}": ("args", args[1])})
             if op == "chunk":
@@ -331,12 +335,18 @@ def test_cuda_ipc_fills_every_rank_and_merges_handles_per_chunk():
 
     def actor(who):
         return type("A", (), {"weights_call": Call(who)})()
-    members = [type("M", (), {"handle": actor(g)})() for g in ("g0", "g1")]
+    members = [type("M", (), {"handle": actor(g)})() for g in ("g0", "g1", "g2")]
     buckets = plan_stream([TensorSpec(f"w{i}", "bfloat16", (1000,)) for i in range(5)], 3000, "vllm_packed")
-    published = PublishedWeights("cuda_ipc", buckets, source=actor("r0"), sources=[actor("r0"), actor("r1")],
+    source = actor("r0")
+    source.weights_call.remote = lambda transport, op, *a: Ref(value="copy") if op == "catch_up" else \
+        Call("r0").remote(transport, op, *a)
+    published = PublishedWeights("cuda_ipc", buckets, source=source, sources=[actor("r0"), actor("r1")],
                                  publish_id=2)
-    out = CudaIpcTransport(RefOps()).deliver(published, members, 5)
-    assert out[0] == 5 and isinstance(out[1], RuntimeError)
+    ops = RefOps()
+    ops.put = lambda value: Ref(value=value)
+    out = CudaIpcTransport(ops).deliver(published, members, 5)
+    assert out[0] == 5 and isinstance(out[1], RuntimeError) and out[2] == 5  # g2 loaded the host copy
+    assert ("g2", "load", ()) in log and not [e for e in log if e[0] == "g2" and e[1] in ("start", "chunk")]
     fills = [(who, args) for who, op, args in log if op == "fill"]
     assert fills == [(r, (2,)) for _ in buckets for r in ("r0", "r1")]
     chunks = [entry for entry in log if entry[1] == "chunk"]
@@ -344,7 +354,7 @@ def test_cuda_ipc_fills_every_rank_and_merges_handles_per_chunk():
     first = chunks[0][2][0]
     assert set(first["ipc_handles"]) == {"GPU-r0", "GPU-r1"} and first["names"] == [
         s.name for s in distinct_slots(buckets[0])]
-    assert log[-1][1] == "done"
+    assert [e[1] for e in log][-2:] == ["done", "load"]
 
 
 def test_closing_a_broadcast_group_hides_only_an_already_closed_group():

@@ -21,7 +21,8 @@ Every learner rank serves the generators on its own GPU, and all ranks gather to
 (FSDP collectives): the fleet calls `fill` on every rank for each chunk, merges the
 handles of all ranks ({GPU UUID: handle}) and sends the merged dict to every generator,
 which picks its GPU's. A generator that dies costs nothing to the others (no group).
-A late joiner (on a GPU of its own) loads an object-store copy of rank 0's host copy.
+A generator on no learner rank's GPU (added later, or a replacement placed elsewhere)
+loads an object-store copy of rank 0's host copy instead, as late joiners do.
 """
 from __future__ import annotations
 
@@ -45,6 +46,14 @@ def chunk_update_info(meta: BucketMeta, handles: dict[str, tuple]) -> dict:
     return {"names": [s.name for s in slots], "dtype_names": [s.dtype for s in slots],
             "shapes": [list(s.shape) for s in slots], "tensor_sizes": [s.nbytes for s in slots],
             "ipc_handles": handles}
+
+
+def gpu_uuid() -> str:
+    """The UUID of this process's GPU, as vLLM's IPC consumer looks it up (str of
+    torch.cuda.get_device_properties(i).uuid)."""
+    import torch
+
+    return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
 
 
 def check_back_to_back(buckets: list[BucketMeta]) -> None:
@@ -105,9 +114,8 @@ class CudaIpcTransport(WeightTransport):
         if self._buffer is None or self._buffer.numel() < size:
             self._buffer, self._handle = torch.empty(size, dtype=torch.uint8, device="cuda"), None
         if self._handle is None:  # one export per update: vLLM's importer releases it once, at finish
-            device = torch.cuda.current_device()
             _, args = reduce_tensor(self._buffer)
-            self._handle = {str(torch.cuda.get_device_properties(device).uuid): args}
+            self._handle = {gpu_uuid(): args}
         meta = self._buckets[index]
         for slot in distinct_slots(meta):
             name, tensor = next(self._tensors)
@@ -120,6 +128,10 @@ class CudaIpcTransport(WeightTransport):
         if self._next_chunk == len(self._buckets):
             self._tensors = None
         return self._handle
+
+    def serve_gpu(self) -> str:
+        """This rank's GPU UUID (what its IPC handles are keyed by)."""
+        return gpu_uuid()
 
     def serve_done(self) -> None:
         """After the update: the generators released their mappings (finish)."""
@@ -143,6 +155,9 @@ class CudaIpcTransport(WeightTransport):
         self._buffer, self._handle, self._tensors = None, None, None
 
     # ------------------------------------------------------------------ generation side
+    def receive_gpu(self, receiver: "Receiver") -> str:
+        return gpu_uuid()
+
     def receive_start(self, receiver: "Receiver", names: list[str]) -> None:
         if not self._joined:
             receiver.engine_call("init_weight_transfer", {"packed": True})
@@ -159,30 +174,42 @@ class CudaIpcTransport(WeightTransport):
 
     # ------------------------------------------------------------------ fleet side
     def deliver(self, published: PublishedWeights, members: list[Any], version: int) -> list[Any]:
+        """Members on a learner rank's GPU read the chunks in place; any other (added
+        later, or a replacement placed elsewhere) loads the host copy afterwards."""
         if not members:
             return []
         ranks = published.sources or [published.source]
         names = [s.name for b in published.buckets for s in distinct_slots(b)]
-        results: list[Any] = outcomes(self.ops, [m.handle.weights_call.remote(self.name, "start", names)
-                                                 for m in members])
+        learner_gpus = set(self.ops.get([r.weights_call.remote(self.name, "gpu") for r in ranks]))
+        gpus = outcomes(self.ops, [m.handle.weights_call.remote(self.name, "gpu") for m in members])
+        away = [i for i, g in enumerate(gpus) if not isinstance(g, BaseException) and g not in learner_gpus]
+        results: list[Any] = outcomes(self.ops, [
+            m.handle.weights_call.remote(self.name, "start", names) if i not in away else self.ops.put(None)
+            for i, m in enumerate(members)])
+        for i, g in enumerate(gpus):
+            if isinstance(g, BaseException):
+                results[i] = g
         for index, meta in enumerate(published.buckets):
             handles: dict[str, tuple] = {}
             for h in self.ops.get([r.weights_call.remote(self.name, "fill", published.publish_id, index)
                                    for r in ranks]):
                 handles.update(h)
-            live = [i for i, r in enumerate(results) if not isinstance(r, BaseException)]
+            live = [i for i, r in enumerate(results) if not isinstance(r, BaseException) and i not in away]
             update = chunk_update_info(meta, handles)
             loaded = outcomes(self.ops, [members[i].handle.weights_call.remote(self.name, "chunk", update)
                                          for i in live])
             for i, out in zip(live, loaded):
                 if isinstance(out, BaseException):
                     results[i] = out
-        live = [i for i, r in enumerate(results) if not isinstance(r, BaseException)]
+        live = [i for i, r in enumerate(results) if not isinstance(r, BaseException) and i not in away]
         finished = outcomes(self.ops, [members[i].handle.weights_call.remote(self.name, "finish", version)
                                        for i in live])
         for i, out in zip(live, finished):
             results[i] = out
         self.ops.get([r.weights_call.remote(self.name, "done") for r in ranks])
+        caught_up = outcomes(self.ops, [self.catch_up(published, members[i].handle, version) for i in away])
+        for i, out in zip(away, caught_up):
+            results[i] = out
         return results
 
     def catch_up(self, published: PublishedWeights, handle: Any, version: int) -> Any:
