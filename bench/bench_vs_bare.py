@@ -102,10 +102,9 @@ def check_bare_supports(cfg: SRPOConfig) -> None:
 def differences(cfg: SRPOConfig) -> list[str]:
     """Every way the two sides differ (the same: prompts, seeds, reward, advantages,
     batch, loss, optimizer, micro-batch, sampling and engine settings)."""
-    from srpo_ray.weight_sync import resolve_transport
+    from srpo_ray.weights.transport import resolve_for
 
-    transport = resolve_transport(cfg.rollout.weight_transport, cfg.learner.gpus_per_rank > 0,
-                                  cfg.rollout.gpus_per_worker > 0, cfg.cluster.colocate)
+    transport = resolve_for(cfg)
     ranks, threads = cfg.learner.num_ranks, max(1, int(cfg.learner.cpus_per_rank))
     return [
         f"processes: srpo-ray = a driver + Ray actors ({cfg.rollout.num_workers} vLLM generation worker(s), "

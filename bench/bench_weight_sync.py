@@ -4,7 +4,7 @@
         [--bucket-mb 64] [--receivers 1,2,4] [--engines 1,2] [--repeats 3]
 
 A random Qwen2 of about 330 MB (float32, untied) is built in a temporary folder. A
-WeightSource actor (the same WeightPublisher a learner's rank 0 uses, without the FSDP
+WeightSource actor (the same WeightSender a learner's rank 0 uses, without the FSDP
 gather) publishes its state dict; the rollout fleet delivers it (RayRolloutFleet.push_weights),
 scaled up with `scale_to` between sizes. Two kinds of receiver:
 

@@ -115,6 +115,14 @@ def plan_placement(cfg: SRPOConfig, roles: tuple[str, ...] = ROLES) -> Placement
                           f"{ro.tensor_parallel_size}: each tensor-parallel shard needs its own GPU; "
                           f"set rollout.gpus_per_worker={ro.tensor_parallel_size}")
 
+    fractional_learner = lr.num_ranks > 1 and 0 < lr.gpus_per_rank < 1
+    if fractional_learner and LEARNER in roles and not c.colocate:
+        raise ConfigError(
+            f"learner.gpus_per_rank={lr.gpus_per_rank:g} with learner.num_ranks={lr.num_ranks}: Ray may give two "
+            "ranks shares of one GPU, and NCCL then fails (\"Duplicate GPU detected\"); give each rank a whole "
+            "GPU (learner.gpus_per_rank=1), or set cluster.colocate=true so each rank's bundle (the rank plus "
+            "its generators) adds up to one whole GPU")
+
     learner_one = _request(lr.cpus_per_rank, lr.gpus_per_rank)
     rollout_one = _request(ro.cpus_per_worker, ro.gpus_per_worker)
     reward_one = _request(rw.cpus_per_worker, 0.0)
@@ -246,6 +254,13 @@ def _colocated_group(cfg: SRPOConfig, learner_one: dict[str, float], rollout_one
         gens = [j for j in range(cfg.rollout.num_workers) if j % num_ranks == i]
         bundle = _add(learner_one, *[rollout_one] * len(gens))
         gpu = bundle.get("GPU", 0.0)
+        lone_share = num_ranks > 1 and 0 < cfg.learner.gpus_per_rank < 1
+        if lone_share and gpu != 1.0:
+            raise ConfigError(
+                f"cluster.colocate: learner rank {i} shares its GPU with {len(gens)} generator(s), {gpu:g} GPU in "
+                f"all; with {num_ranks} ranks each bundle must add up to exactly one GPU, so no two ranks can land "
+                f"on one (NCCL: \"Duplicate GPU detected\"): make learner.gpus_per_rank + {len(gens)} x "
+                "rollout.gpus_per_worker = 1")
         if gpu > 1 and not float(gpu).is_integer():
             raise ConfigError(
                 f"cluster.colocate: learner rank {i} and its {len(gens)} generator(s) ask for {gpu:g} GPUs "

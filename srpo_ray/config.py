@@ -13,6 +13,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from srpo_ray.weights.transport import resolve_for
 from srpo_ray.config_schema import (AlgoConfig, ClusterConfig, DataConfig, EvalConfig, LearnerConfig, MetricsConfig,
                                     ModelConfig, OptimConfig, ResampleConfig, RewardConfig, RolloutConfig,
                                     SRPOConfig, StageConfig, TrainerConfig, TRACKERS)
@@ -21,7 +22,7 @@ from srpo_ray.rewards.plugins import check_plugins
 
 __all__ = ["AlgoConfig", "ClusterConfig", "ConfigError", "DataConfig", "EvalConfig", "LearnerConfig", "MetricsConfig",
            "ModelConfig", "OptimConfig", "ResampleConfig", "RewardConfig", "RolloutConfig", "SRPOConfig",
-           "StageConfig", "TrainerConfig", "load_config", "parse_cli", "to_yaml", "validate"]
+           "StageConfig", "TrainerConfig", "load_config", "parse_cli", "resolve_dtype", "to_yaml", "validate"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -102,6 +103,17 @@ def _describe(e: OmegaConfBaseException) -> str:
     return msg
 
 
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_dtype(dtype: str, on_gpu: bool) -> str:
+    """model.dtype for one role: auto is bfloat16 on a role with GPUs (FlashAttention,
+    half the memory), float32 on a CPU role (no bf16 units on most CPUs: 4.5x slower)."""
+    if dtype == "auto":
+        return "bfloat16" if on_gpu else "float32"
+    return dtype
+
+
 def validate(cfg: SRPOConfig) -> None:
     """Checks that types alone cannot express; each error names the key."""
     def need(ok: bool, key: str, why: str) -> None:
@@ -114,15 +126,14 @@ def validate(cfg: SRPOConfig) -> None:
     need(cfg.learner.num_ranks >= 1, "learner.num_ranks", "need at least one learner rank")
     need(cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0 (sampling, not greedy)")
     need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
-    need(cfg.rollout.weight_transport in ("auto", "shared_memory", "object_store", "broadcast"),
-         "rollout.weight_transport", "must be auto, shared_memory, object_store or broadcast")
+    try:
+        resolve_for(cfg)  # names the key and the fix (srpo_ray/weights/transport.py)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     need(cfg.rollout.weight_bucket_mb > 0, "rollout.weight_bucket_mb", "must be > 0 (MiB per weight bucket)")
     need(cfg.rollout.max_staleness >= 0, "rollout.max_staleness", "must be >= 0 (0 = on-policy)")
     need(not cfg.rollout.one_step_off or cfg.rollout.max_staleness >= 1, "rollout.one_step_off",
          "trains on rollouts one weight version old: set rollout.max_staleness >= 1 too")
-    need(not (cfg.rollout.weight_transport == "broadcast" and cfg.cluster.colocate and cfg.rollout.gpus_per_worker > 0),
-         "rollout.weight_transport", "broadcast needs the generators on GPUs of their own (NCCL refuses two "
-         "ranks on one GPU); use object_store (or auto) with cluster.colocate=true")
     need(0 <= cfg.algo.eps_low < 1, "algo.eps_low", "must be in [0, 1)")
     need(cfg.algo.eps_high >= 0, "algo.eps_high", "must be >= 0")
     need(cfg.algo.loss_agg in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),
@@ -139,8 +150,15 @@ def validate(cfg: SRPOConfig) -> None:
     need(cfg.learner.max_tokens_per_micro_batch >= 0, "learner.max_tokens_per_micro_batch",
          "must be >= 0 (0 = no token cap)")
     need(cfg.learner.backend in ("auto", "nccl", "gloo"), "learner.backend", "must be auto, nccl or gloo")
-    need(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
-         "must be float32, bfloat16 or float16")
+    need(cfg.model.dtype != "float16", "model.dtype", "float16 is refused: the learner has no loss scaling, so "
+         "small gradients would underflow to zero without a warning; use bfloat16 (or auto)")
+    need(cfg.model.dtype in DTYPES, "model.dtype", f"{cfg.model.dtype!r}: must be one of {', '.join(DTYPES)}")
+    need(cfg.learner.backend != "nccl" or cfg.learner.gpus_per_rank > 0, "learner.backend",
+         "nccl needs GPUs: set learner.gpus_per_rank > 0, or learner.backend=gloo (or auto) on CPU")
+    need(cfg.learner.backend != "gloo" or cfg.learner.gpus_per_rank == 0, "learner.backend",
+         "gloo with learner.gpus_per_rank > 0 would train on the CPU; use learner.backend=auto (nccl)")
+    need(cfg.rollout.gpu_kv_cache_memory_bytes >= 0, "rollout.gpu_kv_cache_memory_bytes",
+         "must be >= 0 (0 = from gpu_memory_utilization)")
     modes = ("verify", "number")
     need(cfg.reward.math_answer_mode in modes, "reward.math_answer_mode", f"must be one of {modes}")
     for source, mode in cfg.reward.math_answer_modes.items():

@@ -23,9 +23,11 @@ class ModelConfig:
     wheel and converted once to HF files in `cache_dir`. Nothing is fetched from a hub."""
     cache_dir: str = "~/.cache/srpo_ray/models"
     """Where builtin models are converted to HF files (once)."""
-    dtype: str = "float32"
-    """Parameter dtype for learner and generators: float32, bfloat16 or float16.
-    Use float32 on CPUs without bf16 support."""
+    dtype: str = "auto"
+    """Compute dtype of learner and generators: auto (bfloat16 on a role with GPUs,
+    float32 on a CPU role), float32 or bfloat16. The learner keeps float32 master weights
+    and AdamW state either way (bf16 compute, fp32 gradient reduction). float16 is
+    refused: without loss scaling small gradients underflow to zero silently."""
 
 
 @dataclass
@@ -67,8 +69,24 @@ class RolloutConfig:
     cpus_per_worker: float = 1.0
     """CPUs Ray reserves for each generation worker."""
     tensor_parallel_size: int = 1
+    """GPUs per vLLM engine (gpus_per_worker must equal it). TP > 1 runs the engine's
+    workers as processes inside the generation actor, which owns all its GPUs
+    (vLLM's "mp" executor)."""
     gpu_memory_utilization: float = 0.5
-    """Share of GPU memory vLLM may take (GPU only)."""
+    """Share of GPU memory vLLM may take (GPU only; measured at engine start, so with
+    cluster.colocate the learner is set up first)."""
+    gpu_kv_cache_memory_bytes: int = 0
+    """GPU only: a fixed KV-cache size in bytes instead of what gpu_memory_utilization
+    leaves (0). Useful when colocated: it does not depend on what else holds memory
+    when the engine starts."""
+    enforce_eager: bool = False
+    """GPU only: no CUDA graphs or torch.compile (an engine starts in seconds, samples
+    slower; the GPU tests use it). CPU engines always run eager."""
+    sleep_while_training: bool = True
+    """GPU, cluster.colocate only: generators release their GPU memory (vLLM sleep
+    level 1: KV cache dropped, weights to host memory) after generating, and wake for
+    the weight update and the next generation, so the learner trains with that memory.
+    Off with rollout.one_step_off (generation then runs while the learner trains)."""
     kv_cache_memory_bytes: int = 1073741824
     """KV-cache size for vLLM on CPU (bytes), allocated at start. It holds
     bytes / (2 * layers * kv_heads * head_dim * 4) tokens in float32: SmolLM2-135M
@@ -79,14 +97,18 @@ class RolloutConfig:
     max_new_tokens upward."""
     seed: int = 0
     weight_transport: str = "auto"
-    """How new weights reach the generators after each update, chosen at start-up:
-    shared_memory (learner rank 0 keeps one /dev/shm file of the model's size, reused
-    every update; generators on its node read it in place, others get an object-store
-    copy; needs that much free /dev/shm), object_store (rank 0 puts weight buckets into
-    Ray's object store; every generator fetches them), broadcast (rank 0 and the
-    generators form a torch.distributed group of their own, gloo on CPU or NCCL on GPU,
-    and each bucket is one broadcast), or auto: broadcast when learner and generators
-    sit on separate GPUs (NCCL), shared_memory when all are on CPU (measured fastest:
+    """How new weights reach the generators after each update, chosen at start-up
+    (srpo_ray/weights/): shared_memory (learner rank 0 keeps one /dev/shm file of the
+    model's size, reused every update; generators on its node read it in place, others
+    get an object-store copy; needs that much free /dev/shm), object_store (rank 0 puts
+    weight buckets into Ray's object store; every generator fetches them), broadcast
+    (between CPU roles a gloo group of rank 0 and the generators, each bucket one
+    broadcast; between GPU roles the same as nccl), nccl (vLLM's NCCL weight transfer:
+    learner and generators on whole GPUs of their own; each tensor-parallel worker
+    receives every bucket straight into its GPU), cuda_ipc (cluster.colocate on GPUs:
+    a generator reads its learner rank's bucket in place on the shared GPU), or auto:
+    nccl between separate whole GPUs, cuda_ipc when colocated on GPUs with
+    tensor_parallel_size 1, shared_memory when all are on CPU (measured fastest:
     bench/bench_weight_sync.py), else object_store."""
     weight_bucket_mb: float = 256.0
     """Size of one weight bucket (MiB): the unit that is sent, received and loaded at a
@@ -249,9 +271,13 @@ class LearnerConfig:
     on one CPU box one rank using every core trains faster than several sharing them
     (SmolLM2-135M, 2 cores: 1 rank x 2 threads 37-39 s a step, 2 ranks x 1 thread 68 s)."""
     gpus_per_rank: float = 0.0
+    """GPUs per rank: 0 (CPU), a whole number, or a share below 1 only for one rank or
+    with cluster.colocate (each bundle then adds up to one whole GPU): two NCCL ranks on
+    one GPU fail ("Duplicate GPU detected")."""
     cpus_per_rank: float = 1.0
     backend: str = "auto"
-    """torch.distributed backend: auto (nccl on GPU, gloo on CPU), nccl or gloo."""
+    """torch.distributed backend: auto (nccl when gpus_per_rank > 0, gloo otherwise),
+    nccl or gloo. Decided from the config, not from the GPUs a process can see."""
     micro_batch_size: int = 8
     """Most sequences per forward/backward pass on each rank. Sequences are grouped
     longest first, so a micro-batch holds similar lengths (learner/padding_frac reports

@@ -13,8 +13,9 @@ so every rank must run the SAME number of passes. Ranks agree on the micro-batch
 (all-reduce MAX); a rank with fewer (or no) sequences runs zero-weighted dummy passes.
 
 Precision. Parameters and AdamW state are float32 on every rank; model.dtype
-(bfloat16/float16) is the compute dtype FSDP2 casts gathered weights to, with fp32
-gradient reduction. Weights handed out (full_state_dict, hf/) are in model.dtype.
+(auto: bfloat16 on GPUs, float32 on CPUs) is the compute dtype FSDP2 casts gathered
+weights to, with fp32 gradient reduction. Weights handed out (full_state_dict, hf/)
+are in that dtype.
 
 Reference policy. With algo.kl_coef > 0 every rank also keeps a frozen copy of the
 initial policy (model.path), sharded the same way, held in model.dtype, with no
@@ -41,7 +42,7 @@ from torch import nn
 from srpo_ray.algo.loss import policy_loss
 from srpo_ray.batch import (TrainBatch, loss_denominator as local_denominator, micro_batches,
                             split_into_chunks)
-from srpo_ray.config import SRPOConfig
+from srpo_ray.config import SRPOConfig, resolve_dtype
 from srpo_ray.learner_state import (ShardedWeightsIO, build_sharded_model, load_full_weights,
                                     release_free_memory, set_heap_policy)
 
@@ -69,11 +70,26 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask:
     logprobs[mask] = picked
     if not with_entropy:
         return logprobs, None
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+    if entropy_grad and torch.is_grad_enabled():  # a loss term: the full graph is needed
         per_row = lse - (torch.softmax(rows, dim=-1) * rows).sum(-1)
+    else:  # a metric: ENTROPY_CHUNK_ROWS rows at a time, no graph ([N, V] temporaries
+        per_row = _entropy_no_grad(rows, lse)  # were 10s of GB at 16k tokens x 152k vocab)
     entropy = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
     entropy[mask] = per_row
     return logprobs, entropy
+
+
+ENTROPY_CHUNK_ROWS = 1024
+
+
+@torch.no_grad()
+def _entropy_no_grad(rows: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(rows) per row, ENTROPY_CHUNK_ROWS rows at a time."""
+    out = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+    for start in range(0, rows.shape[0], ENTROPY_CHUNK_ROWS):
+        chunk, chunk_lse = rows[start:start + ENTROPY_CHUNK_ROWS], lse[start:start + ENTROPY_CHUNK_ROWS]
+        out[start:start + chunk.shape[0]] = chunk_lse - (torch.softmax(chunk, dim=-1) * chunk).sum(-1)
+    return out
 
 
 class FSDPLearner(ShardedWeightsIO):
@@ -106,7 +122,7 @@ class FSDPLearner(ShardedWeightsIO):
         cfg = self.cfg
         if cfg.learner.low_host_memory:
             set_heap_policy()  # before the process group's threads start allocating
-        backend = _pick_backend(cfg.learner.backend)
+        backend = _pick_backend(cfg.learner.backend, cfg.learner.gpus_per_rank)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -117,7 +133,7 @@ class FSDPLearner(ShardedWeightsIO):
 
         # Master weights and AdamW state stay float32; with model.dtype bfloat16/float16
         # FSDP2 casts the gathered parameters for compute and reduces gradients in fp32.
-        self.compute_dtype = getattr(torch, cfg.model.dtype)
+        self.compute_dtype = getattr(torch, resolve_dtype(cfg.model.dtype, self.device.type == "cuda"))
         mp_policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
         full = load_full_weights(self.model_path) if self.rank == 0 else None
         model, self._tied_names = build_sharded_model(
@@ -368,12 +384,14 @@ def _accumulate(metrics: dict, sums: dict, weights: dict, maxima: dict) -> None:
             weights[name] = weights.get(name, 0.0) + tokens
 
 
-def _pick_backend(backend: str) -> str:
+def _pick_backend(backend: str, gpus_per_rank: float) -> str:
+    """From the config, not from the GPUs this process sees (Ray no longer hides a node's
+    GPUs from actors that asked for none)."""
     if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if gpus_per_rank > 0 else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
-        raise ValueError("learner.backend=nccl but this rank sees no CUDA device; use "
-                         "learner.backend=gloo (or auto) on CPU, or give ranks GPUs (learner.gpus_per_rank)")
+        raise ValueError(f"learner.backend=nccl with learner.gpus_per_rank={gpus_per_rank:g}, but this rank "
+                         "sees no CUDA device; check the node's GPUs (nvidia-smi) and that Ray advertises them")
     return backend
 
 

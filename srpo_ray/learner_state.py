@@ -179,6 +179,13 @@ class ShardedWeightsIO:
             state[self._tied_names[1]] = state[self._tied_names[0]]
         return state
 
+    def weight_source(self, dtype: torch.dtype, send_tied: bool = True):
+        """The weights streamed one parameter at a time, cast to `dtype` on this rank's
+        device (srpo_ray/weights/source.py): every rank iterates it together."""
+        from srpo_ray.weights.source import ModelSource
+
+        return ModelSource(self._require_setup(), dtype, self.rank, self._tied_names, send_tied)
+
     def save_checkpoint(self, directory: str) -> None:
         """Write `directory`/hf/ (rank 0: safetensors weights + config + tokenizer, loadable
         by transformers and vLLM) and `directory`/learner/ (every rank: its model and

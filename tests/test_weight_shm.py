@@ -1,4 +1,4 @@
-"""The shared_memory weight transport (srpo_ray/weight_shm.py).
+"""The shared_memory weight transport (srpo_ray/weights/shared_memory.py).
 
 Pure file mechanics first (versions, overwrite refusal, /dev/shm room, cleanup after
 a SIGKILL); then real Ray generation workers, with an engine that keeps a copy of
@@ -22,9 +22,9 @@ from conftest import REPO, ensure_local_ray
 from fixtures_models import tiny_model_dir  # noqa: F401
 from srpo_ray.config import RolloutConfig
 from srpo_ray.runtime.fleets import RayRolloutFleet, WorkerPool
-from srpo_ray.weight_shm import (SharedMemoryError, SharedWeightBuffer, SharedWeightReader,
-                                 WeightsSupersededError, check_shm_space, remove_stale_files)
-from srpo_ray.weight_sync import plan_buckets
+from srpo_ray.weights.layout import plan_buckets
+from srpo_ray.weights.shared_memory import (SharedMemoryError, SharedWeightBuffer, SharedWeightReader,
+                                            WeightsSupersededError, check_shm_space, remove_stale_files)
 
 BUCKET_BYTES = 4 << 10
 
@@ -99,7 +99,7 @@ def test_too_little_shared_memory_is_refused_naming_the_setting(monkeypatch):
 
     class Tiny:
         f_bavail, f_frsize = 1, 4096
-    monkeypatch.setattr("srpo_ray.weight_shm.os.statvfs", lambda path: Tiny)
+    monkeypatch.setattr("srpo_ray.weights.shared_memory.os.statvfs", lambda path: Tiny)
     buffer = SharedWeightBuffer("node")
     state = random_state(0)
     with pytest.raises(SharedMemoryError, match=r"needs [\d.]+ MiB in /dev/shm, only 0.0 MiB free.*--shm-size"):
@@ -109,7 +109,7 @@ def test_too_little_shared_memory_is_refused_naming_the_setting(monkeypatch):
 
 def test_a_killed_publishers_file_is_removed_by_the_next_publisher():
     script = ("import sys, time, torch; sys.path.insert(0, sys.argv[1]);"
-              "from srpo_ray.weight_shm import SharedWeightBuffer; from srpo_ray.weight_sync import plan_buckets;"
+              "from srpo_ray.weights.shared_memory import SharedWeightBuffer; from srpo_ray.weights.layout import plan_buckets;"
               "s = {'w': torch.ones(1000)}; b = SharedWeightBuffer('n'); b.write(s, plan_buckets(s, 4096)); b.wait();"
               "print(b.path, flush=True); time.sleep(60)")
     child = subprocess.Popen([sys.executable, "-c", script, str(REPO)], stdout=subprocess.PIPE, text=True)
@@ -158,7 +158,7 @@ def test_workers_and_a_late_joiner_get_bit_identical_weights(tiny_model_dir):  #
             state = random_state(version)
             published = ray.get(source.publish.remote(state))
             assert published.transport == "shared_memory" and len(published.buckets) > 2
-            assert os.path.exists(published.shared.path)
+            assert os.path.exists(published.detail.path)
             fleet.push_weights(published, version)
             for handle in pool.workers:
                 assert ray.get(handle.version.remote()) == version
@@ -167,11 +167,75 @@ def test_workers_and_a_late_joiner_get_bit_identical_weights(tiny_model_dir):  #
         assert [ray.get(h.version.remote()) for h in pool.workers] == [3, 3, 3]
         assert_same(ray.get(pool.workers[2].params.remote()), state)
         # an object-store copy (what a generator on another node loads) holds the same bytes
-        copy = ray.get(source.weight_catch_up.remote())
-        assert ray.get(pool.workers[0].load_weight_buckets.remote(copy, 3)) == 3
+        copy = ray.get(source.weights_call.remote("shared_memory", "catch_up"))
+        assert ray.get(pool.workers[0].weights_call.remote("object_store", "load", copy, 3)) == 3
         assert_same(ray.get(pool.workers[0].params.remote()), state)
     finally:
         ray.get(source.close_weights.remote())
         for handle in pool.workers + [source]:
             ray.kill(handle)
-    assert not os.path.exists(published.shared.path)
+    assert not os.path.exists(published.detail.path)
+
+
+class SleepyEngine(KeepCopies):
+    """Stand-in engine with vLLM's sleep tags: refuses to sample or load while the
+    memory it needs is asleep, and logs every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.asleep: set[str] = set()
+        self.calls: list[str] = []
+
+    def sleep(self) -> None:
+        self.asleep = {"weights", "kv_cache"}
+        self.calls.append("sleep")
+
+    def wake_up(self, tags=None) -> bool:
+        self.asleep -= set(tags or ("weights", "kv_cache"))
+        self.calls.append(f"wake {sorted(tags or [])}")
+        return not self.asleep
+
+    def load_weight_stream(self, names, weights) -> None:
+        assert "weights" not in self.asleep, "loaded into released weight memory"
+        self.calls.append("load")
+        super().load_weight_stream(names, weights)
+
+    def generate(self, prompt_token_ids, n, temperature, top_p, max_new_tokens, seed):
+        from srpo_ray.records import Sample
+
+        assert not self.asleep, f"sampled with {self.asleep} asleep"
+        self.calls.append("generate")
+        return [[Sample([1], [-0.5], "x", "length") for _ in range(n)] for _ in prompt_token_ids]
+
+
+@ray.remote
+class SleepyWorker(GenerationWorkerImpl):
+    def __init__(self, model_dir: str, index: int):
+        super().__init__(model_dir, RolloutConfig(), "float32", 32, index, engine=SleepyEngine())
+
+    def calls(self) -> list[str]:
+        return self.engine.calls
+
+
+def test_colocated_generators_sleep_after_sampling_and_wake_for_update_then_sampling(tiny_model_dir):  # noqa: F811
+    """The fleet's sleep/wake sequence around a training step (what vLLM's sleep mode gets
+    on GPUs): generate, sleep, wake weights, load, wake KV cache, generate, sleep."""
+    from srpo_ray.records import Prompt
+
+    ensure_local_ray()
+    pool = WorkerPool("generation", lambda i: SleepyWorker.options(num_cpus=0.25).remote(tiny_model_dir, i), 1)
+    source = WeightSourceActor.options(num_cpus=0.1).remote("object_store", BUCKET_BYTES)
+    fleet = RayRolloutFleet(pool, sleep=True)
+    prompts = [Prompt("p", "math", [{"role": "user", "content": "1 + 1?"}], "2")]
+    sampling = {"n": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 4}
+    try:
+        fleet.generate(prompts, sampling, seed=0)
+        fleet.push_weights(ray.get(source.publish.remote(random_state(1))), 1)
+        assert fleet.generate(prompts, sampling, seed=1)[0].policy_version == 1
+        fleet.generate(prompts, sampling, seed=2)  # no update in between: wakes everything
+        assert ray.get(pool.workers[0].calls.remote()) == [
+            "generate", "sleep", "wake ['weights']", "load", "wake ['kv_cache']", "generate", "sleep",
+            "wake ['kv_cache', 'weights']", "generate", "sleep"]
+    finally:
+        for handle in pool.workers + [source]:
+            ray.kill(handle)

@@ -1,4 +1,4 @@
-"""Bucketed, versioned weight sync (srpo_ray/weight_sync.py, the fleet's deliveries).
+"""Bucketed, versioned weight sync (srpo_ray/weights/: layout, transports, the fleet's deliveries).
 
 Pure bucketing first; then real Ray, real vLLM generation workers (two of the untied
 tiny model, one of the tied one) receiving weights from a WeightSource actor over each
@@ -14,13 +14,13 @@ from transformers import AutoModelForCausalLM
 
 from actors.generation import GenerationWorker
 from conftest import ensure_local_ray
-from actors.learner import MB, WeightSourceActor, create_learner_group, publisher_for
+from actors.learner import MB, WeightSourceActor, create_learner_group, sender_for
 from fixtures_models import (hf_logprobs, perturbed_state_dict, small_rollout_config,  # noqa: F401
                              tiny_model_dir, tiny_tied_model_dir)
 from srpo_ray.config import ConfigError, SRPOConfig, load_config
 from srpo_ray.runtime.fleets import RayRolloutFleet, WorkerPool
-from srpo_ray.weight_sync import (bucket_parts, pack_bucket, plan_buckets, resolve_transport, unpack_bucket,
-                                  unpack_parts)
+from srpo_ray.weights.layout import bucket_parts, pack_bucket, plan_buckets, unpack_bucket, unpack_parts
+from srpo_ray.weights.transport import resolve_transport
 
 TOL = 1e-3
 BUCKET_BYTES = 64 << 10  # the tiny models (~0.6 MB) then travel in about ten buckets
@@ -51,7 +51,7 @@ def test_bad_sizes_and_transports_are_refused():
     with pytest.raises(ValueError, match="weight_bucket_mb"):
         plan_buckets({"a": torch.zeros(2)}, 0)
     with pytest.raises(ValueError, match="rollout.weight_transport='carrier pigeon'"):
-        resolve_transport("carrier pigeon", False, False, False)
+        resolve_transport("carrier pigeon", 0, 0, False)
     with pytest.raises(ValueError, match="bucket of 3 bytes"):
         next(unpack_bucket(torch.zeros(3, dtype=torch.uint8), plan_buckets({"a": torch.zeros(2)}, 64)[0]))
     for override, key in (("rollout.weight_transport=udp", "rollout.weight_transport"),
@@ -61,16 +61,16 @@ def test_bad_sizes_and_transports_are_refused():
             load_config(None, [override])
 
 
-def test_auto_picks_broadcast_only_where_nccl_can_carry_it():
-    assert resolve_transport("auto", False, False, False) == "shared_memory"  # CPU: measured fastest
-    assert resolve_transport("auto", True, False, False) == "object_store"
-    assert resolve_transport("auto", True, True, False) == "broadcast"
-    assert resolve_transport("auto", True, True, True) == "object_store"  # colocated: one GPU, two ranks
-    assert resolve_transport("broadcast", False, False, False) == "broadcast"
+def test_auto_picks_nccl_only_where_nccl_can_carry_it():
+    assert resolve_transport("auto", 0, 0, False) == "shared_memory"  # CPU: measured fastest
+    assert resolve_transport("auto", 1, 0, False) == "object_store"
+    assert resolve_transport("auto", 1, 1, False) == "nccl"
+    assert resolve_transport("auto", 0.5, 0.5, True) == "cuda_ipc"  # colocated: one GPU, read in place
+    assert resolve_transport("broadcast", 0, 0, False) == "broadcast"
     cfg = SRPOConfig()
     cfg.rollout.weight_bucket_mb = 0.5
-    publisher = publisher_for(cfg)
-    assert (publisher.transport, publisher.backend, publisher.bucket_bytes) == ("shared_memory", "gloo", MB // 2)
+    sender = sender_for(cfg)
+    assert (sender.transport, sender.settings.bucket_bytes) == ("shared_memory", MB // 2)
 
 
 # ----------------------------------------------------------------------------- real Ray + vLLM

@@ -156,8 +156,12 @@ def _create_roles(cfg: SRPOConfig, model_path: str, placement) -> Roles:
     learner = create_learner_group(cfg, model_path, setup=False, actor_options=lambda r: with_actor_log(
         placement.actor_options("learner", r), logs, "learner", r))
     learner.log_dir = logs  # named when a rank dies
+    shares_gpus = cfg.cluster.colocate and cfg.rollout.gpus_per_worker > 0
+    if shares_gpus:  # vLLM sizes its KV cache from the GPU memory it measures at start:
+        learner.setup()  # the learner's weights must be there by then, not arrive during it
     rollout, rewards = _create_fleets(cfg, model_path, placement, logs=logs)
-    learner.setup()
+    if not shares_gpus:
+        learner.setup()  # meanwhile the generators start
     return Roles(rollout=rollout, rewards=rewards, learner=learner)
 
 
@@ -188,6 +192,19 @@ def actor_logs(cfg: SRPOConfig) -> str | None:
     return None if cfg.metrics.verbose else str(log_dir(cfg.trainer.run_dir))
 
 
+def generator_options(cfg: SRPOConfig) -> dict:
+    """What a generation worker's engine needs besides the rollout config: vLLM's own
+    weight-transfer engine for the nccl / cuda_ipc transports, and sleep mode when it
+    shares GPUs with the learner (srpo_ray/weights/transport.py, cluster/GPU.md)."""
+    from srpo_ray.weights.transport import resolve_for
+
+    transport = resolve_for(cfg)
+    on_gpu = cfg.rollout.gpus_per_worker > 0
+    return {"weight_transfer": {"nccl": "nccl", "cuda_ipc": "ipc"}.get(transport),
+            "sleep_mode": bool(on_gpu and cfg.cluster.colocate and cfg.rollout.sleep_while_training
+                               and not cfg.rollout.one_step_off)}
+
+
 def _create_fleets(cfg: SRPOConfig, model_path: str, placement, control_dir: str | None = "",
                    logs: str | None = None) -> tuple[RayRolloutFleet, RayRewardFleet]:
     """The generation and reward fleets. control_dir: where scale requests are read
@@ -202,6 +219,8 @@ def _create_fleets(cfg: SRPOConfig, model_path: str, placement, control_dir: str
                "OMP_WAIT_POLICY": "PASSIVE"}
     if not on_gpu:
         gen_env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine: starts in seconds on CPU
+        gen_env["CUDA_VISIBLE_DEVICES"] = ""  # Ray shows a GPU node's GPUs to actors that asked for none
+    gen_kwargs = generator_options(cfg)
 
     rollout_cfg = dataclasses.replace(cfg.rollout, max_model_len=cfg.rollout.max_model_len or (
         cfg.data.max_prompt_tokens + max(longest_response(cfg), cfg.eval.max_new_tokens)))
@@ -218,14 +237,14 @@ def _create_fleets(cfg: SRPOConfig, model_path: str, placement, control_dir: str
     def new_generator(i: int):
         options = with_actor_log({**rollout_options(i), "runtime_env": {"env_vars": gen_env}}, logs, "generation", i)
         return GenerationWorker.options(**options).remote(
-            model_path, rollout_cfg, cfg.model.dtype, cfg.data.max_prompt_tokens, i)
+            model_path, rollout_cfg, cfg.model.dtype, cfg.data.max_prompt_tokens, i, **gen_kwargs)
 
     def new_scorer(i: int):
-        return RewardWorker.options(**with_actor_log(placement.actor_options("reward", i), logs, "reward", i)).remote(
-            cfg.reward)
+        options = {**placement.actor_options("reward", i), "runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
+        return RewardWorker.options(**with_actor_log(options, logs, "reward", i)).remote(cfg.reward)
 
     rollout = RayRolloutFleet(WorkerPool("generation", new_generator, cfg.rollout.num_workers, log_dir=logs),
-                              max_staleness=cfg.rollout.max_staleness,
+                              max_staleness=cfg.rollout.max_staleness, sleep=gen_kwargs["sleep_mode"],
                               control_dir=cfg.trainer.run_dir if control_dir == "" else control_dir)
     rewards = RayRewardFleet(WorkerPool("reward", new_scorer, cfg.reward.num_workers, log_dir=logs))
     return rollout, rewards

@@ -4,17 +4,14 @@ Each fleet hands its work out in chunks over an elastic WorkerPool
 (srpo_ray/runtime/worker_pool.py): dead workers are replaced and their chunks re-issued, and
 the pool can be resized while a run goes (`scale_to`, or a request file written by
 `python -m srpo_ray.scale`). A new rollout worker loads the current weights before it
-serves. Weights reach the generators as the learner published them
-(srpo_ray/weight_sync.py): a shared-memory file on the learner's node, buckets in the
-object store, a broadcast from the learner's rank 0, or (fakes, old callers) an object
-ref to a whole state dict. Rollouts from
+serves. Weights reach the generators through the transport the learner published them
+with (srpo_ray/weights/: its fleet side, `deliver` and `catch_up`), or (fakes, old
+callers) as an object ref to a whole state dict. Rollouts from
 weights older than rollout.max_staleness allows are discarded and regenerated.
 """
 from __future__ import annotations
 
-import itertools
 import logging
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,9 +21,11 @@ from ray.exceptions import RayActorError
 
 from srpo_ray.records import Prompt, RolloutGroup, ScoredGroup
 from srpo_ray.scale import ScaleRequestError, read_scale_request
-from srpo_ray.weight_shm import WeightsSupersededError
-from srpo_ray.weight_sync import PublishedWeights, StalePolicyError
+from srpo_ray.runtime.ray_ops import RayOps
 from srpo_ray.runtime.worker_pool import MAX_REPLACEMENTS_PER_CALL, RETRY, Member, WorkerPool, split
+from srpo_ray.weights.shared_memory import WeightsSupersededError
+from srpo_ray.weights.transport import (PublishedWeights, StalePolicyError, WeightDeliveryError,
+                                        WeightTransport, transport_class)
 
 __all__ = ["RayRolloutFleet", "RayRewardFleet", "WorkerPool", "split"]
 log = logging.getLogger(__name__)
@@ -41,12 +40,15 @@ class RayRolloutFleet:
     `python -m srpo_ray.scale` writes resize requests (the run dir); None: no requests."""
 
     def __init__(self, pool: WorkerPool, chunks_per_worker: int = 2, max_staleness: int = 0,
-                 control_dir: str | Path | None = None):
+                 control_dir: str | Path | None = None, sleep: bool = False):
+        """sleep: the generators share GPUs with the learner; their engines release
+        their memory after each generate call and wake for the weight update (weights)
+        and the next call (KV cache): vLLM's sleep mode, as verl, OpenRLHF and slime do."""
         self.pool, self.chunks_per_worker = pool, chunks_per_worker
-        self.max_staleness, self.control_dir = max_staleness, control_dir
+        self.max_staleness, self.control_dir, self.sleep = max_staleness, control_dir, sleep
         self.version = 0  # the latest pushed version; the model_path weights are version 0
         self._delivery: _Delivery | None = None
-        self._groups = _BroadcastGroups()
+        self._transports: dict[str, WeightTransport] = {}  # fleet sides, kept (groups live there)
         self._applied_request: str | None = None
         self._counts: Counter = Counter()
 
@@ -78,8 +80,39 @@ class RayRolloutFleet:
                 return self._discard(len(groups))
             return groups
 
+        if self.sleep:
+            self._wake(("weights", "kv_cache"))
         results = self.pool.map_chunks(chunks, submit, receive)
+        if self.sleep:
+            self._put_to_sleep()
         return [group for chunk in results for group in chunk]
+
+    def wake(self) -> None:
+        """Every engine fully awake (before calling workers directly, e.g. token_logprobs)."""
+        if self.sleep:
+            self._wake(("weights", "kv_cache"))
+
+    def _put_to_sleep(self) -> None:
+        members = [m for m in self.pool.ready() if not m.asleep]
+        for m, out in zip(members, _outcomes([m.handle.sleep.remote() for m in members])):
+            if isinstance(out, RayActorError):
+                self.pool.lost(m)
+            elif isinstance(out, BaseException):
+                raise out
+            else:
+                m.asleep = ("weights", "kv_cache")
+
+    def _wake(self, tags: tuple[str, ...]) -> None:
+        """Bring back `tags` of every ready worker's engine memory that is asleep."""
+        members = [m for m in self.pool.ready() if set(m.asleep) & set(tags)]
+        refs = [m.handle.wake_up.remote([t for t in m.asleep if t in tags]) for m in members]
+        for m, out in zip(members, _outcomes(refs)):
+            if isinstance(out, RayActorError):
+                self.pool.lost(m)
+            elif isinstance(out, BaseException):
+                raise out
+            else:
+                m.asleep = tuple(t for t in m.asleep if t not in tags)
 
     def _discard(self, num_groups: int) -> object:
         self._counts["rollout/stale_discarded"] += num_groups
@@ -90,17 +123,23 @@ class RayRolloutFleet:
         """Deliver `weights` (PublishedWeights from the learner's rank 0, or an object
         ref to a full state dict) to every started worker and check that each now holds
         `version`. Workers still starting load them before their first chunk."""
-        self._delivery = _delivery_for(weights, self._groups)
+        self._delivery = self._delivery_for(weights)
         self.version = version
         self._counts["weight_sync/bytes"] = getattr(weights, "nbytes", 0)
         for _ in range(MAX_REPLACEMENTS_PER_CALL + 1):
             self.pool.poll()
+            if self.sleep:
+                self._wake(("weights",))  # the KV cache stays released until the next generate
             members = self.pool.ready()
             outcomes = self._delivery.deliver(members, version)
-            dead = [(m, out) for m, out in zip(members, outcomes) if isinstance(out, RayActorError)]
-            for m, out in dead:
+            lost = [(m, out) for m, out in zip(members, outcomes)
+                    if isinstance(out, (RayActorError, WeightDeliveryError))]
+            for m, out in lost:
+                if isinstance(out, WeightDeliveryError):  # alive but stuck in a broken transfer
+                    log.warning("generation worker %d: %s; replacing it", m.index, out)
+                    ray.kill(m.handle, no_restart=True)
                 self.pool.lost(m, out)
-            if dead:  # a broadcast breaks for everyone when one receiver dies: send again
+            if lost:  # a group transfer breaks for everyone when one receiver dies: send again
                 continue
             errors = [out for out in outcomes if isinstance(out, BaseException)]
             if errors:
@@ -185,6 +224,13 @@ class RayRolloutFleet:
                 "rollout/worker_replacements": float(self.pool.replacements),
                 **({"weight_sync/bytes": float(counts["weight_sync/bytes"])} if counts["weight_sync/bytes"] else {})}
 
+    def _delivery_for(self, weights: Any) -> "_Delivery":
+        if isinstance(weights, PublishedWeights):
+            if weights.transport not in self._transports:
+                self._transports[weights.transport] = transport_class(weights.transport)(RayOps())
+            return _Published(weights, self._transports[weights.transport])
+        return _FullState(weights)
+
 
 # ------------------------------------------------------------------- weight delivery
 class _Delivery:
@@ -206,88 +252,17 @@ class _FullState(_Delivery):
         return handle.update_weights.remote(self.state_ref, version)
 
 
-class _ObjectStore(_Delivery):
-    def __init__(self, published: PublishedWeights):
-        self.published = published
+class _Published(_Delivery):
+    """Published weights: the transport's fleet side delivers them."""
 
-    def catch_up(self, handle: Any, version: int) -> Any:
-        return handle.load_weight_buckets.remote(self.published, version)
-
-
-class _SharedMemory(_Delivery):
-    """Each worker reads the publisher's /dev/shm file (or, on another node, an
-    object-store copy it asks the publisher for), late joiners alike."""
-
-    def __init__(self, published: PublishedWeights):
-        self.published = published
-
-    def catch_up(self, handle: Any, version: int) -> Any:
-        return handle.load_shared_weights.remote(self.published, version)
-
-
-class _BroadcastGroups:
-    """The fleet's current broadcast group: who is in it, under which name. A new
-    member set (a worker added, retired or replaced) forms a new group."""
-
-    def __init__(self):
-        self.prefix = uuid.uuid4().hex[:8]
-        self.count = itertools.count()
-        self.name: str | None = None
-        self.key: tuple = ()
-
-
-class _Broadcast(_Delivery):
-    def __init__(self, published: PublishedWeights, groups: _BroadcastGroups):
-        self.published, self.groups = published, groups
-        self._copy: PublishedWeights | None = None
+    def __init__(self, published: PublishedWeights, transport: WeightTransport):
+        self.published, self.transport = published, transport
 
     def deliver(self, members: list[Member], version: int) -> list[Any]:
-        if not members:
-            return []
-        pub = self.published
-        key = (pub.endpoint, tuple(members))  # Members compare by identity
-        if key != self.groups.key:
-            name = f"{self.groups.prefix}-{next(self.groups.count)}"
-            world = len(members) + 1
-            joins = [m.handle.join_weight_group.remote(pub.endpoint, name, rank + 1, world, pub.backend, pub.timeout_s)
-                     for rank, m in enumerate(members)]
-            opened = pub.source.open_weight_group.remote(name, world)
-            outcomes = _outcomes(joins)
-            if any(isinstance(out, BaseException) for out in outcomes):
-                self.groups.key = ()
-                ray.wait([opened], timeout=pub.timeout_s)
-                return outcomes
-            ray.get(opened)
-            self.groups.name, self.groups.key = name, key
-        sent = pub.source.broadcast_weights.remote(self.groups.name)
-        outcomes = _outcomes([m.handle.receive_weights.remote(pub.buckets, version, self.groups.name)
-                              for m in members])
-        failed = any(isinstance(out, BaseException) for out in outcomes)
-        try:
-            ray.get(sent)
-        except Exception:
-            if not failed:
-                raise
-        if failed:
-            self.groups.key = ()  # the group is broken for everyone: form a new one next time
-        return outcomes
+        return self.transport.deliver(self.published, members, version)
 
     def catch_up(self, handle: Any, version: int) -> Any:
-        """A late joiner gets an object-store copy (a group change would need every
-        member, and the others may be busy generating)."""
-        if self._copy is None:
-            self._copy = ray.get(self.published.source.weight_catch_up.remote())
-        return handle.load_weight_buckets.remote(self._copy, version)
-
-
-def _delivery_for(weights: Any, groups: _BroadcastGroups) -> _Delivery:
-    if isinstance(weights, PublishedWeights):
-        if weights.transport == "broadcast":
-            return _Broadcast(weights, groups)
-        if weights.transport == "shared_memory":
-            return _SharedMemory(weights)
-        return _ObjectStore(weights)
-    return _FullState(weights)
+        return self.transport.catch_up(self.published, handle, version)
 
 
 def chunk_count(workers: int, chunks_per_worker: int) -> int:

@@ -139,7 +139,10 @@ class LearnerGroup:
         object store, or announced for a broadcast): every rank joins the gather; rank
         0's record goes to the rollout fleet's push_weights."""
         refs = [h.publish_weights.remote() for h in self.handles]
-        return self._get("publish_weights", refs)[0]
+        published = self._get("publish_weights", refs)[0]
+        if getattr(published, "every_rank_sends", False):
+            published.sources = list(self.handles)  # nccl, cuda_ipc: each send gathers on every rank
+        return published
 
     def save(self, directory: str) -> None:
         """Checkpoint into `directory` (hf/ and learner/); see FSDPLearner.save_checkpoint."""
@@ -156,12 +159,18 @@ class LearnerGroup:
         return self._all("ping")
 
     def close_weights(self, timeout_s: float = 10.0) -> None:
-        """Let rank 0 remove its shared-memory weight file before the actors are killed (a
-        killed process cannot, and the file holds twice the model's bytes of RAM). Best
-        effort: a dead or stuck rank 0 leaves it to the next run's publisher to remove."""
+        """Let the ranks release their weight transports before the actors are killed: rank
+        0's shared-memory file (a killed process cannot remove it, and it holds twice the
+        model's bytes of RAM), NCCL groups, IPC buffers. Best effort: a dead or stuck rank 0
+        leaves its file to the next run's publisher to remove."""
+        import time
+
         import ray
 
-        try:
-            ray.get(self.handles[0].close_weights.remote(), timeout=timeout_s)
-        except Exception as e:  # noqa: BLE001 - tearing down; the run's own error matters more
-            log.warning("learner rank 0 did not remove its weight file: %s", e)
+        refs = [h.close_weights.remote() for h in self.handles]
+        deadline = time.monotonic() + timeout_s
+        for rank, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+            except Exception as e:  # noqa: BLE001 - tearing down; the run's own error matters more
+                log.warning("learner rank %d did not release its weight files and buffers: %s", rank, e)

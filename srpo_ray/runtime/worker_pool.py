@@ -41,6 +41,7 @@ class Member:
     draining: bool = False  # retire after the current chunk
     version: int | None = None
     pending_sync: Any = None  # a weight load submitted ahead of its next chunk
+    asleep: tuple[str, ...] = ()  # engine memory released (vLLM sleep tags), colocated on GPUs
 
 
 class WorkerPool:

@@ -1,4 +1,4 @@
-"""The shared_memory weight transport: one /dev/shm file per publisher, reused for
+"""The shared_memory weight transport (the CPU default): one /dev/shm file per publisher, reused for
 every weight version, read in place by the generators on the same node.
 
 Why: the object store allocates fresh shared memory for every publish, and touching
@@ -50,11 +50,15 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Mapping
 
-from srpo_ray.weight_sync import ALIGN_BYTES, BucketMeta, _as_bytes, _distinct
+from srpo_ray.weights.layout import ALIGN_BYTES, BucketMeta, as_bytes, distinct_slots, plan_buckets
+from srpo_ray.weights.transport import PublishedWeights, WeightTransport, transport_class
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
+
+    from srpo_ray.weights.source import WeightSource
+    from srpo_ray.weights.transport import Receiver
 
 SHM_DIR = "/dev/shm"
 FILE_PREFIX = "srpo_weights_"
@@ -176,8 +180,8 @@ class SharedWeightBuffer:
         base = HEADER_BYTES + slot * self._slot_bytes
         self._begin(slot, seq)
         offsets = tuple(base + o for o in offsets)
-        jobs = [(offset + s.offset, _as_bytes(state[s.name])) for meta, offset in zip(buckets, offsets)
-                for s in _distinct(meta)]
+        jobs = [(offset + s.offset, as_bytes(state[s.name])) for meta, offset in zip(buckets, offsets)
+                for s in distinct_slots(meta)]
         if PIPELINED:
             self._thread = threading.Thread(target=self._copy, args=(slot, jobs), name="weight-publish",
                                             daemon=True)
@@ -366,3 +370,70 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# ----------------------------------------------------------------------------- the transport
+
+class SharedMemoryTransport(WeightTransport):
+    """Learner side: the state goes (in the background where PIPELINED) into this
+    process's /dev/shm file, reused from one publish to the next; `close` removes it.
+    Generation side: a worker on the file's node reads views of it as each tensor's bytes
+    land; one on another node asks the publisher for an object-store copy (`catch_up`).
+    Fleet side: every worker loads, late joiners alike."""
+
+    name = "shared_memory"
+
+    def __init__(self, ops, settings=None):
+        super().__init__(ops, settings)
+        self._buffer: SharedWeightBuffer | None = None
+        self._reader: SharedWeightReader | None = None
+        self._published: PublishedWeights | None = None
+        self._copy: PublishedWeights | None = None
+
+    def publish(self, source: "WeightSource") -> PublishedWeights | None:
+        state = source.state_dict()  # every rank takes part; rank 0 holds the result
+        if state is None:
+            return None
+        buckets = plan_buckets(state, self.settings.bucket_bytes)
+        if self._buffer is None:
+            self._buffer = SharedWeightBuffer(self.ops.node_id(), self.settings.timeout_s)
+        self._copy = None
+        # returns while the copy goes on: generators load each tensor as it lands
+        ref = self._buffer.write(state, buckets)
+        self._published = PublishedWeights(self.name, buckets, source=self.ops.current_actor(),
+                                           timeout_s=self.settings.timeout_s, detail=ref, publish_id=ref.seq)
+        return self._published
+
+    def serve_catch_up(self) -> PublishedWeights:
+        """The last publish as object-store buckets, for a generator on another node
+        (put once per publish, on first request)."""
+        from srpo_ray.weights.object_store import put_buckets
+
+        if self._published is None:
+            raise RuntimeError("no weights published yet")
+        if self._copy is None:
+            pub = self._published
+            self._copy = put_buckets(self.ops, pub, self._buffer.bucket_bytes(pub.detail, pub.buckets))
+        return self._copy
+
+    def wait(self) -> None:
+        if self._buffer is not None:
+            self._buffer.wait()
+
+    def close(self) -> None:
+        if self._buffer is not None:
+            self._buffer.close()
+            self._buffer = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def load(self, published: PublishedWeights, version: int, receiver: "Receiver", *extra) -> int:
+        ref: SharedBufferRef = published.detail
+        if ref.node_id != self.ops.node_id():
+            copy = self.ops.get(published.source.weights_call.remote(self.name, "catch_up"))
+            return transport_class(copy.transport)(self.ops).load(copy, version, receiver)
+        if self._reader is None:
+            self._reader = SharedWeightReader()  # the mapping, kept across versions
+        with self._reader.reading(ref, published.buckets) as stream:  # checks the version first
+            return receiver.load_stream(published.names, stream, version)

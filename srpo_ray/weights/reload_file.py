@@ -1,0 +1,106 @@
+"""The fallback for an engine whose workers live in other processes (tensor parallel >
+1) when the weights arrive on the CPU (shared_memory, object_store, gloo broadcast):
+one safetensors file that every worker reloads (`reload_weights(weights_path=...)`).
+Only used where nothing else reaches the engine: between GPUs the nccl and cuda_ipc
+transports hand each worker its data directly.
+
+Written by hand, not with `safetensors.torch.save_file`, which (a) makes a bytes copy of
+every tensor first (a second model in host memory) and (b) refuses two names that share
+memory (a tied `lm_head.weight` and `model.embed_tokens.weight` from one buffer): here
+each tensor's bytes go straight from its (CPU) buffer into the file, and a tied tensor
+is simply written under both names.
+
+The folder is /dev/shm/srpo_reload_<pid>_<token> (RAM, not disk, when /dev/shm exists): a
+prefix of its own, so the shared-memory transport's cleaner (srpo_weights_ files) never
+touches it. `ReloadFolder.close()` (and interpreter exit) removes it; folders of dead
+processes are removed when the next one is made.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from typing import TYPE_CHECKING, Iterable
+
+from srpo_ray.weights.layout import as_bytes, dtype_name
+
+if TYPE_CHECKING:
+    import torch
+
+FOLDER_PREFIX = "srpo_reload_"
+FILE_NAME = "model.safetensors"
+# safetensors' dtype codes (https://github.com/huggingface/safetensors, format spec)
+SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+                      "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+                      "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
+
+def write_safetensors(path: str, tensors: Iterable[tuple[str, "torch.Tensor"]]) -> int:
+    """Write (name, tensor) pairs as one safetensors file at `path`; bytes written.
+    CUDA tensors are copied to the CPU one at a time; tensors sharing memory are fine."""
+    items = list(tensors)
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in items:
+        dtype = dtype_name(t.dtype)
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {dtype} has no safetensors code")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for _, t in items:
+            f.write(memoryview(as_bytes(t.detach().cpu()).numpy()))
+    return 8 + len(blob) + offset
+
+
+class ReloadFolder:
+    """The folder an engine reloads from, made on first use and reused."""
+
+    def __init__(self, directory: str | None = None):
+        self.root = directory or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+        self.path: str | None = None
+        atexit.register(self.close)
+
+    def write(self, tensors: Iterable[tuple[str, "torch.Tensor"]]) -> str:
+        """Write the weights; returns the folder to pass as `weights_path`."""
+        if self.path is None:
+            remove_stale_folders(self.root)
+            self.path = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}_", dir=self.root)
+        write_safetensors(os.path.join(self.path, FILE_NAME), tensors)
+        return self.path
+
+    def close(self) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
+        atexit.unregister(self.close)
+
+
+def remove_stale_folders(root: str) -> list[str]:
+    """Remove srpo_reload_<pid>_* folders whose process is gone."""
+    removed = []
+    for name in os.listdir(root):
+        if not name.startswith(FOLDER_PREFIX):
+            continue
+        path = os.path.join(root, name)
+        try:
+            pid = int(name[len(FOLDER_PREFIX):].split("_")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            if os.path.isdir(path):
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(path)
+                    removed.append(name)
+        except (ValueError, PermissionError):
+            continue
+    return removed
