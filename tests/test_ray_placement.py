@@ -4,6 +4,7 @@ cannot fit fails with a clear error instead of hanging."""
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,9 @@ def two_nodes():
     """Head = learner pool (with two logical GPUs: Ray hands out GPU ids without
     hardware), second node = rollout pool; one CPU each. Yields node ids by label."""
     ray.shutdown()  # this test needs a two-node cluster of its own
+    # an in-process CPU engine of an earlier test hid the GPUs (set_engine_env); Ray
+    # refuses logical GPUs that CUDA_VISIBLE_DEVICES says are not there
+    hidden = os.environ.pop("CUDA_VISIBLE_DEVICES", None)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "num_gpus": 2, "resources": {"srpo_learner": 1}, "include_dashboard": False})
     cluster.add_node(num_cpus=1, resources={"srpo_rollout": 1})
@@ -45,6 +49,8 @@ def two_nodes():
     finally:
         ray.shutdown()
         cluster.shutdown()
+        if hidden is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = hidden
 
 
 def small_cfg(**cluster_fields) -> SRPOConfig:

@@ -299,7 +299,7 @@ def test_the_fleet_replaces_stuck_workers_and_sends_again(monkeypatch):
         def ready(self):
             return [type("M", (), {"handle": f"h{i}", "index": i})() for i in range(2 if not lost else 1)]
 
-        def lost(self, m):
+        def lost(self, m, error=None):
             lost.append(m.index)
 
     class Delivery:

@@ -24,7 +24,7 @@ from srpo_ray.scale import ScaleRequestError, read_scale_request
 from srpo_ray.runtime.ray_ops import RayOps
 from srpo_ray.runtime.worker_pool import MAX_REPLACEMENTS_PER_CALL, RETRY, Member, WorkerPool, split
 from srpo_ray.weights.shared_memory import WeightsSupersededError
-from srpo_ray.weights.transport import (PublishedWeights, StalePolicyError, WeightDeliveryError,
+from srpo_ray.weights.transport import (PublishedWeights, outcomes, StalePolicyError, WeightDeliveryError,
                                         WeightTransport, transport_class)
 
 __all__ = ["RayRolloutFleet", "RayRewardFleet", "WorkerPool", "split"]
@@ -273,14 +273,10 @@ def chunk_count(workers: int, chunks_per_worker: int) -> int:
 
 
 def _outcomes(refs: list[Any]) -> list[Any]:
-    """Each ref's value, or the exception it raised (a dead actor: RayActorError)."""
-    out: list[Any] = []
-    for ref in refs:
-        try:
-            out.append(ray.get(ref))
-        except Exception as e:  # noqa: BLE001 - reported per worker, judged by the caller
-            out.append(e)
-    return out
+    return outcomes(_RAY, refs)
+
+
+_RAY = RayOps()
 
 
 class RayRewardFleet:
