@@ -53,6 +53,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_step_overhead import WORK, WORK_OVERLAPPED, report, run_job  # noqa: E402
 from srpo_ray.config import SRPOConfig, load_config  # noqa: E402
+from srpo_ray.runtime.fleets import chunk_count  # noqa: E402
 
 SIDES = ("bare", "srpo", "srpo-1off")
 # Same seed stride as the fleet: prompt k of a step samples from seeds base + k*n
@@ -109,15 +110,15 @@ def differences(cfg: SRPOConfig) -> list[str]:
     return [
         f"processes: srpo-ray = a driver + Ray actors ({cfg.rollout.num_workers} vLLM generation worker(s), "
         f"{cfg.reward.num_workers} reward worker(s), {ranks} learner rank(s)); bare = one Python process",
-        f"learner: srpo-ray = FSDP2 over {ranks} gloo rank(s) x {threads} torch thread(s), the batch pickled "
-        "to them through Ray (all-gather per layer per forward, reduce-scatter per backward), per-token "
-        "entropy and all-gathered metrics each step, gc.collect() + malloc_trim after each step"
+        f"learner: srpo-ray = {learner_kind(cfg)} x {threads} torch thread(s) in Ray actor(s) at Ray's worker "
+        "niceness, the batch pickled to them through Ray, per-token entropy (a metric, no graph) and "
+        "gathered metrics each step, gc.collect() + malloc_trim after each step"
         f"{', the low_host_memory mmap heap policy' if cfg.learner.low_host_memory else ''}; "
         f"bare = a plain HF module, {cores()} torch threads, glibc defaults, only the loss's own metrics",
         f"generation: srpo-ray = prompts templated in the worker, the step cut into "
-        f"{2 * cfg.rollout.num_workers} chunks (2 per worker), one vLLM call each, a worker serving one "
-        "chunk at a time, results through Ray's object store; bare = one llm.generate call with every "
-        "prompt; same engine settings and per-prompt seeds on both",
+        f"{chunk_count(cfg.rollout.num_workers, 2)} chunk(s) (one vLLM call each; a single worker gets one), "
+        "results through Ray's object store; bare = one llm.generate call with every prompt; same engine "
+        "settings and per-prompt seeds on both",
         f"threads: srpo-ray generator OMP_NUM_THREADS={max(1, int(cfg.rollout.cpus_per_worker))}, OMP_WAIT_POLICY="
         f"PASSIVE; bare OMP_NUM_THREADS={cores()}, default wait policy (generation and training alternate)",
         "rewards: srpo-ray = RewardScorer in reward-worker actor(s), groups sent through Ray; bare = the same "
@@ -132,6 +133,13 @@ def differences(cfg: SRPOConfig) -> list[str]:
         "prompts: the same HistoryLedger class and seed on both sides (same prompt ids per step until an epoch "
         "closes); sampled responses match at step 1 and part after the first update",
     ]
+
+
+def learner_kind(cfg: SRPOConfig) -> str:
+    ranks = cfg.learner.num_ranks
+    if ranks == 1 and cfg.model.dtype in ("float32", "auto"):
+        return "1 rank, the plain module (one float32 rank has nothing to shard)"
+    return f"FSDP2 over {ranks} rank(s) (all-gather per layer per forward, reduce-scatter per backward)"
 
 
 # ----------------------------------------------------------------------------- the bare loop
