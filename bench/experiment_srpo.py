@@ -1,38 +1,38 @@
-"""SRPO's qualitative effects at small scale, with real training runs through the driver.
+"""SRPO's effects at a scale where they can show: real training runs through the driver,
+several seeds, held-out evaluation of every run.
 
-    .venv/bin/python bench/experiment_srpo.py --quick            # 17 min on 2 busy CPU cores
-    .venv/bin/python bench/experiment_srpo.py                    # longer runs, same questions
-    .venv/bin/python bench/experiment_srpo.py --quick --runs math_hr,math_no_hr --steps 4
-    .venv/bin/python bench/experiment_srpo.py --report-only      # remake tables/plot from --out
+    .venv/bin/python bench/experiment_srpo.py                       # 12 runs, ~80 min on 2 cores
+    .venv/bin/python bench/experiment_srpo.py --quick --seeds 1     # smoke test, ~15 min
+    .venv/bin/python bench/experiment_srpo.py --runs math_hr,math_no_hr --seeds 1,2,3
+    .venv/bin/python bench/experiment_srpo.py --report-only         # remake tables/plot from --out
 
-Six runs of `python -m srpo_ray.driver` (SmolLM2-135M-Instruct by default) with config
-overrides, then tables and a plot from their metrics.jsonl:
+Runs of `python -m srpo_ray.driver` (SmolLM2-135M-Instruct by default), each a config in
+`run_specs` trained once per seed (`trainer.seed` and `rollout.seed`: data order and
+sampling), then tables with the mean and the range over seeds, and a plot:
 
-(a) History Resampling: the share of rollout groups with zero reward variance per step,
-    math only, over the same step budget: HR on (SRPO), HR off (plain GRPO), and HR off
-    with DAPO-style dynamic sampling (drop zero-variance groups, draw more prompts).
-(b) Response length by domain: math-only, code-only, mixed (math + code from the start)
-    and two-stage (math, then math + code) runs. The math-only run is (a)'s HR run.
+(a) History Resampling: the share of rollout groups with zero reward variance, math only,
+    same step budget: HR on (SRPO), HR off (plain GRPO), and HR off with DAPO-style dynamic
+    sampling (drop zero-variance groups, draw more prompts).
+(b) Curriculum: math-only, code-only, mixed (math + code from the start) and two-stage
+    (math, then math + code); response length by domain. The math-only run is (a)'s HR run.
 
-Writes into --out (default bench/results/): results.md (the tables), summary.csv,
-steps.csv (per run and step), experiment.png, metrics/<run>.jsonl and runs.json (wall
-seconds, scale). Checkpoints are deleted after each run; logs stay in --work-dir.
+Every run is evaluated after its last step on held-out problems (`builtin:arithmetic_heldout`,
+disjoint from the training prompts, and `builtin:code_heldout`) with the project's own
+evaluator; the first run also evaluates the initial model (the `base` row).
 
-Data. The experiment writes its own small prompt set: on the builtin set's prompts
-SmolLM2-135M almost never writes \\boxed{} (reward ~0, every group zero-variance), so
-there would be nothing to compare. Each prompt here opens with a worked example as an
-earlier chat turn, which gets the model to answer in the checked format; the problems
-range from ones it nearly always solves (single-digit sums, `double(x)`) to ones it
-rarely does (two-digit sums, `count_vowels`). Runs sample at temperature 0.7: at 1.0 the
-135M model is so noisy that hardly any prompt is solved every time, while History
-Resampling is about the prompts a policy has mastered (the paper's 32B model solves
-many training prompts in every rollout; that is where its zero-variance groups come from).
+Data: the default run's (the first `math_prompts` problems of `builtin:arithmetic`, each after
+one worked example, and the 8 short programs of `builtin:math_code`), so the pool is small
+enough that each prompt is drawn several times and History Resampling acts on it.
+
+Writes into --out (default bench/results/experiment/): results.md (the tables), summary.csv,
+steps.csv (per run and step), experiment.png, metrics/<run>.jsonl, metrics/<run>.eval.json
+(held-out scores) and runs.json (wall seconds, scale). Checkpoints are deleted after each
+run; logs stay in --work-dir.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import subprocess
 import sys
@@ -46,59 +46,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from experiment_report import write_report  # noqa: E402
+from srpo_ray.builtin_data import arithmetic_rows, code_rows  # noqa: E402
 from srpo_ray.data import write_verl_parquet  # noqa: E402
 
-BOXED = "Put the final answer in \\boxed{}."
-CODE = "Answer with a Python program in a ```python code block."
-# A short system turn (it replaces the chat template's longer default) and one worked
-# example: prompts of about 90 tokens, since on CPU the learner's cost grows with them.
-SYSTEM = {"role": "system", "content": "Answer briefly."}
-MATH_DEMO = [
-    SYSTEM,
-    {"role": "user", "content": f"What is 14 - 6? {BOXED}"},
-    {"role": "assistant", "content": "14 - 6 = 8, so the answer is \\boxed{8}."},
-]
-CODE_DEMO = [
-    SYSTEM,
-    {"role": "user", "content": f"Write a Python function triple(x) that returns 3 times x. {CODE}"},
-    {"role": "assistant", "content": "```python\ndef triple(x):\n    return 3 * x\n```"},
-]
-
-
-def function_task(signature: str, name: str, inputs: list, outputs: list) -> tuple[str, str]:
-    """(question, ground truth) of a function-call task (TACO/PRIME encoding)."""
-    return (f"Write a Python function {signature}. {CODE}",
-            json.dumps({"fn_name": name, "inputs": inputs, "outputs": outputs}))
-
-
-def stdin_task(question: str, cases: list[tuple[str, str]]) -> tuple[str, str]:
-    """(question, ground truth) of a stdin/stdout task (LiveCodeBench encoding)."""
-    return f"{question} {CODE}", json.dumps([{"input": i, "output": o, "testtype": "stdin"} for i, o in cases])
-
-
-# Roughly easy to hard for SmolLM2-135M with the demonstrations above.
-CODE_TASKS = [
-    function_task("double(x) that returns 2 times x", "double", [[3], [-4]], [6, -8]),
-    stdin_task("Read two integers a and b from one line of standard input and print a + b.",
-               [("1 2\n", "3\n"), ("10 -4\n", "6\n")]),
-    function_task("square(x) that returns x squared", "square", [[3], [-4]], [9, 16]),
-    function_task("add(a, b) that returns the sum of a and b", "add", [[1, 2], [5, -7]], [3, -2]),
-    function_task("first(xs) that returns the first element of the list xs", "first", [[[4, 5]], [["a"]]], [4, "a"]),
-    stdin_task("Read an integer n from standard input and print n * 2.", [("4\n", "8\n"), ("-3\n", "-6\n")]),
-    function_task("negate(x) that returns -x", "negate", [[3], [-4]], [-3, 4]),
-    function_task("max_of(xs) that returns the largest number in the list xs", "max_of",
-                  [[[1, 5, 3]], [[-2, -9]]], [5, -2]),
-    function_task("sum_list(xs) that returns the sum of the numbers in the list xs", "sum_list",
-                  [[[1, 5, 3]], [[]]], [9, 0]),
-    function_task("is_even(n) that returns True if n is even, else False", "is_even", [[2], [7]], [True, False]),
-    function_task("reverse(s) that returns the string s reversed", "reverse", [["abc"], ["x"]], ["cba", "x"]),
-    stdin_task("Read an integer n from standard input and print n squared.", [("4\n", "16\n"), ("-3\n", "9\n")]),
-    function_task("cube(x) that returns x cubed", "cube", [[2], [-3]], [8, -27]),
-    function_task("factorial(n) that returns n factorial", "factorial", [[0], [5]], [1, 120]),
-    stdin_task("Read a line of text from standard input and print it reversed.", [("abc\n", "cba\n")]),
-    function_task("count_vowels(s) that returns the number of vowels (a, e, i, o, u) in the string s",
-                  "count_vowels", [["hello"], ["sky"]], [2, 0]),
-]
+EVAL_FILES = "[builtin:arithmetic_heldout, builtin:code_heldout]"
 
 
 @dataclass(frozen=True)
@@ -107,63 +58,36 @@ class Scale:
     prompts_per_step: int
     n: int
     max_new_tokens: int
+    code_max_new_tokens: int
     temperature: float
     lr: float
     math_prompts: int
-    code_prompts: int
     max_rounds: int
+    eval_problems: int
+    eval_k: int
 
 
-QUICK = Scale(steps=6, prompts_per_step=6, n=4, max_new_tokens=48, temperature=0.7, lr=2e-5, math_prompts=12,
-              code_prompts=12, max_rounds=3)
-FULL = Scale(steps=30, prompts_per_step=8, n=8, max_new_tokens=128, temperature=0.7, lr=1e-5, math_prompts=32,
-             code_prompts=16, max_rounds=4)
-
-
-def math_rows(count: int, seed: int = 0) -> list[dict]:
-    """`count` arithmetic problems cycling through four levels; at temperature 0.7 the
-    base model solved about 75%, 90%, 50% and 20% of the samples of each level."""
-    rng = random.Random(seed)
-    levels = [lambda: (rng.randint(1, 9), "+", rng.randint(1, 9)),
-              lambda: (rng.randint(2, 5), "*", rng.randint(2, 9)),
-              lambda: (rng.randint(10, 30), "+", rng.randint(1, 9)),
-              lambda: (rng.randint(10, 60), "+", rng.randint(2, 30))]
-    rows = []
-    for i in range(count):
-        a, op, b = levels[i % 4]()
-        answer = {"+": a + b, "-": a - b, "*": a * b}[op]
-        rows.append(_row("experiment/arithmetic", "math", MATH_DEMO, f"What is {a} {op} {b}? {BOXED}",
-                         str(answer), f"math-{i}"))
-    return rows
-
-
-def code_rows(count: int) -> list[dict]:
-    if not 1 <= count <= len(CODE_TASKS):
-        raise SystemExit(f"between 1 and {len(CODE_TASKS)} code prompts are defined; asked for {count}")
-    picked = [CODE_TASKS[i * len(CODE_TASKS) // count] for i in range(count)]  # spread over difficulty
-    return [_row("experiment/code", "code", CODE_DEMO, question, truth, f"code-{i}")
-            for i, (question, truth) in enumerate(picked)]
-
-
-def _row(source: str, ability: str, demo: list[dict], question: str, truth: str, row_id: str) -> dict:
-    return {"data_source": source, "ability": ability,
-            "prompt": [*demo, {"role": "user", "content": question}],
-            "reward_model": {"style": "rule", "ground_truth": truth}, "extra_info": {"id": row_id}}
+QUICK = Scale(steps=4, prompts_per_step=4, n=4, max_new_tokens=48, code_max_new_tokens=80, temperature=0.8,
+              lr=2e-5, math_prompts=8, max_rounds=3, eval_problems=16, eval_k=2)
+# 16 steps of 8 prompts over a 32-problem pool: 4 epochs, 3 History Resampling passes.
+FULL = Scale(steps=16, prompts_per_step=8, n=4, max_new_tokens=48, code_max_new_tokens=80, temperature=0.8,
+             lr=2e-5, math_prompts=32, max_rounds=3, eval_problems=64, eval_k=4)
 
 
 def stages(kind: str, scale: Scale) -> str:
-    """A `stages=[...]` override (YAML flow list)."""
+    """A `stages=[...]` override (YAML flow list); stages with code get room for programs."""
+    code = f"max_new_tokens: {scale.code_max_new_tokens}"
     return {
         "math": "[{name: math, domains: [math]}]",
-        "code": "[{name: code, domains: [code]}]",
-        "mixed": "[{name: math+code, domains: [math, code]}]",
+        "code": f"[{{name: code, domains: [code], {code}}}]",
+        "mixed": f"[{{name: math+code, domains: [math, code], {code}}}]",
         "two_stage": f"[{{name: math, domains: [math], until_steps: {max(1, scale.steps // 2)}}}, "
-                     "{name: math+code, domains: [math, code]}]",
+                     f"{{name: math+code, domains: [math, code], {code}}}]",
     }[kind]
 
 
 def run_specs(scale: Scale) -> dict[str, list[str]]:
-    """Run name -> overrides that make it what it is (on top of `common_overrides`)."""
+    """Config name -> overrides that make it what it is (on top of `common_overrides`)."""
     return {
         "math_hr": [f"stages={stages('math', scale)}"],
         "math_no_hr": [f"stages={stages('math', scale)}", "resample.enabled=false"],
@@ -175,15 +99,17 @@ def run_specs(scale: Scale) -> dict[str, list[str]]:
     }
 
 
-def common_overrides(scale: Scale, data: list[Path], run_dir: Path, model: str) -> list[str]:
+def common_overrides(scale: Scale, data: list[Path], run_dir: Path, model: str, seed: int) -> list[str]:
     return [
         f"model.path={model}", f"data.train_files=[{', '.join(str(p) for p in data)}]",
-        f"trainer.run_dir={run_dir}", f"trainer.total_steps={scale.steps}",
+        f"trainer.run_dir={run_dir}", f"trainer.total_steps={scale.steps}", f"trainer.seed={seed}",
         f"trainer.prompts_per_step={scale.prompts_per_step}", "trainer.save_every=0",
-        f"rollout.n={scale.n}", f"rollout.max_new_tokens={scale.max_new_tokens}",
-        f"rollout.temperature={scale.temperature}",
-        "rollout.kv_cache_memory_bytes=536870912", f"optim.lr={scale.lr}",
+        f"rollout.n={scale.n}", f"rollout.max_new_tokens={scale.max_new_tokens}", f"rollout.seed={seed}",
+        f"rollout.temperature={scale.temperature}", f"optim.lr={scale.lr}",
         "metrics.progress_bar=false", "metrics.trackers=[jsonl]", "metrics.rollouts_per_step=1000",
+        f"eval.files={EVAL_FILES}", f"eval.max_problems_per_source={scale.eval_problems}", f"eval.k={scale.eval_k}",
+        f"eval.temperature={scale.temperature}", "eval.top_p=1.0", "eval.at_start=false", "eval.at_end=true",
+        f"eval.max_new_tokens={scale.code_max_new_tokens}",
     ]
 
 
@@ -229,13 +155,31 @@ def copy_metrics(run_dir: Path, dest: Path) -> None:
     dest.write_text("\n".join(rows) + "\n")
 
 
+def copy_eval(run_dir: Path, dest_dir: Path, name: str) -> None:
+    """The run's held-out scores (eval/step_*.json without the per-problem samples, except
+    the first four texts of each source, kept so a reader sees what the policy writes):
+    <name>.eval.json from the last evaluation, base.eval.json from a step-0 one."""
+    for path in sorted((run_dir / "eval").glob("step_*.json")):
+        report = json.loads(path.read_text())
+        examples: dict[str, list[str]] = {}
+        for problem in report.pop("problems", []):
+            kept = examples.setdefault(problem["source"], [])
+            if len(kept) < 4:
+                kept.append(problem["texts"][0])
+        report["examples"] = examples
+        target = "base" if report["step"] == 0 else name
+        (dest_dir / f"{target}.eval.json").write_text(json.dumps(report, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="few steps, small batches (15-20 min on 2 cores)")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="tables, plot and metrics go here")
+    ap.add_argument("--quick", action="store_true", help="few steps, small batches (a smoke test)")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "experiment"),
+                    help="tables, plot and metrics go here")
     ap.add_argument("--work-dir", default=None, help="run directories (default: a new temporary folder)")
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct", help="model.path of every run")
     ap.add_argument("--runs", default=None, help="comma-separated subset of: " + ", ".join(run_specs(QUICK)))
+    ap.add_argument("--seeds", default="1,2", help="comma-separated training seeds; each config runs once per seed")
     ap.add_argument("--steps", type=int, default=None, help="override the scale's step budget")
     ap.add_argument("--report-only", action="store_true",
                     help="only remake the tables and plot from --out's metrics/ and runs.json")
@@ -254,10 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in names if r not in specs]
     if unknown:
         raise SystemExit(f"--runs: unknown run(s) {unknown}; choose from {list(specs)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    if not seeds:
+        raise SystemExit("--seeds: give at least one seed, e.g. --seeds 1,2")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="srpo_experiment_"))
     data = [work / "data" / "math.parquet", work / "data" / "code.parquet"]
-    write_verl_parquet(math_rows(scale.math_prompts), data[0])
-    write_verl_parquet(code_rows(scale.code_prompts), data[1])
+    write_verl_parquet(arithmetic_rows()[:scale.math_prompts], data[0])
+    write_verl_parquet(code_rows(), data[1])
 
     (out / "metrics").mkdir(parents=True, exist_ok=True)
     done = {"scale": f"{'quick' if args.quick else 'full'} scale: {vars(scale)}; model {args.model}",
@@ -265,20 +215,27 @@ def main(argv: list[str] | None = None) -> int:
     previous = out / "runs.json"
     if previous.exists() and json.loads(previous.read_text())["scale"] == done["scale"]:
         done = json.loads(previous.read_text())  # a subset re-run joins the other runs of the same scale
-    for name in names:
-        run_dir = work / "runs" / name
-        done["seconds"][name] = launch(name, [*common_overrides(scale, data, run_dir, args.model), *specs[name]],
-                                       run_dir)
-        copy_metrics(run_dir, out / "metrics" / f"{name}.jsonl")
-        (out / "runs.json").write_text(json.dumps(done, indent=1))
+    need_base = not (out / "metrics" / "base.eval.json").exists() or not done["seconds"]
+    # Seed-major order: an interrupted invocation leaves whole comparisons, not one config's seeds.
+    for seed in seeds:
+        for config in names:
+            name = f"{config}.s{seed}"
+            run_dir = work / "runs" / name
+            overrides = [*common_overrides(scale, data, run_dir, args.model, seed), *specs[config]]
+            if need_base:  # the initial model, evaluated once (evaluation has its own seeds)
+                overrides.append("eval.at_start=true")
+                need_base = False
+            done["seconds"][name] = launch(name, overrides, run_dir)
+            copy_metrics(run_dir, out / "metrics" / f"{name}.jsonl")
+            copy_eval(run_dir, out / "metrics", name)
+            (out / "runs.json").write_text(json.dumps(done, indent=1))
     return report(out)
 
 
 def report(out: Path) -> int:
-    """Tables and plot from out/metrics/<run>.jsonl and out/runs.json (wall seconds, scale)."""
+    """Tables and plot from out/metrics/ and out/runs.json (wall seconds, scale)."""
     done = json.loads((out / "runs.json").read_text())
-    write_report(out, {name: out / "metrics" / f"{name}.jsonl" for name in done["seconds"]}, done["seconds"],
-                 scale_note=done["scale"])
+    write_report(out, out / "metrics", done["seconds"], scale_note=done["scale"])
     print((out / "results.md").read_text())
     return 0
 
