@@ -1,8 +1,8 @@
 """SRPO's effects at a scale where they can show: real training runs through the driver,
 several seeds, held-out evaluation of every run.
 
-    .venv/bin/python bench/experiment_srpo.py                       # 12 runs, ~80 min on 2 cores
-    .venv/bin/python bench/experiment_srpo.py --quick --seeds 1     # smoke test, ~15 min
+    .venv/bin/python bench/experiment_srpo.py                       # 12 runs, ~2 hours on 2 cores
+    .venv/bin/python bench/experiment_srpo.py --quick --seeds 1     # smoke test, ~20 min
     .venv/bin/python bench/experiment_srpo.py --runs math_hr,math_no_hr --seeds 1,2,3
     .venv/bin/python bench/experiment_srpo.py --report-only         # remake tables/plot from --out
 
