@@ -69,7 +69,7 @@ class Scale:
 
 QUICK = Scale(steps=4, prompts_per_step=4, n=4, max_new_tokens=48, code_max_new_tokens=80, temperature=0.8,
               lr=2e-5, math_prompts=8, max_rounds=3, eval_problems=16, eval_k=2)
-# 16 steps of 8 prompts over a 32-problem pool: 4 epochs, 3 History Resampling passes.
+# 16 steps of 8 prompts over a 32-problem pool: about 4 epochs, History Resampling at the end of each.
 FULL = Scale(steps=16, prompts_per_step=8, n=4, max_new_tokens=48, code_max_new_tokens=80, temperature=0.8,
              lr=2e-5, math_prompts=32, max_rounds=3, eval_problems=64, eval_k=4)
 
