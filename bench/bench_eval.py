@@ -31,12 +31,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_vs_bare import cores  # noqa: E402
+
 DATA = "builtin:arithmetic_heldout"
 MODEL = "builtin:smollm2-135m-instruct"
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 def child_env() -> dict[str, str]:

@@ -55,11 +55,6 @@ def group_share(rows: list[dict], key: str) -> Optional[float]:
     return sum(v * n for v, n in counted) / total if total else None
 
 
-def _avg(rows: list[dict], key: str) -> Optional[float]:
-    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
-    return mean(values) if values else None
-
-
 def _first_last(rows: list[dict], key: str, last: bool) -> Optional[float]:
     seen = [r[key] for r in rows if key in r]
     return (seen[-1] if last else seen[0]) if seen else None
