@@ -29,9 +29,10 @@ class GenerationEngine(Protocol):
     max_model_len: int
 
     def generate(self, prompt_token_ids: list[list[int]], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int | None) -> list[list[Sample]]:
+                 max_new_tokens: int, seed: int | None, logprobs: bool = True) -> list[list[Sample]]:
         """n samples per prompt; each Sample's logprobs are those of the sampling
-        distribution (logits / temperature, renormalised over the top-p nucleus)."""
+        distribution (logits / temperature, renormalised over the top-p nucleus), or
+        empty with logprobs=False (evaluation: nobody reads them)."""
 
     def load_weights(self, state_dict: dict[str, "torch.Tensor"]) -> None:
         """Replace every weight in place with the full HF-named `state_dict`."""
@@ -45,21 +46,36 @@ class GenerationEngine(Protocol):
         """log p(response[k] | prompt + response[:k]) at `temperature`, one per response token."""
 
 
-def set_engine_env(rollout_cfg: "RolloutConfig") -> None:
-    """Process environment for the engine. OpenMP reads it when torch is first
-    imported, so call this before that (a worker's first line; the runtime also passes
-    it as the actor's env_vars); explicit settings win."""
+def engine_env(rollout_cfg: "RolloutConfig") -> dict[str, str]:
+    """The process environment an engine needs (pure). OpenMP reads it when torch is
+    first imported: the runtime passes it as the actor's env_vars, and set_engine_env
+    applies it again in the worker."""
+    env = {"OMP_NUM_THREADS": str(max(1, int(rollout_cfg.cpus_per_worker)))}  # else vLLM pins torch to 1
     if rollout_cfg.tensor_parallel_size == 1:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: seconds to start, tensors in RPC
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: seconds to start, tensors in RPC
     if rollout_cfg.gpus_per_worker <= 0:
         # Ray no longer hides GPUs from actors that asked for none: a CPU engine on a GPU
         # node would otherwise see (and vLLM pick) the node's GPUs.
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    # vLLM pins torch to one thread unless OMP_NUM_THREADS says otherwise.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(rollout_cfg.cpus_per_worker))))
-    # Spinning OpenMP threads stall whenever another process holds a core: a SmolLM2
-    # batch (16 prompts x 4 x 64 tokens) took 20-144 s instead of 11-14 s on 2 shared cores.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        if rollout_cfg.one_step_off:
+            # Generation runs while the learner trains on the same cores: threads that
+            # spin at OpenMP barriers starve it (a SmolLM2 batch took 20-144 s instead
+            # of 11-14 s on 2 shared cores). Otherwise OpenMP's default (spin briefly,
+            # then sleep) is best: PASSIVE (sleep at once) made evaluation 1.25x slower
+            # (bench/bench_eval.py, 2026-12-02).
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return env
+
+
+def set_engine_env(rollout_cfg: "RolloutConfig") -> None:
+    """Apply engine_env to this process before anything imports torch (a worker's first
+    line). CUDA_VISIBLE_DEVICES and the multiprocessing switch are enforced; the thread
+    settings are defaults that an explicit environment overrides."""
+    for key, value in engine_env(rollout_cfg).items():
+        if key.startswith("OMP_"):
+            os.environ.setdefault(key, value)
+        else:
+            os.environ[key] = value
 
 
 def executor_backend(rollout_cfg: "RolloutConfig") -> str | None:
@@ -156,14 +172,16 @@ class VLLMEngine:
     # ------------------------------------------------------------------ sampling
 
     def generate(self, prompt_token_ids: list[list[int]], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int | None) -> list[list[Sample]]:
+                 max_new_tokens: int, seed: int | None, logprobs: bool = True) -> list[list[Sample]]:
         """Sample `n` responses of at most `max_new_tokens` for each prompt.
 
         Response token ids include the stop token when the model stopped (finish_reason
         "stop"), so the learner also trains the decision to stop; `text` omits it.
         temperature 0 is greedy (logprobs then are those of logits at temperature 1).
         With `seed`, prompt i's samples use seeds seed + i*n + j: reproducible for the
-        same weights and batch; without it, the engine's own seeded stream is used."""
+        same weights and batch; without it, the engine's own seeded stream is used.
+        logprobs=False leaves Sample.logprobs empty: the processed log-softmax over the
+        whole vocabulary per token cost 12-15% of a SmolLM2 batch's time here."""
         from vllm import SamplingParams
 
         if n < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
@@ -180,7 +198,7 @@ class VLLMEngine:
         # detokenize=False: vLLM's incremental detokenizer drops a trailing partial UTF-8
         # character; one batch decode at the end gives exactly decode(token_ids).
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                 logprobs=0, seed=None if seed is None else seed + i * n, detokenize=False)
+                                 logprobs=0 if logprobs else None, seed=None if seed is None else seed + i * n, detokenize=False)
                   for i in range(len(prompt_token_ids))]
         outputs = self._llm.generate([{"prompt_token_ids": list(p)} for p in prompt_token_ids],
                                      params, use_tqdm=False)
@@ -323,8 +341,9 @@ def _to_sample(completion: Any, text: str) -> Sample:
     if completion.finish_reason not in ("stop", "length"):
         raise RuntimeError(f"vLLM finished a sample with reason {completion.finish_reason!r}")
     ids = list(completion.token_ids)
+    rows = completion.logprobs or []  # None when not asked for
     return Sample(token_ids=ids,
-                  logprobs=[row[tok].logprob for row, tok in zip(completion.logprobs, ids)],
+                  logprobs=[row[tok].logprob for row, tok in zip(rows, ids)],
                   text=text, finish_reason=completion.finish_reason)
 
 

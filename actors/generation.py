@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 
     from srpo_ray.config import RolloutConfig
 
-SAMPLING_KEYS = {"n", "temperature", "top_p", "max_new_tokens", "seed"}
-REQUIRED_SAMPLING_KEYS = SAMPLING_KEYS - {"seed"}
+SAMPLING_KEYS = {"n", "temperature", "top_p", "max_new_tokens", "seed", "logprobs"}
+REQUIRED_SAMPLING_KEYS = SAMPLING_KEYS - {"seed", "logprobs"}
 
 
 class GenerationWorkerImpl:
@@ -57,13 +57,14 @@ class GenerationWorkerImpl:
                  policy_version_expected: int | None = None) -> list[RolloutGroup]:
         """One RolloutGroup of sampling["n"] samples per prompt, tagged with the
         version this worker holds. `sampling`: n, temperature, top_p, max_new_tokens
-        and optionally seed. If `policy_version_expected` is given and differs from the
+        and optionally seed and logprobs (default true; false leaves Sample.logprobs
+        empty, for evaluation). If `policy_version_expected` is given and differs from the
         held version, raise StalePolicyError instead of producing stale rollouts."""
         unknown = sampling.keys() - SAMPLING_KEYS
         missing = REQUIRED_SAMPLING_KEYS - sampling.keys()
         if unknown or missing:
             raise ValueError(f"sampling settings {sampling}: unknown keys {sorted(unknown)}, missing "
-                             f"{sorted(missing)}; expected {sorted(SAMPLING_KEYS)} (seed optional)")
+                             f"{sorted(missing)}; expected {sorted(SAMPLING_KEYS)} (seed, logprobs optional)")
         if policy_version_expected is not None and policy_version_expected != self._version:
             raise StalePolicyError(self.worker_index, self._version, int(policy_version_expected))
         prompt_ids = [self.chat_prompt_ids(p.messages) for p in prompts]
@@ -76,7 +77,8 @@ class GenerationWorkerImpl:
                                        temperature=float(sampling["temperature"]),
                                        top_p=float(sampling["top_p"]),
                                        max_new_tokens=int(sampling["max_new_tokens"]),
-                                       seed=sampling.get("seed"))
+                                       seed=sampling.get("seed"),
+                                       **({} if sampling.get("logprobs", True) else {"logprobs": False}))
         return [RolloutGroup(prompt=p, prompt_token_ids=ids, samples=s, policy_version=self._version)
                 for p, ids, s in zip(prompts, prompt_ids, samples)]
 

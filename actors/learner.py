@@ -25,7 +25,7 @@ from srpo_ray.batch import TrainBatch
 from srpo_ray.config import SRPOConfig, resolve_dtype
 from srpo_ray.console import redirect_actor_output
 from srpo_ray.runtime.learner_group import LearnerGroup
-from srpo_ray.runtime.ray_ops import RayOps
+from srpo_ray.runtime.ray_ops import HOT_PATH_NICENESS, RayOps
 from srpo_ray.weights.broadcast import free_port
 from srpo_ray.weights.endpoints import WeightSender
 from srpo_ray.weights.source import StateDictSource
@@ -164,8 +164,11 @@ def create_learner_group(cfg: SRPOConfig, model_path: str, num_ranks: int | None
 
     def options(rank: int) -> dict[str, Any]:
         opts = dict(actor_options(rank))
+        env = dict(HOT_PATH_NICENESS)
         if cfg.learner.gpus_per_rank <= 0:  # Ray shows a GPU node's GPUs to actors that asked for none
-            opts.setdefault("runtime_env", {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}})
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        runtime_env = dict(opts.get("runtime_env") or {})
+        opts["runtime_env"] = {**runtime_env, "env_vars": {**env, **runtime_env.get("env_vars", {})}}
         return opts
 
     rank0 = LearnerRank.options(**options(0)).remote(model_path, cfg, 0, world_size)

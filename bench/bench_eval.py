@@ -11,8 +11,9 @@ Both sides run in fresh processes, one after the other, with every core:
   evaluation itself (results.json's `seconds`: generate + score + results), not the start-up.
 - bare: one process, `vllm.LLM` started with srpo-ray's CPU engine settings
   (actors/engines.py), the same chat-templated prompts (data.system_prompt and the worked
-  example included), one `generate` call with the same n, temperature, top_p and
-  max_tokens. Timed: `generate` alone. It scores nothing: the answers are not checked.
+  example included), one `generate` call with the same n, temperature, top_p, max_tokens
+  and per-prompt seeds (so both sides draw the same samples), no log-probs (evaluation
+  asks for none either). Timed: `generate` alone. It scores nothing.
 
 Prints samples/s of each side and srpo-ray's share of bare (goal: >= 0.9x); writes
 bench/results/eval_throughput/<date>.{json,txt}.
@@ -62,7 +63,8 @@ def run_srpo(args: argparse.Namespace) -> dict:
     report = json.loads((out / "results.json").read_text())
     scores = report["scores"]["arithmetic_heldout"]
     return {"samples": report["samples"], "seconds": report["seconds"], "process_seconds": wall,
-            "response_len": scores["response_len"], f"avg@{args.k}": scores[f"avg@{args.k}"]}
+            "response_len": scores["response_len"], "tokens": round(scores["response_len"] * report["samples"]),
+            f"avg@{args.k}": scores[f"avg@{args.k}"]}
 
 
 def run_bare(args: argparse.Namespace) -> dict:
@@ -83,12 +85,22 @@ def run_bare(args: argparse.Namespace) -> dict:
     max_model_len = cfg.data.max_prompt_tokens + args.max_new_tokens
     llm = LLM(**engine_kwargs(path, cfg.rollout, cfg.model.dtype, max_model_len))
     params = [SamplingParams(n=args.k, temperature=args.temperature, top_p=1.0, max_tokens=args.max_new_tokens,
-                             seed=cfg.eval.seed + i) for i in range(len(prompt_ids))]
+                             seed=eval_seed(cfg, i, args.k)) for i in range(len(prompt_ids))]
     started = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
     seconds = time.perf_counter() - started
     lengths = [len(c.token_ids) for o in outputs for c in o.outputs]
-    return {"samples": len(lengths), "seconds": seconds, "response_len": statistics.mean(lengths)}
+    return {"samples": len(lengths), "seconds": seconds, "response_len": statistics.mean(lengths),
+            "tokens": sum(lengths)}
+
+
+def eval_seed(cfg, index: int, k: int) -> int:
+    """The seed srpo-ray's evaluation gives problem `index` with one generation worker:
+    batch b of eval.batch_prompts is generated with seed eval.seed + b (Evaluator.run),
+    the fleet's base is seed * 1_000_000 and prompt i of a call samples from base + i*k
+    (RayRolloutFleet.generate, VLLMEngine.generate)."""
+    batch, position = divmod(index, cfg.eval.batch_prompts)
+    return (cfg.eval.seed + batch) * 1_000_000 + position * k
 
 
 def launch_bare(args: argparse.Namespace) -> dict:
@@ -126,17 +138,18 @@ def main() -> int:
         for side, run in (("srpo-ray", run_srpo), ("bare vLLM", launch_bare)):
             row = run(args)
             row["samples_per_s"] = row["samples"] / row["seconds"]
+            row["tokens_per_s"] = row["tokens"] / row["seconds"]
             runs[side].append(row)
             print(f"[{time.strftime('%H:%M:%S')}] {side} #{repeat + 1}: {row['samples']} samples in "
                   f"{row['seconds']:.1f} s = {row['samples_per_s']:.2f} samples/s, "
-                  f"mean response {row['response_len']:.1f} tokens", flush=True)
+                  f"{row['tokens_per_s']:.0f} tokens/s, mean response {row['response_len']:.1f} tokens", flush=True)
     median = {side: statistics.median(r["samples_per_s"] for r in rows) for side, rows in runs.items()}
     ratio = median["srpo-ray"] / median["bare vLLM"]
     lines = [f"# Eval throughput, {time.strftime('%Y-%m-%d')}, {cores()} cores: {args.problems} problems of "
              f"{DATA} x {args.k} samples, T={args.temperature}, max {args.max_new_tokens} new tokens",
-             "", "| side | samples/s (median) | runs (samples/s) |", "|---|---|---|"]
-    lines += [f"| {side} | {median[side]:.2f} | {', '.join('%.2f' % r['samples_per_s'] for r in rows)} |"
-              for side, rows in runs.items()]
+             "", "| side | samples/s (median) | runs (samples/s) | mean response (tokens) |", "|---|---|---|---|"]
+    lines += [f"| {side} | {median[side]:.2f} | {', '.join('%.2f' % r['samples_per_s'] for r in rows)} | "
+              f"{statistics.mean(r['response_len'] for r in rows):.1f} |" for side, rows in runs.items()]
     lines += ["", f"srpo-ray / bare: {ratio:.2f}x (goal >= 0.9x)"]
     text = "\n".join(lines)
     print("\n" + text)

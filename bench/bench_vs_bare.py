@@ -54,6 +54,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from bench_step_overhead import WORK, WORK_OVERLAPPED, report, run_job  # noqa: E402
 from srpo_ray.config import SRPOConfig, load_config  # noqa: E402
 from srpo_ray.runtime.fleets import chunk_count  # noqa: E402
+from actors.engines import engine_env  # noqa: E402
 
 SIDES = ("bare", "srpo", "srpo-1off")
 # Same seed stride as the fleet: prompt k of a step samples from seeds base + k*n
@@ -119,8 +120,9 @@ def differences(cfg: SRPOConfig) -> list[str]:
         f"{chunk_count(cfg.rollout.num_workers, 2)} chunk(s) (one vLLM call each; a single worker gets one), "
         "results through Ray's object store; bare = one llm.generate call with every prompt; same engine "
         "settings and per-prompt seeds on both",
-        f"threads: srpo-ray generator OMP_NUM_THREADS={max(1, int(cfg.rollout.cpus_per_worker))}, OMP_WAIT_POLICY="
-        f"PASSIVE; bare OMP_NUM_THREADS={cores()}, default wait policy (generation and training alternate)",
+        f"threads: srpo-ray generator OMP_NUM_THREADS={max(1, int(cfg.rollout.cpus_per_worker))}, OMP wait policy "
+        f"{engine_env(cfg.rollout).get('OMP_WAIT_POLICY', 'default')}, generator and learner at niceness 0 "
+        f"(other Ray workers 15); bare OMP_NUM_THREADS={cores()}, default wait policy, niceness 0",
         "rewards: srpo-ray = RewardScorer in reward-worker actor(s), groups sent through Ray; bare = the same "
         "RewardScorer in process",
         f"weight sync: srpo-ray = rank 0 gathers the full state dict, publishes it ({transport} transport, "

@@ -4,6 +4,7 @@ the tests; each test starts from a saved checkpoint, so the order does not matte
 from __future__ import annotations
 
 import functools
+import os
 import socket
 
 import pytest
@@ -202,6 +203,16 @@ def _assert_same_weights(a: dict, b: dict, atol: float = CROSS_WORLD_ATOL):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+def test_learner_ranks_run_at_the_drivers_priority(ray_groups):
+    """Ray starts its workers at niceness 15, where every wake-up of a Ray service or the
+    driver preempts them; learner ranks ask for none (RAY_worker_niceness=0)."""
+    import ray
+
+    two, one, _ = ray_groups
+    niceness = ray.get([h.__ray_call__.remote(lambda self: os.nice(0)) for h in two.handles + one.handles])
+    assert niceness == [os.nice(0)] * 3
 
 
 def test_two_ranks_update_equals_one_rank_update(ray_groups, tiny_model):

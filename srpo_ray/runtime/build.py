@@ -19,6 +19,7 @@ from srpo_ray.config import ConfigError, SRPOConfig
 from srpo_ray.console import log_dir, with_actor_log
 from srpo_ray.data import DataError, check_prompt_lengths, load_prompts
 from srpo_ray.runtime.fleets import RayRewardFleet, RayRolloutFleet, WorkerPool
+from srpo_ray.runtime.ray_ops import HOT_PATH_NICENESS
 from srpo_ray.metrics import MetricsLogger
 from srpo_ray.models import resolve_model_path
 from srpo_ray.eval.runner import Evaluator
@@ -178,7 +179,12 @@ def build_eval_roles(cfg: SRPOConfig, model_path: str,
     try:
         placement = create_placement_groups(plan_placement(cfg, roles=(ROLLOUT, REWARD)),
                                             timeout_s=cfg.cluster.placement_timeout_s)
-        yield _create_fleets(cfg, model_path, placement, control_dir=None, logs=logs)
+        rollout, rewards = _create_fleets(cfg, model_path, placement, control_dir=None, logs=logs)
+        # Every worker up (vLLM loaded and warmed) before evaluation starts, so its clock
+        # and progress bar measure evaluation, not start-up.
+        for pool in (rollout.pool, rewards.pool):
+            pool.wait_ready()
+        yield rollout, rewards
     finally:
         if placement is not None:
             placement.remove()
@@ -209,17 +215,11 @@ def _create_fleets(cfg: SRPOConfig, model_path: str, placement, control_dir: str
                    logs: str | None = None) -> tuple[RayRolloutFleet, RayRewardFleet]:
     """The generation and reward fleets. control_dir: where scale requests are read
     ("" = the run dir, None = nowhere); logs: the actors' log dir (None: Ray's)."""
+    from actors.engines import engine_env
     from actors.generation import GenerationWorker
     from actors.reward import RewardWorker
 
-    on_gpu = cfg.rollout.gpus_per_worker > 0
-    # PASSIVE: idle OpenMP threads sleep instead of spinning, so a generator waiting for
-    # the learner (or sharing cores with it) doesn't slow everything down.
-    gen_env = {"OMP_NUM_THREADS": str(max(1, int(cfg.rollout.cpus_per_worker))),
-               "OMP_WAIT_POLICY": "PASSIVE"}
-    if not on_gpu:
-        gen_env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine: starts in seconds on CPU
-        gen_env["CUDA_VISIBLE_DEVICES"] = ""  # Ray shows a GPU node's GPUs to actors that asked for none
+    gen_env = {**engine_env(cfg.rollout), **HOT_PATH_NICENESS}
     gen_kwargs = generator_options(cfg)
 
     rollout_cfg = dataclasses.replace(cfg.rollout, max_model_len=cfg.rollout.max_model_len or (
