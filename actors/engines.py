@@ -198,7 +198,8 @@ class VLLMEngine:
         # detokenize=False: vLLM's incremental detokenizer drops a trailing partial UTF-8
         # character; one batch decode at the end gives exactly decode(token_ids).
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                 logprobs=0 if logprobs else None, seed=None if seed is None else seed + i * n, detokenize=False)
+                                 logprobs=0 if logprobs else None, detokenize=False,
+                                 seed=None if seed is None else seed + i * n)
                   for i in range(len(prompt_token_ids))]
         outputs = self._llm.generate([{"prompt_token_ids": list(p)} for p in prompt_token_ids],
                                      params, use_tqdm=False)

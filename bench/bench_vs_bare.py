@@ -111,8 +111,8 @@ def differences(cfg: SRPOConfig) -> list[str]:
     return [
         f"processes: srpo-ray = a driver + Ray actors ({cfg.rollout.num_workers} vLLM generation worker(s), "
         f"{cfg.reward.num_workers} reward worker(s), {ranks} learner rank(s)); bare = one Python process",
-        f"learner: srpo-ray = {learner_kind(cfg)} x {threads} torch thread(s) in Ray actor(s) at Ray's worker "
-        "niceness, the batch pickled to them through Ray, per-token entropy (a metric, no graph) and "
+        f"learner: srpo-ray = {learner_kind(cfg)} x {threads} torch thread(s) in Ray actor(s) at niceness 0, "
+        "the batch pickled to them through Ray, per-token entropy (a metric, no graph) and "
         "gathered metrics each step, gc.collect() + malloc_trim after each step"
         f"{', the low_host_memory mmap heap policy' if cfg.learner.low_host_memory else ''}; "
         f"bare = a plain HF module, {cores()} torch threads, glibc defaults, only the loss's own metrics",
