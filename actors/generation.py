@@ -77,8 +77,7 @@ class GenerationWorkerImpl:
                                        temperature=float(sampling["temperature"]),
                                        top_p=float(sampling["top_p"]),
                                        max_new_tokens=int(sampling["max_new_tokens"]),
-                                       seed=sampling.get("seed"),
-                                       **({} if sampling.get("logprobs", True) else {"logprobs": False}))
+                                       seed=sampling.get("seed"), logprobs=bool(sampling.get("logprobs", True)))
         return [RolloutGroup(prompt=p, prompt_token_ids=ids, samples=s, policy_version=self._version)
                 for p, ids, s in zip(prompts, prompt_ids, samples)]
 

@@ -200,7 +200,7 @@ class SleepyEngine(KeepCopies):
         self.calls.append("load")
         super().load_weight_stream(names, weights)
 
-    def generate(self, prompt_token_ids, n, temperature, top_p, max_new_tokens, seed):
+    def generate(self, prompt_token_ids, n, temperature, top_p, max_new_tokens, seed, logprobs=True):
         from srpo_ray.records import Sample
 
         assert not self.asleep, f"sampled with {self.asleep} asleep"
