@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_learner_memory.py [--model-dir DIR] [--ranks 2]
         [--seqs 64 --prompt-len 64 --response-len 96] [--kl-coef 0.0] [--steps 2]
+        [--set learner.host_heap=reuse ...]
 
 Starts `--ranks` LearnerRank actors on a local Ray exactly as the runtime does
 (actors.learner.create_learner_group, config configs/default.yaml plus the flags), then
@@ -21,6 +22,9 @@ Columns per rank and phase:
           model (what must be resident), from inside the actor;
   free    glibc heap bytes free (mallinfo2 fordblks), the allocator's cache; it still
           counts pages malloc_trim has already handed back (they left anon).
+  page faults, kernel
+          minor page faults and kernel CPU seconds of the rank during the phase
+          (/proc/<pid>/stat): fresh pages for the tensors of a step, learner.host_heap.
 
 Model: --model-dir, default the cached SmolLM2-135M (~/.cache/srpo_ray/models/
 smollm2-135m-instruct) when present, else a tiny model built in a temp folder.
@@ -82,6 +86,16 @@ def _proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+def _faults_and_kernel_s(pid: int) -> tuple[int, float]:
+    """(minor page faults, kernel CPU seconds) of the process so far (/proc/<pid>/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+    return int(fields[7]), int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
+_last_counters: dict[int, tuple[int, float]] = {}
+
+
 def _reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
 
@@ -128,10 +142,14 @@ def report(phase: str, handles, pids) -> None:
     for rank, (pid, info) in enumerate(zip(pids, inside)):
         st = _proc_status(pid)
         held = info["params"] + info["grads"] + info["optim"] + info["ref"]
+        faults, kernel_s = _faults_and_kernel_s(pid)
+        last_faults, last_kernel_s = _last_counters.get(pid, (0, 0.0))
+        _last_counters[pid] = faults, kernel_s
         print(f"{phase:<14} rank {rank}: peak {st['VmHWM'] / MiB:7.0f}  rss {st['VmRSS'] / MiB:7.0f}  "
               f"anon {st['RssAnon'] / MiB:7.0f}  file {st['RssFile'] / MiB:5.0f}  shm {st['RssShmem'] / MiB:5.0f}  "
               f"tensors {held / MiB:6.0f} (params {info['params'] / MiB:.0f}, grads {info['grads'] / MiB:.0f}, "
-              f"optim {info['optim'] / MiB:.0f}, ref {info['ref'] / MiB:.0f})  free {info['free'] / MiB:6.0f}  MiB",
+              f"optim {info['optim'] / MiB:.0f}, ref {info['ref'] / MiB:.0f})  free {info['free'] / MiB:6.0f}  MiB; "
+              f"page faults {faults - last_faults}, kernel {kernel_s - last_kernel_s:.1f} s",
               flush=True)
         _reset_peak(pid)
 

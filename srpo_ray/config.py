@@ -84,7 +84,11 @@ def _update(merged: Any, key: str, value: Any, raw: str) -> None:
 
 
 def _fold_deprecated(cfg: SRPOConfig) -> None:
-    """metrics.tensorboard (a bool before metrics.trackers existed) -> metrics.trackers."""
+    """metrics.tensorboard (a bool before metrics.trackers existed) -> metrics.trackers;
+    learner.low_host_memory (a bool before learner.host_heap) -> learner.host_heap."""
+    if cfg.learner.low_host_memory:
+        cfg.learner.host_heap = "compact"
+    cfg.learner.low_host_memory = None
     m = cfg.metrics
     if m.tensorboard is True and "tensorboard" not in m.trackers:
         m.trackers.append("tensorboard")
@@ -150,6 +154,8 @@ def validate(cfg: SRPOConfig) -> None:
     need(cfg.learner.max_tokens_per_micro_batch >= 0, "learner.max_tokens_per_micro_batch",
          "must be >= 0 (0 = no token cap)")
     need(cfg.learner.backend in ("auto", "nccl", "gloo"), "learner.backend", "must be auto, nccl or gloo")
+    need(cfg.learner.host_heap in ("auto", "reuse", "trim", "compact"), "learner.host_heap",
+         f"must be auto, reuse, trim or compact, not {cfg.learner.host_heap!r}")
     need(cfg.model.dtype != "float16", "model.dtype", "float16 is refused: the learner has no loss scaling, so "
          "small gradients would underflow to zero without a warning; use bfloat16 (or auto)")
     need(cfg.model.dtype in DTYPES, "model.dtype", f"{cfg.model.dtype!r}: must be one of {', '.join(DTYPES)}")

@@ -287,14 +287,18 @@ class LearnerConfig:
     sequence goes alone): short sequences then share a pass, long ones don't blow up
     memory. 0: sequence count only. The loss and its denominator do not change."""
     gradient_checkpointing: bool = False
-    low_host_memory: bool = False
-    """Serve host allocations of 1 MiB or more with their own mappings, returned to the
-    OS when freed (glibc; freed heap is also trimmed after every step either way). On
-    CPU it lowers a rank's peak memory at a real cost in speed: SmolLM2-135M, micro-batch
-    8 (bench/bench_learner_memory.py): 2 ranks, peak 5.2 / 4.2 GB instead of 7.0 / 5.4 GB,
-    a train step 71 s instead of 63 s; 1 rank of 2 threads, 64 sequences of <= 98
-    tokens: 55 s instead of 41 s (2026-12-01). Turn it on when host memory, not time, is
-    short. Hardly matters on GPUs, where the big tensors are not in host memory."""
+    host_heap: str = "auto"
+    """What a CPU step's freed host memory does (glibc; srpo_ray/learner_state.py).
+    reuse: every block comes from the heap, which is never trimmed, so once it fits a
+    step (2-3 steps) nothing is page-faulted again; the rank keeps its peak step memory. trim:
+    glibc's defaults (blocks over 32 MiB get fresh mappings, faulted in on every use)
+    and the freed heap handed back after each step. compact: every block of 1 MiB or
+    more mapped alone and returned when freed: the lowest peak, the slowest step. auto:
+    reuse on CPU learners, trim on GPU learners (their big tensors are not in host
+    memory). SmolLM2-135M, 1 rank x 2 threads, 40 sequences (bench/bench_learner_memory.py,
+    2026-12-02): see README's Speed section for the figures."""
+    low_host_memory: Optional[bool] = None
+    """Deprecated: true means host_heap=compact."""
     collective_timeout_s: int = 600
     """A collective that waits longer than this fails instead of hanging."""
 

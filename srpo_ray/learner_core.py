@@ -27,7 +27,7 @@ a dummy pass does too, so the ranks' all-gathers stay in step.
 Loading. Only rank 0 reads the model files; the other ranks build the model on the
 meta device, shard it and receive their shards (srpo_ray/learner_state.py, which also
 holds full_state_dict and the checkpoints). Host memory: one full fp32 copy on rank 0
-during setup, a shard elsewhere. Heap freed by a step is handed back to the OS after it.
+during setup, a shard elsewhere. What a step's freed heap does: learner.host_heap.
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ from srpo_ray.batch import (TrainBatch, loss_denominator as local_denominator, m
                             split_into_chunks)
 from srpo_ray.config import SRPOConfig, resolve_dtype
 from srpo_ray.learner_state import (ShardedWeightsIO, build_sharded_model, load_full_weights,
-                                    release_free_memory, set_heap_policy)
+                                    release_free_memory, resolve_heap_policy,
+                                    set_heap_policy)
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
@@ -120,9 +121,9 @@ class FSDPLearner(ShardedWeightsIO):
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
         cfg = self.cfg
-        if cfg.learner.low_host_memory:
-            set_heap_policy()  # before the process group's threads start allocating
         backend = _pick_backend(cfg.learner.backend, cfg.learner.gpus_per_rank)
+        # before the process group's threads and the model start allocating
+        set_heap_policy(resolve_heap_policy(cfg.learner.host_heap, cfg.learner.gpus_per_rank > 0))
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             self.device = torch.device("cuda", torch.cuda.current_device())
