@@ -113,9 +113,9 @@ def differences(cfg: SRPOConfig) -> list[str]:
         f"{cfg.reward.num_workers} reward worker(s), {ranks} learner rank(s)); bare = one Python process",
         f"learner: srpo-ray = {learner_kind(cfg)} x {threads} torch thread(s) in Ray actor(s) at niceness 0, "
         "the batch pickled to them through Ray, per-token entropy (a metric, no graph) and "
-        "gathered metrics each step, gc.collect() + malloc_trim after each step"
-        f"{', the low_host_memory mmap heap policy' if cfg.learner.low_host_memory else ''}; "
-        f"bare = a plain HF module, {cores()} torch threads, glibc defaults, only the loss's own metrics",
+        f"gathered metrics each step, gc.collect() after each step, {heap_kind(cfg)}; "
+        f"bare = a plain HF module, {cores()} torch threads, glibc's default heap (blocks over 32 MiB freshly "
+        "mapped, page-faulted in every step), only the loss's own metrics",
         f"generation: srpo-ray = prompts templated in the worker, the step cut into "
         f"{chunk_count(cfg.rollout.num_workers, 2)} chunk(s) (one vLLM call each; a single worker gets one), "
         "results through Ray's object store; bare = one llm.generate call with every prompt; same engine "
@@ -142,6 +142,17 @@ def learner_kind(cfg: SRPOConfig) -> str:
     if ranks == 1 and cfg.model.dtype in ("float32", "auto"):
         return "1 rank, the plain module (one float32 rank has nothing to shard)"
     return f"FSDP2 over {ranks} rank(s) (all-gather per layer per forward, reduce-scatter per backward)"
+
+
+def heap_kind(cfg: SRPOConfig) -> str:
+    from srpo_ray.learner_state import resolve_heap_policy
+
+    policy = resolve_heap_policy(cfg.learner.host_heap, cfg.learner.gpus_per_rank > 0)
+    return {"reuse": "learner.host_heap=reuse (every block from a heap never trimmed: no page faults once it "
+                     "fits a step)",
+            "trim": "learner.host_heap=trim (glibc's default heap, malloc_trim after each step)",
+            "compact": "learner.host_heap=compact (blocks of 1 MiB or more mapped alone, malloc_trim after each "
+                       "step)"}[policy]
 
 
 # ----------------------------------------------------------------------------- the bare loop
