@@ -145,7 +145,7 @@ def learner_kind(cfg: SRPOConfig) -> str:
 
 
 def heap_kind(cfg: SRPOConfig) -> str:
-    from srpo_ray.learner_state import resolve_heap_policy
+    from srpo_ray.host_heap import resolve_heap_policy
 
     policy = resolve_heap_policy(cfg.learner.host_heap, cfg.learner.gpus_per_rank > 0)
     return {"reuse": "learner.host_heap=reuse (every block from a heap never trimmed: no page faults once it "

@@ -288,15 +288,16 @@ class LearnerConfig:
     memory. 0: sequence count only. The loss and its denominator do not change."""
     gradient_checkpointing: bool = False
     host_heap: str = "auto"
-    """What a CPU step's freed host memory does (glibc; srpo_ray/learner_state.py).
-    reuse: every block comes from the heap, which is never trimmed, so once it fits a
-    step (2-3 steps) nothing is page-faulted again; the rank keeps its peak step memory. trim:
-    glibc's defaults (blocks over 32 MiB get fresh mappings, faulted in on every use)
-    and the freed heap handed back after each step. compact: every block of 1 MiB or
-    more mapped alone and returned when freed: the lowest peak, the slowest step. auto:
-    reuse on CPU learners, trim on GPU learners (their big tensors are not in host
-    memory). SmolLM2-135M, 1 rank x 2 threads, 40 sequences (bench/bench_learner_memory.py,
-    2026-12-02): see README's Speed section for the figures."""
+    """What a CPU step's freed host memory does (glibc; srpo_ray/host_heap.py).
+    reuse: every block comes from the heap, never trimmed, so once it fits a step (2-5
+    steps) nothing is page-faulted again; the rank keeps its peak step memory. trim:
+    glibc's defaults (blocks over 32 MiB freshly mapped, faulted in on every use), the
+    freed heap handed back after each step. compact: every block of 1 MiB or more
+    mapped alone, returned when freed: the lowest peak, the slowest step. auto: reuse
+    on CPU learners, trim on GPU learners (their big tensors are not in host memory).
+    SmolLM2-135M, 1 rank x 2 threads, 64 sequences of <= 160 tokens
+    (bench/bench_learner_memory.py, 2026-12-02): reuse 93 s a step, peak 7.1 GB, 16
+    page faults; trim 106-110 s, peak 6.5 GB (3.1 GB between steps), 4.7 million."""
     low_host_memory: Optional[bool] = None
     """Deprecated: true means host_heap=compact."""
     collective_timeout_s: int = 600

@@ -43,9 +43,8 @@ from srpo_ray.algo.loss import policy_loss
 from srpo_ray.batch import (TrainBatch, loss_denominator as local_denominator, micro_batches,
                             split_into_chunks)
 from srpo_ray.config import SRPOConfig, resolve_dtype
-from srpo_ray.learner_state import (ShardedWeightsIO, build_sharded_model, load_full_weights,
-                                    release_free_memory, resolve_heap_policy,
-                                    set_heap_policy)
+from srpo_ray.host_heap import release_free_memory, resolve_heap_policy, set_heap_policy
+from srpo_ray.learner_state import ShardedWeightsIO, build_sharded_model, load_full_weights
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,

@@ -8,22 +8,10 @@ allocates just its own shard and receives the weights from rank 0 one tensor at 
 its shard plus the largest single tensor, instead of a whole model. Buffers that are not
 in the state dict (rotary inv_freq) are broadcast from rank 0's loaded model as well.
 
-Host memory of a step (learner.host_heap). torch's CPU allocator is plain malloc. By
-default glibc serves blocks over its mmap threshold (at most 32 MiB: logits, their
-gradients) with fresh mappings, so a CPU train step page-faults every such block in
-again: 1.1-1.8 million faults and 7-10 s of kernel time in a 31-35 s SmolLM2-135M step.
-`reuse` (CPU default) serves every block from the heap and never trims it: once the
-heap has grown to fit a step (2-3 steps) nothing is faulted, and a step is 13-22% faster,
-while the rank keeps its peak step memory. `trim` (GPU default) keeps glibc's defaults and hands the freed heap
-back after every step (malloc_trim). `compact` also mmaps every block of 1 MiB or more,
-returned when freed: the lowest peak (fragmentation otherwise raised a step's peak by
-1-2.5 GB per rank, bench/bench_learner_memory.py), the slowest step.
+Host memory of a step: srpo_ray/host_heap.py (learner.host_heap).
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import os
 import shutil
 from pathlib import Path
@@ -32,6 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from srpo_ray.host_heap import release_free_memory
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -113,60 +103,6 @@ def _tied_embedding_names(model: nn.Module) -> tuple[str, str] | None:
         return None
     names = {id(m): n for n, m in model.named_modules()}
     return f"{names[id(inp)]}.weight", f"{names[id(out)]}.weight"
-
-
-# glibc mallopt parameters (malloc.h) and the values the heap policies give them
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
-MMAP_THRESHOLD_BYTES = 1 << 20
-TRIM_THRESHOLD_BYTES = 64 << 20
-HEAP_POLICIES = ("auto", "reuse", "trim", "compact")
-_trim_after_step = True
-
-
-def resolve_heap_policy(policy: str, on_gpu: bool) -> str:
-    """learner.host_heap with `auto` decided: reuse on a CPU learner (the step's tensors
-    live in host memory), trim on a GPU learner (they do not)."""
-    if policy not in HEAP_POLICIES:
-        raise ValueError(f"learner.host_heap={policy!r}: must be one of {', '.join(HEAP_POLICIES)}")
-    if policy == "auto":
-        return "trim" if on_gpu else "reuse"
-    return policy
-
-
-def set_heap_policy(policy: str) -> None:
-    """Apply a resolved learner.host_heap policy to this process (see the module
-    docstring); call it before the step's big allocations. glibc only: elsewhere the
-    C library's defaults stay and release_free_memory only collects garbage."""
-    global _trim_after_step
-    _trim_after_step = policy != "reuse"
-    if _LIBC is None or not hasattr(_LIBC, "mallopt"):
-        return
-    if policy == "reuse":
-        _LIBC.mallopt(_M_MMAP_MAX, 0)  # no block gets its own mapping: all come from the heap
-        _LIBC.mallopt(_M_TRIM_THRESHOLD, -1)  # -1: never trim (glibc's documented value)
-    elif policy == "compact":
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-        _LIBC.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-
-
-def release_free_memory() -> None:
-    """Collect garbage and, unless the heap policy is `reuse`, return the heap glibc
-    holds free to the OS (malloc_trim; a no-op on other C libraries)."""
-    gc.collect()
-    if _LIBC is not None and _trim_after_step:
-        _LIBC.malloc_trim(0)
-
-
-def _glibc():
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_LIBC = _glibc()
 
 
 # ----------------------------------------------------------------------------- weights out

@@ -1,4 +1,4 @@
-"""learner.host_heap: what a CPU train step's freed memory does (srpo_ray/learner_state.py).
+"""learner.host_heap: what a CPU train step's freed memory does (srpo_ray/host_heap.py).
 
 The policy is process-wide (glibc's mallopt), so each case runs in a child process."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from srpo_ray.learner_state import resolve_heap_policy
+from srpo_ray.host_heap import resolve_heap_policy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,10 +20,10 @@ REPO = Path(__file__).resolve().parent.parent
 _CHILD = """
 import json, resource, sys
 import torch
-from srpo_ray.learner_state import release_free_memory, set_heap_policy
+from srpo_ray.host_heap import release_free_memory, set_heap_policy
 set_heap_policy(sys.argv[1])
 faults = []
-for step in range(6):
+for step in range(10):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     tensors = [torch.ones(n << 20) for n in (12, 16, 10, 16)]  # float32: 48, 64, 40, 64 MiB
     tensors.clear()
@@ -45,7 +45,7 @@ def _faults_per_step(policy: str) -> list[int]:
 def test_reuse_stops_faulting_after_a_few_steps_trim_faults_every_step():
     reuse, trim = _faults_per_step("reuse"), _faults_per_step("trim")
     assert reuse[0] >= STEP_PAGES // 2, reuse  # the first step's pages are new either way
-    assert max(reuse[-2:]) < STEP_PAGES // 20, reuse  # the heap has grown to fit a step: reused
+    assert max(reuse[-3:]) < STEP_PAGES // 20, reuse  # the heap has grown to fit a step: reused
     assert min(trim) >= STEP_PAGES // 2, trim  # mapped afresh, faulted again, every step
 
 
