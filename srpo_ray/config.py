@@ -17,6 +17,7 @@ from srpo_ray.weights.transport import resolve_for
 from srpo_ray.config_schema import (AlgoConfig, ClusterConfig, DataConfig, EvalConfig, LearnerConfig, MetricsConfig,
                                     ModelConfig, OptimConfig, ResampleConfig, RewardConfig, RolloutConfig,
                                     SRPOConfig, StageConfig, TrainerConfig, TRACKERS)
+from srpo_ray.host_heap import HEAP_POLICIES
 from srpo_ray.records import domain_problem
 from srpo_ray.rewards.plugins import check_plugins
 
@@ -154,7 +155,7 @@ def validate(cfg: SRPOConfig) -> None:
     need(cfg.learner.max_tokens_per_micro_batch >= 0, "learner.max_tokens_per_micro_batch",
          "must be >= 0 (0 = no token cap)")
     need(cfg.learner.backend in ("auto", "nccl", "gloo"), "learner.backend", "must be auto, nccl or gloo")
-    need(cfg.learner.host_heap in ("auto", "reuse", "trim", "compact"), "learner.host_heap",
+    need(cfg.learner.host_heap in HEAP_POLICIES, "learner.host_heap",
          f"must be auto, reuse, trim or compact, not {cfg.learner.host_heap!r}")
     need(cfg.model.dtype != "float16", "model.dtype", "float16 is refused: the learner has no loss scaling, so "
          "small gradients would underflow to zero without a warning; use bfloat16 (or auto)")
