@@ -11,12 +11,14 @@ whole state dict (tests, fakes).
 """
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Iterator
 
 import ray
 
 from actors.engines import GenerationEngine, create_engine, set_engine_env
 from srpo_ray.console import redirect_actor_output
+from srpo_ray.host_heap import resolve_heap_policy, set_heap_policy
 from srpo_ray.models import chat_prompt_ids
 from srpo_ray.records import Prompt, RolloutGroup
 from srpo_ray.runtime.ray_ops import RayOps
@@ -41,6 +43,10 @@ class GenerationWorkerImpl:
         actors/engines.py engine_kwargs."""
         redirect_actor_output()  # before vLLM starts talking (srpo_ray/console.py)
         set_engine_env(rollout_cfg)  # before anything imports torch
+        # before the engine's first allocation: a CPU engine's KV cache and logits then
+        # come from a heap that is reused, not faulted in again every call (rollout.host_heap)
+        set_heap_policy(resolve_heap_policy(rollout_cfg.host_heap, rollout_cfg.gpus_per_worker > 0,
+                                            "rollout.host_heap"))
         from transformers import AutoTokenizer
 
         self.worker_index = worker_index
@@ -52,6 +58,7 @@ class GenerationWorkerImpl:
                                                                 weight_transfer, sleep_mode)
         self._version = 0  # the weights loaded from model_path are version 0
         self._weights = WeightReceiver(RayOps())
+        self._load_seconds: list[float] = []  # per load since the fleet last asked
 
     def generate(self, prompts: list[Prompt], sampling: dict[str, Any],
                  policy_version_expected: int | None = None) -> list[RolloutGroup]:
@@ -103,14 +110,22 @@ class GenerationWorkerImpl:
             started = True
             yield from weights
         held, self._version = self._version, -1
+        began = time.perf_counter()
         try:
             self.engine.load_weight_stream(names, tracked())
         except BaseException:
             if not started:  # refused before anything was loaded: the old weights stand
                 self._version = held
             raise
+        self._load_seconds.append(time.perf_counter() - began)
         self._version = int(version)
         return self._version
+
+    def pop_load_seconds(self) -> list[float]:
+        """Seconds of each load since the last call: reading the transport's tensors and
+        the engine's own reload (vLLM's reload_weights), without the RPC around them."""
+        out, self._load_seconds = self._load_seconds, []
+        return out
 
     def engine_call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """The engine's own weight-transfer calls (vLLM's NCCL / IPC engines)."""

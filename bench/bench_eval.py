@@ -15,6 +15,11 @@ Both sides run in fresh processes, one after the other, with every core:
   and per-prompt seeds (so both sides draw the same samples), no log-probs (evaluation
   asks for none either). Timed: `generate` alone. It scores nothing.
 
+Other differences: srpo-ray generates in calls of eval.batch_prompts problems (bare: one
+call for all) and decodes the tokens once at the end (vLLM's default, which bare keeps,
+detokenizes as it samples). The srpo-ray rows also say where its time went: generating
+(Ray calls included) and waiting for scores that generation did not hide.
+
 Prints samples/s of each side and srpo-ray's share of bare (goal: >= 0.9x); writes
 bench/results/eval_throughput/<date>.{json,txt}.
 """
@@ -63,6 +68,7 @@ def run_srpo(args: argparse.Namespace) -> dict:
     report = json.loads((out / "results.json").read_text())
     scores = report["scores"]["arithmetic_heldout"]
     return {"samples": report["samples"], "seconds": report["seconds"], "process_seconds": wall,
+            "generate_seconds": report.get("generate_seconds"), "score_wait_seconds": report.get("score_wait_seconds"),
             "response_len": scores["response_len"], "tokens": round(scores["response_len"] * report["samples"]),
             f"avg@{args.k}": scores[f"avg@{args.k}"]}
 
@@ -151,6 +157,11 @@ def main() -> int:
     lines += [f"| {side} | {median[side]:.2f} | {', '.join('%.2f' % r['samples_per_s'] for r in rows)} | "
               f"{statistics.mean(r['response_len'] for r in rows):.1f} |" for side, rows in runs.items()]
     lines += ["", f"srpo-ray / bare: {ratio:.2f}x (goal >= 0.9x)"]
+    srpo_runs = runs["srpo-ray"]
+    if all(r.get("generate_seconds") is not None for r in srpo_runs):  # where srpo-ray's time went
+        lines += [f"srpo-ray's seconds per run: generating {', '.join('%.1f' % r['generate_seconds'] for r in srpo_runs)}"
+                  f"; waiting for scores {', '.join('%.1f' % r['score_wait_seconds'] for r in srpo_runs)}"
+                  f" (bare, generating: {', '.join('%.1f' % r['seconds'] for r in runs['bare vLLM'])})"]
     text = "\n".join(lines)
     print("\n" + text)
     out = Path(args.out)

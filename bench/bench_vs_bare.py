@@ -20,7 +20,10 @@ and seeds. Each side runs in a child process of its own, one after the other:
 
 Printed per phase (generate, score, train, train per trained sequence and per trained
 response token, weight sync, whole step): median (min-max) seconds of each side and the
-srpo / bare ratio. Step 1 is left out on both sides (first calls, lazy set-up). After
+srpo / bare ratio. The weight sync is split where its time goes: the learner's publish
+(bare: model.state_dict()), the generator's load (the transport's tensors fed to vLLM's
+reload_weights, timed inside the worker; bare: reload_weights itself) and the rest (RPCs,
+waiting for the worker). Step 1 is left out on both sides (first calls, lazy set-up). After
 step 1 the two trajectories part (FSDP2 sums gradients in another order, so the weights,
 then the samples, then the zero-variance groups differ): compare training per sequence
 and per token, not per step. The header lists every difference between the two sides.
@@ -43,9 +46,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -53,6 +55,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_step_overhead import WORK, WORK_OVERLAPPED, report, run_job  # noqa: E402
 from srpo_ray.config import SRPOConfig, load_config  # noqa: E402
+from srpo_ray.metrics import timed  # noqa: E402
 from srpo_ray.runtime.fleets import chunk_count  # noqa: E402
 from actors.engines import engine_env  # noqa: E402
 
@@ -63,7 +66,9 @@ SEED_BLOCK = 1_000_000
 # (label, metrics key): per-phase seconds as srpo-ray's metrics.jsonl names them
 PHASES = (("generate", "time/generate"), ("score", "time/score"), ("train", "time/train"),
           ("train / sequence", "train_per_sequence"), ("train / resp. token", "train_per_token"),
-          ("weight sync", "time/weight_sync"), ("wait rollouts", "time/wait_rollouts"),
+          ("weight sync", "time/weight_sync"), ("  publish (learner)", "time/weight_publish"),
+          ("  load (generator)", "time/weight_load"), ("  rest (RPC, waits)", "weight_sync_rest"),
+          ("wait rollouts", "time/wait_rollouts"),
           ("step", "time/step"))
 
 
@@ -157,15 +162,6 @@ def heap_kind(cfg: SRPOConfig) -> str:
 
 # ----------------------------------------------------------------------------- the bare loop
 
-@contextmanager
-def timed(timings: dict[str, float], key: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[key] = time.perf_counter() - start
-
-
 def run_bare(cfg: SRPOConfig) -> list[dict]:
     """The plain GRPO loop of FACTS.md, one process; one metrics dict per step, with the
     keys srpo-ray's metrics.jsonl uses. The parent sets OMP_NUM_THREADS to every core
@@ -245,10 +241,12 @@ def run_bare(cfg: SRPOConfig) -> list[dict]:
                 with timed(timings, "train"):
                     train_metrics = bare_train_step(model, optimizer, batch, cfg, temperature)
                 with timed(timings, "weight_sync"):
-                    state = model.state_dict()  # the full one: the tied lm_head too (FACTS.md)
-                    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items()),
-                                                                 "is_checkpoint_format": True})
-                    llm.reset_prefix_cache()  # cached KV blocks came from the old weights
+                    with timed(timings, "weight_publish"):
+                        state = model.state_dict()  # the full one: the tied lm_head too (FACTS.md)
+                    with timed(timings, "weight_load"):
+                        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items()),
+                                                                     "is_checkpoint_format": True})
+                        llm.reset_prefix_cache()  # cached KV blocks came from the old weights
             timings["step"] = time.perf_counter() - started
             rows.append({"step": step, **{f"time/{k}": v for k, v in timings.items()}, **train_metrics,
                          "batch/sequences": batch.num_sequences, **summarize_rollouts(scored)})
@@ -336,6 +334,8 @@ def summarize(rows: list[dict]) -> dict[str, dict[str, float]]:
             r["train_per_sequence"] = r["time/train"] / r["batch/sequences"]
             if r.get("learner/response_tokens"):
                 r["train_per_token"] = r["time/train"] / r["learner/response_tokens"]
+        if "time/weight_load" in r:
+            r["weight_sync_rest"] = r["time/weight_sync"] - r.get("time/weight_publish", 0.0) - r["time/weight_load"]
     out: dict[str, dict[str, float]] = {}
     for _, key in PHASES:
         values = [r[key] for r in later if key in r]

@@ -155,8 +155,9 @@ def validate(cfg: SRPOConfig) -> None:
     need(cfg.learner.max_tokens_per_micro_batch >= 0, "learner.max_tokens_per_micro_batch",
          "must be >= 0 (0 = no token cap)")
     need(cfg.learner.backend in ("auto", "nccl", "gloo"), "learner.backend", "must be auto, nccl or gloo")
-    need(cfg.learner.host_heap in HEAP_POLICIES, "learner.host_heap",
-         f"must be auto, reuse, trim or compact, not {cfg.learner.host_heap!r}")
+    for role in ("learner", "rollout"):
+        heap = getattr(cfg, role).host_heap
+        need(heap in HEAP_POLICIES, f"{role}.host_heap", f"must be {', '.join(HEAP_POLICIES)}, not {heap!r}")
     need(cfg.model.dtype != "float16", "model.dtype", "float16 is refused: the learner has no loss scaling, so "
          "small gradients would underflow to zero without a warning; use bfloat16 (or auto)")
     need(cfg.model.dtype in DTYPES, "model.dtype", f"{cfg.model.dtype!r}: must be one of {', '.join(DTYPES)}")

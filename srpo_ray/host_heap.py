@@ -1,16 +1,17 @@
-"""What freed host memory does in a learner process that runs torch on the CPU (glibc's
-malloc; no torch here).
+"""What freed host memory does in a process that runs torch on the CPU, a learner rank or
+a generation worker (glibc's malloc; no torch here).
 
 torch's CPU allocator is plain malloc. By default glibc serves blocks over its mmap
 threshold (at most 32 MiB: logits, their gradients) with fresh mappings, so a CPU train
 step page-faults every such block in again: 1.1-4.8 million faults and 7-26 s of kernel
-time in a SmolLM2-135M step of 31-110 s. The policies (learner.host_heap):
+time in a SmolLM2-135M step of 31-110 s; a CPU vLLM engine's logits, 0.4-2.8 million
+faults in a sampling call of a minute. The policies (learner.host_heap, rollout.host_heap):
 
-- reuse (CPU learners' default): every block comes from the heap, never trimmed. Once
-  the heap has grown to fit a step (2-5 steps) nothing is faulted again, and a step is
-  13-22% faster; the process keeps its peak step memory.
-- trim (GPU learners' default): glibc's defaults, the freed heap handed back after
-  every step (malloc_trim).
+- reuse (the default on CPU): every block comes from the heap, never trimmed. Once
+  the heap has grown to fit a step (2-5 steps) nothing is faulted again, and a train
+  step is 13-22% faster, a sampling call 6-8%; the process keeps its peak memory.
+- trim (the default on GPU): glibc's defaults; a learner also hands the freed heap back
+  after every step (malloc_trim).
 - compact: every block of 1 MiB or more mapped alone and returned when freed: the
   lowest peak (fragmentation otherwise raised a step's peak by 1-2.5 GB per rank,
   bench/bench_learner_memory.py), the slowest step.
@@ -29,11 +30,11 @@ HEAP_POLICIES = ("auto", "reuse", "trim", "compact")
 _trim_after_step = True
 
 
-def resolve_heap_policy(policy: str, on_gpu: bool) -> str:
-    """learner.host_heap with `auto` decided: reuse on a CPU learner (the step's tensors
-    live in host memory), trim on a GPU learner (they do not)."""
+def resolve_heap_policy(policy: str, on_gpu: bool, key: str = "learner.host_heap") -> str:
+    """A host_heap setting (`key`: learner.host_heap or rollout.host_heap) with `auto`
+    decided: reuse on CPU (the big tensors live in host memory), trim on GPU (they do not)."""
     if policy not in HEAP_POLICIES:
-        raise ValueError(f"learner.host_heap={policy!r}: must be one of {', '.join(HEAP_POLICIES)}")
+        raise ValueError(f"{key}={policy!r}: must be one of {', '.join(HEAP_POLICIES)}")
     if policy == "auto":
         return "trim" if on_gpu else "reuse"
     return policy

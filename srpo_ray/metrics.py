@@ -28,6 +28,9 @@ Metric names (also explained in README.md):
                                    rollouts and the learner that trained on them (0 on-policy,
                                    1 with rollout.one_step_off)
     time/generate, time/score, time/train, time/weight_sync, time/step   seconds
+    time/weight_publish, time/weight_load   parts of time/weight_sync: the learner publishing
+                                   the weights, the slowest generation worker loading them
+                                   (transport read + the engine's reload; the rest is RPCs)
     time/wait_rollouts             the step waiting for its rollouts (with one_step_off: the
                                    generation time training did not hide)
     time/wait_collect_ahead        training done, waiting for the next step's collection to
@@ -40,8 +43,10 @@ import logging
 import math
 import sys
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from srpo_ray.rewards.answer_forms import plain_number
 
@@ -233,3 +238,14 @@ def summarize_rollouts(scored: list) -> dict[str, float]:
     if math_correct:
         out["correct/math/not_number_frac"] = math_correct_not_number / math_correct
     return out
+
+
+@contextmanager
+def timed(totals: dict[str, float], key: str) -> Iterator[None]:
+    """Add the seconds the block takes to totals[key] (a phase that runs several times
+    in a step or an evaluation sums)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        totals[key] = totals.get(key, 0.0) + time.perf_counter() - start

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,7 +35,7 @@ from srpo_ray.collect import make_collector
 from srpo_ray.eval.report import headline, write_json
 from srpo_ray.config import SRPOConfig, to_yaml
 from srpo_ray.collect import Collected
-from srpo_ray.metrics import MetricsLogger, summarize_rollouts
+from srpo_ray.metrics import MetricsLogger, summarize_rollouts, timed
 from srpo_ray.pipeline import RolloutPipeline
 from srpo_ray.records import Prompt, RolloutGroup, ScoredGroup
 
@@ -200,14 +199,16 @@ class SRPOTrainer:
         train_metrics: dict[str, Any] = {"train/skipped": 1.0}
         learned = batch.input_ids.shape[0] > 0  # all groups zero-variance: nothing to learn from
         if learned:
-            with _timed(timings, "train"):
+            with timed(timings, "train"):
                 train_metrics = self.roles.learner.train(batch, temperature=sampling["temperature"])
-        with _timed(timings, "wait_collect_ahead"):
+        with timed(timings, "wait_collect_ahead"):
             pipeline.settle()  # weights never change under a running collection
         if learned:
-            with _timed(timings, "weight_sync"):
+            with timed(timings, "weight_sync"):  # = weight_publish + delivery (of which weight_load)
                 self.version += 1
-                self.roles.rollout.push_weights(self.roles.learner.publish_weights(), self.version)
+                with timed(timings, "weight_publish"):
+                    published = self.roles.learner.publish_weights()
+                self.roles.rollout.push_weights(published, self.version)
         timings["step"] = time.perf_counter() - started
         return {
             **rollouts.metrics, **{f"adv/{k}": v for k, v in adv_metrics.items()}, **overlong_metrics,
@@ -223,10 +224,10 @@ class SRPOTrainer:
         ledger, whether or not the collector keeps it."""
         prompts = [self.by_id[i] for i in prompt_ids]
         seed = self.cfg.rollout.seed + step + round_index * _ROUND_SEED_STRIDE
-        with _timed(timings, "generate"):
+        with timed(timings, "generate"):
             groups = self.roles.rollout.generate(prompts, sampling, seed=seed)
         self._check_versions(groups)
-        with _timed(timings, "score"):
+        with timed(timings, "score"):
             scored = self.roles.rewards.score(groups)
         for sg in scored:
             self.ledger.observe(sg.group.prompt.prompt_id, sg.num_correct, len(sg.results))
@@ -372,11 +373,3 @@ class SRPOTrainer:
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
 
-
-@contextmanager
-def _timed(timings: dict[str, float], key: str):
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start

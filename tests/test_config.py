@@ -73,9 +73,10 @@ def test_text_overrides_that_look_like_yaml_mappings_stay_text():
 
 
 def test_host_heap_is_checked_and_low_host_memory_still_means_compact():
-    with pytest.raises(ConfigError, match=r"learner.host_heap: must be auto, reuse, trim or compact, not 'fast'"):
-        load_config(None, ["learner.host_heap=fast"])
-    assert load_config(None, []).learner.host_heap == "auto"
+    for role in ("learner", "rollout"):
+        with pytest.raises(ConfigError, match=rf"{role}.host_heap: must be auto, reuse, trim, compact, not 'fast'"):
+            load_config(None, [f"{role}.host_heap=fast"])
+        assert getattr(load_config(None, []), role).host_heap == "auto"
     old = load_config(None, ["learner.low_host_memory=true"])  # the key before learner.host_heap
     assert (old.learner.host_heap, old.learner.low_host_memory) == ("compact", None)
     assert load_config(None, ["learner.low_host_memory=false"]).learner.host_heap == "auto"

@@ -112,6 +112,9 @@ def test_evaluator_scores_each_source_and_pools_them():
     metrics = report.metrics()
     assert metrics["eval/a/avg@4"] == 1.0 and metrics["eval/all/pass@4"] == pytest.approx(3 / 8)
     assert "| a |" in markdown_table(report)
+    # where the time went: generation, and scores it did not hide (both within the whole)
+    assert 0 <= metrics["time/eval_generate"] <= report.seconds and 0 <= metrics["time/eval_score_wait"]
+    assert report.to_json()["generate_seconds"] == report.extra["generate_seconds"]
 
 
 def test_greedy_only_evaluation_decodes_once():

@@ -104,6 +104,8 @@ def test_versions_advance_only_when_something_was_learned(tmp_path):
     trained = [r for r in rows if "train/loss" in r]
     assert [r["policy/version"] for r in trained] == list(range(1, len(trained) + 1))
     assert [v for _, v in roles.rollout.pushes] == list(range(1, len(trained) + 1))
+    # a sync's time is split: the learner's publish is part of the whole
+    assert all(0 <= r["time/weight_publish"] <= r["time/weight_sync"] for r in trained)
     # zero-variance groups never reach the learner
     for batch in roles.learner.batches:
         assert batch.advantages.abs().sum() > 0

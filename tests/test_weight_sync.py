@@ -124,7 +124,10 @@ def test_transport_delivers_the_exact_weights_to_every_worker(workers, transport
         assert_holds(fleet.pool.workers, model, version)
     after = torch.tensor(ray.get(fleet.pool.workers[0].token_logprobs.remote(PROMPT, RESPONSE)))
     assert (after - before).abs().max() > 1e-2  # the weights did change
-    assert fleet.pop_metrics()["weight_sync/bytes"] == published.nbytes
+    metrics = fleet.pop_metrics()
+    assert metrics["weight_sync/bytes"] == published.nbytes
+    assert metrics["time/weight_load"] > 0  # the slowest worker's load, timed inside it
+    assert "time/weight_load" not in fleet.pop_metrics()  # each load is reported once
 
 
 def test_a_refused_state_dict_leaves_the_old_weights_and_version(workers):

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Protocol
 
 from srpo_ray.config import EvalConfig
 from srpo_ray.eval.scores import ProblemResult, aggregate
+from srpo_ray.metrics import timed
 from srpo_ray.records import Prompt, RolloutGroup, ScoredGroup
 
 ALL = "all"
@@ -52,6 +53,8 @@ class EvalReport:
         out = {f"eval/{source}/{name}": value for source, scores in self.scores.items()
                for name, value in scores.items()}
         out["time/eval"] = self.seconds
+        out.update({f"time/eval_{name.removesuffix('_seconds')}": value for name, value in self.extra.items()
+                    if name.endswith("_seconds")})
         out["eval/samples_per_s"] = self.samples / self.seconds if self.seconds > 0 else 0.0
         return out
 
@@ -85,20 +88,25 @@ class Evaluator:
                    for i in range(0, len(self.prompts), self.cfg.batch_prompts)]
         problems: list[ProblemResult] = []
         versions: set[int] = set()
+        # where the time goes: generating, and waiting for scores the generation did not hide
+        timing = {"generate_seconds": 0.0, "score_wait_seconds": 0.0}
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-score") as scoring:
             pending: Optional[Future] = None
             for index, batch in enumerate(batches):
-                groups = self.rollout.generate(batch, sampling, seed=self.cfg.seed + index)
-                greedy_groups = self.rollout.generate(batch, greedy, seed=self.cfg.seed + index) \
-                    if self.cfg.greedy and self.k > 1 else []
+                with timed(timing, "generate_seconds"):
+                    groups = self.rollout.generate(batch, sampling, seed=self.cfg.seed + index)
+                    greedy_groups = self.rollout.generate(batch, greedy, seed=self.cfg.seed + index) \
+                        if self.cfg.greedy and self.k > 1 else []
                 versions.update(g.policy_version for g in groups + greedy_groups)
                 if pending is not None:
-                    problems += pending.result()
+                    with timed(timing, "score_wait_seconds"):
+                        problems += pending.result()
                     if progress:
                         progress(len(problems), len(self.prompts))
                 pending = scoring.submit(self._score, batch, groups, greedy_groups)
             if pending is not None:
-                problems += pending.result()
+                with timed(timing, "score_wait_seconds"):
+                    problems += pending.result()
                 if progress:
                     progress(len(problems), len(self.prompts))
         if len(versions) > 1:
@@ -108,7 +116,8 @@ class Evaluator:
                           scores=scores_by_source(problems, self.k, self.pass_at), problems=problems,
                           policy_version=versions.pop() if versions else -1,
                           seconds=time.perf_counter() - started,
-                          samples=len(problems) * (self.k + (1 if self.cfg.greedy and self.k > 1 else 0)))
+                          samples=len(problems) * (self.k + (1 if self.cfg.greedy and self.k > 1 else 0)),
+                          extra={name: round(value, 3) for name, value in timing.items()})
 
     def _score(self, batch: list[Prompt], groups: list[RolloutGroup],
                greedy_groups: list[RolloutGroup]) -> list[ProblemResult]:

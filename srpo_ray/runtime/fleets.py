@@ -216,13 +216,26 @@ class RayRolloutFleet:
 
     def pop_metrics(self) -> dict[str, float]:
         """Fleet metrics since the last call: stale groups discarded, worker counts,
-        bytes of the last weight update."""
+        bytes of the last weight update, and the slowest worker's load of it."""
         counts, self._counts = self._counts, Counter()
-        return {"rollout/stale_discarded": float(counts["rollout/stale_discarded"]),
-                "rollout/workers": float(len(self.pool.ready())),
-                "rollout/workers_target": float(self.pool.target),
-                "rollout/worker_replacements": float(self.pool.replacements),
-                **({"weight_sync/bytes": float(counts["weight_sync/bytes"])} if counts["weight_sync/bytes"] else {})}
+        out = {"rollout/stale_discarded": float(counts["rollout/stale_discarded"]),
+               "rollout/workers": float(len(self.pool.ready())),
+               "rollout/workers_target": float(self.pool.target),
+               "rollout/worker_replacements": float(self.pool.replacements)}
+        if counts["weight_sync/bytes"]:
+            out["weight_sync/bytes"] = float(counts["weight_sync/bytes"])
+        loads = self._load_seconds()
+        if loads:
+            # the generator's side of time/weight_sync: the rest is the learner's publish and RPCs
+            out["time/weight_load"] = max(loads)
+        return out
+
+    def _load_seconds(self) -> list[float]:
+        """Every ready worker's load times since the last ask (a worker lost meanwhile
+        has none to give: metrics never fail a step)."""
+        members = self.pool.ready()
+        outcomes = _outcomes([m.handle.pop_load_seconds.remote() for m in members])
+        return [s for out in outcomes if isinstance(out, list) for s in out]
 
     def _delivery_for(self, weights: Any) -> "_Delivery":
         if isinstance(weights, PublishedWeights):

@@ -1,4 +1,5 @@
-"""learner.host_heap: what a CPU train step's freed memory does (srpo_ray/host_heap.py).
+"""learner.host_heap and rollout.host_heap: what a CPU process's freed memory does
+(srpo_ray/host_heap.py).
 
 The policy is process-wide (glibc's mallopt), so each case runs in a child process."""
 from __future__ import annotations
@@ -55,3 +56,18 @@ def test_auto_heap_policy_reuses_on_cpu_and_trims_on_gpu():
     assert resolve_heap_policy("compact", on_gpu=False) == "compact"
     with pytest.raises(ValueError, match="learner.host_heap='fast'"):
         resolve_heap_policy("fast", on_gpu=False)
+
+
+@pytest.mark.parametrize("gpus, setting, applied", [(0, "auto", "reuse"), (1, "auto", "trim"), (0, "compact", "compact")])
+def test_a_generation_worker_sets_rollout_host_heap_before_its_engine_starts(monkeypatch, tiny_model_dir,
+                                                                             gpus, setting, applied):
+    import actors.generation as generation
+    from srpo_ray.config import load_config
+
+    events = []
+    monkeypatch.setattr(generation, "set_heap_policy", lambda policy: events.append(("heap", policy)))
+    monkeypatch.setattr(generation, "set_engine_env", lambda cfg: None)  # leave this process's env alone
+    monkeypatch.setattr(generation, "create_engine", lambda *a: events.append(("engine", None)))
+    rollout = load_config(None, [f"rollout.gpus_per_worker={gpus}", f"rollout.host_heap={setting}"]).rollout
+    generation.GenerationWorkerImpl(tiny_model_dir, rollout, "float32", 32, 0)
+    assert events == [("heap", applied), ("engine", None)]
