@@ -123,8 +123,9 @@ def differences(cfg: SRPOConfig) -> list[str]:
         "mapped, page-faulted in every step), only the loss's own metrics",
         f"generation: srpo-ray = prompts templated in the worker, the step cut into "
         f"{chunk_count(cfg.rollout.num_workers, 2)} chunk(s) (one vLLM call each; a single worker gets one), "
-        "results through Ray's object store; bare = one llm.generate call with every prompt; same engine "
-        "settings and per-prompt seeds on both",
+        f"results through Ray's object store, the generator's {heap_kind(cfg, 'rollout')}; bare = one "
+        "llm.generate call with every prompt, glibc's default heap; same engine settings and per-prompt seeds "
+        "on both",
         f"threads: srpo-ray generator OMP_NUM_THREADS={max(1, int(cfg.rollout.cpus_per_worker))}, OMP wait policy "
         f"{engine_env(cfg.rollout).get('OMP_WAIT_POLICY', 'default')}, generator and learner at niceness 0 "
         f"(other Ray workers 15); bare OMP_NUM_THREADS={cores()}, default wait policy, niceness 0",
@@ -149,15 +150,18 @@ def learner_kind(cfg: SRPOConfig) -> str:
     return f"FSDP2 over {ranks} rank(s) (all-gather per layer per forward, reduce-scatter per backward)"
 
 
-def heap_kind(cfg: SRPOConfig) -> str:
+def heap_kind(cfg: SRPOConfig, role: str = "learner") -> str:
     from srpo_ray.host_heap import resolve_heap_policy
 
-    policy = resolve_heap_policy(cfg.learner.host_heap, cfg.learner.gpus_per_rank > 0)
-    return {"reuse": "learner.host_heap=reuse (every block from a heap never trimmed: no page faults once it "
+    section = getattr(cfg, role)
+    on_gpu = (cfg.learner.gpus_per_rank if role == "learner" else cfg.rollout.gpus_per_worker) > 0
+    policy = resolve_heap_policy(section.host_heap, on_gpu, f"{role}.host_heap")
+    return {"reuse": f"{role}.host_heap=reuse (every block from a heap never trimmed: no page faults once it "
                      "fits a step)",
-            "trim": "learner.host_heap=trim (glibc's default heap, malloc_trim after each step)",
-            "compact": "learner.host_heap=compact (blocks of 1 MiB or more mapped alone, malloc_trim after each "
-                       "step)"}[policy]
+            "trim": f"{role}.host_heap=trim (glibc's default heap"
+                    + (", malloc_trim after each step)" if role == "learner" else ")"),
+            "compact": f"{role}.host_heap=compact (blocks of 1 MiB or more mapped alone"
+                       + (", malloc_trim after each step)" if role == "learner" else ")")}[policy]
 
 
 # ----------------------------------------------------------------------------- the bare loop
