@@ -51,6 +51,7 @@ class RayRolloutFleet:
         self._transports: dict[str, WeightTransport] = {}  # fleet sides, kept (groups live there)
         self._applied_request: str | None = None
         self._counts: Counter = Counter()
+        self._load_times: list[float] = []  # the workers' loads of the last push (pop_metrics)
 
     # ---------------------------------------------------------------- rollouts
     def generate(self, prompts: list[Prompt], sampling: dict, seed: int) -> list[RolloutGroup]:
@@ -149,6 +150,9 @@ class RayRolloutFleet:
                 raise RuntimeError(f"weight sync failed: generators hold versions {held}, expected {version}")
             for m in members:
                 m.version, m.pending_sync = version, None
+            # asked now, while nothing else is queued on the workers (a later call could
+            # wait behind a generate call of the next collection)
+            self._load_times = self._load_seconds(members)
             return
         raise RuntimeError(f"weight sync to version {version}: generation workers kept dying")
 
@@ -224,16 +228,16 @@ class RayRolloutFleet:
                "rollout/worker_replacements": float(self.pool.replacements)}
         if counts["weight_sync/bytes"]:
             out["weight_sync/bytes"] = float(counts["weight_sync/bytes"])
-        loads = self._load_seconds()
+        loads, self._load_times = self._load_times, []
         if loads:
             # the generator's side of time/weight_sync: the rest is the learner's publish and RPCs
             out["time/weight_load"] = max(loads)
         return out
 
-    def _load_seconds(self) -> list[float]:
-        """Every ready worker's load times since the last ask (a worker lost meanwhile
+    @staticmethod
+    def _load_seconds(members: list[Member]) -> list[float]:
+        """The workers' load times since they were last asked (one that died meanwhile
         has none to give: metrics never fail a step)."""
-        members = self.pool.ready()
         outcomes = _outcomes([m.handle.pop_load_seconds.remote() for m in members])
         return [s for out in outcomes if isinstance(out, list) for s in out]
 
