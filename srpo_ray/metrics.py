@@ -30,7 +30,9 @@ Metric names (also explained in README.md):
     time/generate, time/score, time/train, time/weight_sync, time/step   seconds
     time/weight_publish, time/weight_load   parts of time/weight_sync: the learner publishing
                                    the weights, the slowest generation worker loading them
-                                   (transport read + the engine's reload; the rest is RPCs)
+                                   (transport read + the engine's reload; the rest is RPCs;
+                                   weight_load only where the worker reads the tensors itself:
+                                   shared_memory, object_store, broadcast)
     time/wait_rollouts             the step waiting for its rollouts (with one_step_off: the
                                    generation time training did not hide)
     time/wait_collect_ahead        training done, waiting for the next step's collection to
