@@ -308,8 +308,11 @@ def test_the_fleet_replaces_stuck_workers_and_sends_again(monkeypatch):
     fleet = fleets.RayRolloutFleet(Pool())
     monkeypatch.setattr(fleet, "_delivery_for", lambda w: Delivery())
     monkeypatch.setattr(fleets.ray, "kill", lambda h, no_restart: killed.append(h))
+    asked = []  # load times are asked once, of the members that took the weights
+    monkeypatch.setattr(fleet, "_load_seconds", lambda members: asked.append([m.handle for m in members]) or [])
     fleet.push_weights(object(), 7)
     assert killed == ["h0"] and lost == [0]
+    assert asked == [["h0"]]  # the one worker the second round's pool still holds
 
 
 # ----------------------------------------------------------------------------- cuda_ipc fleet side
