@@ -315,6 +315,22 @@ def test_the_fleet_replaces_stuck_workers_and_sends_again(monkeypatch):
     assert asked == [["h0"]]  # the one worker the second round's pool still holds
 
 
+def test_a_push_reports_each_workers_last_load(monkeypatch):
+    """A worker that joined between pushes also timed its catch-up load: only the load of
+    the push just finished counts; a worker that died has none."""
+    from ray.exceptions import RayActorError
+
+    import srpo_ray.runtime.fleets as fleets
+
+    class Handle:
+        def __init__(self, answer):
+            self.pop_load_seconds = type("Method", (), {"remote": staticmethod(lambda: answer)})()
+
+    monkeypatch.setattr(fleets, "_outcomes", lambda refs: refs)  # the answers stand for their refs
+    members = [type("M", (), {"handle": Handle(a)})() for a in ([5.0, 0.8], [0.9], [], RayActorError())]
+    assert fleets.RayRolloutFleet._load_seconds(members) == [0.8, 0.9]
+
+
 # ----------------------------------------------------------------------------- cuda_ipc fleet side
 
 def test_cuda_ipc_fills_every_rank_and_merges_handles_per_chunk():

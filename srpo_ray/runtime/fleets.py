@@ -236,10 +236,12 @@ class RayRolloutFleet:
 
     @staticmethod
     def _load_seconds(members: list[Member]) -> list[float]:
-        """The workers' load times since they were last asked (one that died meanwhile
-        has none to give: metrics never fail a step)."""
+        """Each worker's load of the push that just finished: the last of the loads it
+        timed since it was last asked (earlier ones were catch-ups of a worker that joined
+        between pushes, not part of this push). One that died meanwhile has none to give:
+        metrics never fail a step."""
         outcomes = _outcomes([m.handle.pop_load_seconds.remote() for m in members])
-        return [s for out in outcomes if isinstance(out, list) for s in out]
+        return [out[-1] for out in outcomes if isinstance(out, list) and out]
 
     def _delivery_for(self, weights: Any) -> "_Delivery":
         if isinstance(weights, PublishedWeights):
