@@ -253,16 +253,26 @@ def test_memory_per_prompt_is_small():
     assert per_prompt * 10_000_000 < 0.6e9  # 10M prompts: well under 1 GB
 
 
-@pytest.mark.slow
-def test_ten_million_prompts_fit_well_under_a_gigabyte():
-    ids = _ids(10_000_000)
+def test_the_ledger_holds_what_its_nbytes_says():
+    """Python's allocator tracer sees every byte the ledger keeps (numpy and pyarrow
+    report theirs to it): nbytes hides nothing, so the 10M test below can trust it."""
+    _ledger(_ids(1000)).next_batch(4)  # first use's one-time allocations (caches) happen here
+    ids = _ids(1_000_000)
     tracemalloc.start()
     try:
         led = _ledger(ids)
         held, _ = tracemalloc.get_traced_memory()
-        batch, _ = led.next_batch(256)
-        for pid in batch:
-            led.observe(pid, 1, 2)
     finally:
         tracemalloc.stop()
-    assert held < 0.6e9 and led.nbytes < 0.6e9
+    assert held <= 1.01 * led.nbytes + 1e6  # measured: 2 kB over nbytes
+
+
+@pytest.mark.slow
+def test_ten_million_prompts_fit_well_under_a_gigabyte():
+    # built for real (nothing goes quadratic at this scale); measured by nbytes, which the
+    # test above checks against the tracer (tracing 10M ids would take 4x as long)
+    led = _ledger(_ids(10_000_000))
+    batch, _ = led.next_batch(256)
+    for pid in batch:
+        led.observe(pid, 1, 2)
+    assert len(batch) == 256 and led.nbytes < 0.6e9
