@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import resource
 import statistics
 import subprocess
@@ -29,17 +30,11 @@ MAX_NEW_TOKENS = (64, 128, 32, 96)
 GiB = 1 << 30
 
 
-def proc_status_bytes(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def run_policy(policy: str, calls: int, num_prompts: int, n: int) -> None:
     """The child: one worker, `calls` generate calls; a line per call on stdout."""
     sys.path.insert(0, str(REPO))
     from actors.generation import GenerationWorkerImpl
+    from bench_learner_memory import _proc_status  # imports torch and Ray: the child only
     from srpo_ray.config import load_config
     from srpo_ray.data import load_prompts
     from srpo_ray.models import resolve_model_path
@@ -57,8 +52,9 @@ def run_policy(policy: str, calls: int, num_prompts: int, n: int) -> None:
         worker.generate(prompts[start:start + num_prompts], sampling)
         seconds = time.perf_counter() - began
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        memory = _proc_status(os.getpid())
         print(f"ROW {i} {sampling['max_new_tokens']} {seconds:.2f} {faults} "
-              f"{proc_status_bytes('VmRSS')} {proc_status_bytes('VmHWM')}", flush=True)
+              f"{memory['VmRSS']} {memory['VmHWM']}", flush=True)
 
 
 def measure(policy: str, args: argparse.Namespace) -> list[dict]:
