@@ -16,19 +16,19 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import ray
 
-from actors.engines import GenerationEngine, create_engine, set_engine_env
-from srpo_ray.console import redirect_actor_output
+from srpo_ray.generation.engines import GenerationEngine, create_engine, set_engine_env
+from srpo_ray.telemetry.console import redirect_actor_output
 from srpo_ray.host_heap import resolve_heap_policy, set_heap_policy
 from srpo_ray.models import chat_prompt_ids
 from srpo_ray.records import Prompt, RolloutGroup
-from srpo_ray.runtime.ray_ops import RayOps
+from actors.ray_ops import RayOps
 from srpo_ray.weights.endpoints import WeightReceiver
 from srpo_ray.weights.transport import PublishedWeights, StalePolicyError
 
 if TYPE_CHECKING:
     import torch
 
-    from srpo_ray.config import RolloutConfig
+    from srpo_ray.config.schema import RolloutConfig
 
 SAMPLING_KEYS = {"n", "temperature", "top_p", "max_new_tokens", "seed", "logprobs"}
 REQUIRED_SAMPLING_KEYS = SAMPLING_KEYS - {"seed", "logprobs"}
@@ -40,8 +40,8 @@ class GenerationWorkerImpl:
                  weight_transfer: str | None = None, sleep_mode: bool = False) -> None:
         """engine: serve with this engine instead of starting vLLM (another backend, or
         a benchmark's stand-in). weight_transfer ("nccl", "ipc") and sleep_mode: see
-        actors/engines.py engine_kwargs."""
-        redirect_actor_output()  # before vLLM starts talking (srpo_ray/console.py)
+        srpo_ray/generation/engines.py engine_kwargs."""
+        redirect_actor_output()  # before vLLM starts talking (srpo_ray/telemetry/console.py)
         set_engine_env(rollout_cfg)  # before anything imports torch
         # before the engine's first allocation: a CPU engine's KV cache and logits then
         # come from a heap that is reused, not faulted in again every call (rollout.host_heap)

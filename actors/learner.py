@@ -1,6 +1,6 @@
-"""Learner rank as a Ray actor: a thin shell around srpo_ray.learner_core.FSDPLearner.
+"""Learner rank as a Ray actor: a thin shell around srpo_ray.learner.core.FSDPLearner.
 
-    group = create_learner_group(cfg, model_path)            # actors + process group
+    group = create_learner_group(cfg, model_path)            # srpo_ray/runtime/learner_group.py
     metrics = group.train(batch, temperature)
     ref = group.state_dict_ref()                              # rank 0's full state dict
 
@@ -16,16 +16,15 @@ through CUDA_VISIBLE_DEVICES, so every rank uses local device 0.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any
 
 import ray
 import torch
 
-from srpo_ray.batch import TrainBatch
-from srpo_ray.config import SRPOConfig, resolve_dtype
-from srpo_ray.console import redirect_actor_output
-from srpo_ray.runtime.learner_group import LearnerGroup
-from srpo_ray.runtime.ray_ops import HOT_PATH_NICENESS, RayOps
+from srpo_ray.learner.batch import TrainBatch
+from srpo_ray.config.schema import SRPOConfig, resolve_dtype
+from srpo_ray.telemetry.console import redirect_actor_output
+from actors.ray_ops import HOT_PATH_NICENESS, RayOps
 from srpo_ray.weights.broadcast import free_port
 from srpo_ray.weights.endpoints import WeightSender
 from srpo_ray.weights.source import StateDictSource
@@ -79,8 +78,8 @@ class LearnerRankImpl(WeightServing):
                  master_addr: str | None = None, master_port: int | None = None):
         """master_addr/master_port: rank 0's endpoint; rank 0 may leave them None to
         pick its own (read it back with get_master_endpoint())."""
-        redirect_actor_output()  # srpo_ray/console.py
-        from srpo_ray.learner_core import FSDPLearner
+        redirect_actor_output()  # srpo_ray/telemetry/console.py
+        from srpo_ray.learner.core import FSDPLearner
 
         if master_addr is None or master_port is None:
             if rank != 0:
@@ -144,38 +143,3 @@ class LearnerRankImpl(WeightServing):
 
 LearnerRank = ray.remote(LearnerRankImpl)
 WeightSourceActor = ray.remote(WeightSource)
-
-
-def create_learner_group(cfg: SRPOConfig, model_path: str, num_ranks: int | None = None,
-                         actor_options: Callable[[int], dict[str, Any]] | None = None,
-                         setup: bool = True) -> LearnerGroup:
-    """Create `num_ranks` (default learner.num_ranks) LearnerRank actors, rank 0 first
-    (it picks the rendezvous endpoint), and set up the FSDP2 process group.
-
-    actor_options(rank) -> `.options(...)` kwargs for that rank, e.g.
-    `lambda r: placement.actor_options("learner", r)` from cluster.ray_placement;
-    default: num_cpus=learner.cpus_per_rank, num_gpus=learner.gpus_per_rank."""
-    world_size = cfg.learner.num_ranks if num_ranks is None else num_ranks
-    if world_size < 1:
-        raise ValueError(f"learner.num_ranks must be >= 1, got {world_size}")
-    if actor_options is None:
-        def actor_options(rank: int) -> dict[str, Any]:
-            return {"num_cpus": cfg.learner.cpus_per_rank, "num_gpus": cfg.learner.gpus_per_rank}
-
-    def options(rank: int) -> dict[str, Any]:
-        opts = dict(actor_options(rank))
-        env = dict(HOT_PATH_NICENESS)
-        if cfg.learner.gpus_per_rank <= 0:  # Ray shows a GPU node's GPUs to actors that asked for none
-            env["CUDA_VISIBLE_DEVICES"] = ""
-        runtime_env = dict(opts.get("runtime_env") or {})
-        opts["runtime_env"] = {**runtime_env, "env_vars": {**env, **runtime_env.get("env_vars", {})}}
-        return opts
-
-    rank0 = LearnerRank.options(**options(0)).remote(model_path, cfg, 0, world_size)
-    addr, port = ray.get(rank0.get_master_endpoint.remote())
-    handles = [rank0] + [LearnerRank.options(**options(r)).remote(model_path, cfg, r, world_size, addr, port)
-                         for r in range(1, world_size)]
-    group = LearnerGroup(handles, cfg.algo.loss_agg)
-    if setup:
-        group.setup()
-    return group

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import ray
 
-from srpo_ray.config import RewardConfig
-from srpo_ray.console import redirect_actor_output
+from srpo_ray.config.schema import RewardConfig
+from srpo_ray.telemetry.console import redirect_actor_output
 from srpo_ray.records import RolloutGroup, ScoredGroup
 from srpo_ray.rewards.scorer import RewardScorer
 
 
 class RewardWorkerImpl:
     def __init__(self, cfg: RewardConfig) -> None:
-        redirect_actor_output()  # srpo_ray/console.py
+        redirect_actor_output()  # srpo_ray/telemetry/console.py
         self._scorer = RewardScorer(cfg)
 
     def score_groups(self, groups: list[RolloutGroup]) -> list[ScoredGroup]:

@@ -10,7 +10,7 @@ Both sides run in fresh processes, one after the other, with every core:
   worker, reward workers scoring each batch while the next generates). Timed: the
   evaluation itself (results.json's `seconds`: generate + score + results), not the start-up.
 - bare: one process, `vllm.LLM` started with srpo-ray's CPU engine settings
-  (actors/engines.py), the same chat-templated prompts (data.system_prompt and the worked
+  (srpo_ray/generation/engines.py), the same chat-templated prompts (data.system_prompt and the worked
   example included), one `generate` call with the same n, temperature, top_p, max_tokens
   and per-prompt seeds (so both sides draw the same samples), no log-probs (evaluation
   asks for none either). Timed: `generate` alone. It scores nothing.
@@ -78,9 +78,9 @@ def run_bare(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from actors.engines import engine_kwargs
-    from srpo_ray.config import load_config
-    from srpo_ray.data import load_prompts
+    from srpo_ray.generation.engines import engine_kwargs
+    from srpo_ray.config.load import load_config
+    from srpo_ray.data.parquet import load_prompts
     from srpo_ray.models import chat_prompt_ids, resolve_model_path
 
     cfg = load_config(None, [f"model.path={MODEL}", *overrides(args)])
@@ -136,7 +136,7 @@ def main() -> int:
         print(json.dumps(run_bare(args)))
         return 0
     from srpo_ray.models import resolve_model_path
-    from srpo_ray.config import load_config
+    from srpo_ray.config.load import load_config
     resolve_model_path(load_config(None, [f"model.path={MODEL}"]).model)  # convert the bundled model once
 
     runs: dict[str, list[dict]] = {"srpo-ray": [], "bare vLLM": []}

@@ -35,8 +35,8 @@ def run_policy(policy: str, calls: int, num_prompts: int, n: int) -> None:
     sys.path.insert(0, str(REPO))
     from actors.generation import GenerationWorkerImpl
     from bench_learner_memory import _proc_status  # imports torch and Ray: the child only
-    from srpo_ray.config import load_config
-    from srpo_ray.data import load_prompts
+    from srpo_ray.config.load import load_config
+    from srpo_ray.data.parquet import load_prompts
     from srpo_ray.models import resolve_model_path
 
     cfg = load_config(None, [f"rollout.host_heap={policy}"])

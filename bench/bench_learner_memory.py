@@ -5,7 +5,7 @@
         [--set learner.host_heap=reuse ...]
 
 Starts `--ranks` LearnerRank actors on a local Ray exactly as the runtime does
-(actors.learner.create_learner_group, config configs/default.yaml plus the flags), then
+(srpo_ray.runtime.learner_group.create_learner_group, config configs/default.yaml plus the flags), then
 reads each rank's memory from /proc/<pid>/status after every phase: setup, each train
 step (a synthetic TrainBatch of --seqs sequences, the default run's shape: 8 prompts x
 8 samples, up to 64 prompt + 96 response tokens), and a weight publish (full_state_dict
@@ -48,9 +48,9 @@ sys.path.insert(0, str(REPO))
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from actors.learner import create_learner_group  # noqa: E402
-from srpo_ray.batch import TrainBatch  # noqa: E402
-from srpo_ray.config import load_config  # noqa: E402
+from srpo_ray.runtime.learner_group import create_learner_group  # noqa: E402
+from srpo_ray.learner.batch import TrainBatch  # noqa: E402
+from srpo_ray.config.load import load_config  # noqa: E402
 from srpo_ray.models import build_tiny_model  # noqa: E402
 
 SMOLLM2_CACHE = Path("~/.cache/srpo_ray/models/smollm2-135m-instruct").expanduser()

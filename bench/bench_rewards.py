@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from srpo_ray.config import RewardConfig  # noqa: E402
+from srpo_ray.config.load import RewardConfig  # noqa: E402
 from srpo_ray.records import Prompt  # noqa: E402
 from srpo_ray.rewards.humaneval import HUMANEVAL_SPEC, as_response, humaneval_program  # noqa: E402
 from srpo_ray.rewards.scorer import RewardScorer  # noqa: E402

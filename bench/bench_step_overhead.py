@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from srpo_ray.config import SRPOConfig, load_config  # noqa: E402
-from srpo_ray.data import write_verl_parquet  # noqa: E402
+from srpo_ray.config.load import SRPOConfig, load_config  # noqa: E402
+from srpo_ray.data.parquet import write_verl_parquet  # noqa: E402
 
 WORK = ("generate", "score", "train", "weight_sync")
 # one-step-off: a step's own rollouts were collected while the previous step trained, so

@@ -54,10 +54,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_step_overhead import WORK, WORK_OVERLAPPED, report, run_job  # noqa: E402
-from srpo_ray.config import SRPOConfig, load_config  # noqa: E402
-from srpo_ray.metrics import timed  # noqa: E402
+from srpo_ray.config.load import SRPOConfig, load_config  # noqa: E402
+from srpo_ray.telemetry.metrics import timed  # noqa: E402
 from srpo_ray.runtime.fleets import chunk_count  # noqa: E402
-from actors.engines import engine_env  # noqa: E402
+from srpo_ray.generation.engines import engine_env  # noqa: E402
 
 SIDES = ("bare", "srpo", "srpo-1off")
 # Same seed stride as the fleet: prompt k of a step samples from seeds base + k*n
@@ -179,9 +179,9 @@ def run_bare(cfg: SRPOConfig) -> list[dict]:
     from srpo_ray.algo.ledger import HistoryLedger
     from srpo_ray.algo.overlong import apply_overlong_policy
     from srpo_ray.algo.stages import effective_sampling, prompts_per_step
-    from srpo_ray.batch import build_train_batch
-    from srpo_ray.data import load_prompts
-    from srpo_ray.metrics import summarize_rollouts
+    from srpo_ray.learner.batch import build_train_batch
+    from srpo_ray.data.parquet import load_prompts
+    from srpo_ray.telemetry.metrics import summarize_rollouts
     from srpo_ray.models import chat_prompt_ids, resolve_model_path
     from srpo_ray.records import RolloutGroup, Sample, ScoredGroup
     from srpo_ray.rewards.scorer import RewardScorer
@@ -197,7 +197,7 @@ def run_bare(cfg: SRPOConfig) -> list[dict]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    # vLLM as srpo-ray's VLLMEngine starts it on CPU (actors/engines.py)
+    # vLLM as srpo-ray's VLLMEngine starts it on CPU (srpo_ray/generation/engines.py)
     max_model_len = cfg.rollout.max_model_len or cfg.data.max_prompt_tokens + max(
         sampling["max_new_tokens"], cfg.eval.max_new_tokens)
     llm = LLM(model=path, tokenizer=path, dtype=cfg.model.dtype, seed=cfg.rollout.seed, max_model_len=max_model_len,
@@ -268,8 +268,8 @@ def bare_train_step(model: Any, optimizer: Any, batch: Any, cfg: SRPOConfig, tem
     import torch
 
     from srpo_ray.algo.loss import policy_loss
-    from srpo_ray.batch import loss_denominator, micro_batches
-    from srpo_ray.learner_core import token_logprobs
+    from srpo_ray.learner.batch import loss_denominator, micro_batches
+    from srpo_ray.learner.core import token_logprobs
 
     denominator = loss_denominator(batch, cfg.algo.loss_agg)
     optimizer.zero_grad(set_to_none=True)

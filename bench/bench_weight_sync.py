@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 from actors.generation import GenerationWorker, GenerationWorkerImpl  # noqa: E402
 from actors.learner import MB, WeightSource  # noqa: E402
-from srpo_ray.config import RolloutConfig  # noqa: E402
+from srpo_ray.config.load import RolloutConfig  # noqa: E402
 from srpo_ray.runtime.fleets import RayRolloutFleet, WorkerPool  # noqa: E402
 from srpo_ray.models import build_tiny_model  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Tables (markdown + CSV) and a plot from the runs of bench/experiment_srpo.py.
 
 Reads each run's metrics/<config>.s<seed>.jsonl (one JSON object per step, see
-srpo_ray/metrics.py) and metrics/<config>.s<seed>.eval.json (held-out scores after the
+srpo_ray/telemetry/metrics.py) and metrics/<config>.s<seed>.eval.json (held-out scores after the
 last step); every figure is shown as the mean over seeds with the range (min-max).
 """
 from __future__ import annotations

@@ -46,8 +46,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from experiment_report import write_report  # noqa: E402
-from srpo_ray.builtin_data import arithmetic_rows, code_rows  # noqa: E402
-from srpo_ray.data import write_verl_parquet  # noqa: E402
+from srpo_ray.data.builtin import arithmetic_rows, code_rows  # noqa: E402
+from srpo_ray.data.parquet import write_verl_parquet  # noqa: E402
 
 EVAL_FILES = "[builtin:arithmetic_heldout, builtin:code_heldout]"
 

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from srpo_ray.config import ConfigError, SRPOConfig
+from srpo_ray.config.schema import ConfigError, SRPOConfig
 
 LEARNER, ROLLOUT, REWARD = "learner", "rollout", "reward"
 ROLES = (LEARNER, ROLLOUT, REWARD)

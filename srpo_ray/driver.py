@@ -2,17 +2,17 @@
 
 Runs alone (starts a local Ray on 127.0.0.1) or under
 `ray job submit -- python -m srpo_ray.driver ...` (joins that cluster). The loop itself
-is `SRPOTrainer.fit` (srpo_ray/trainer.py); what the console shows is
-srpo_ray/console.py's business."""
+is `SRPOTrainer.fit` (srpo_ray/loop/trainer.py); what the console shows is
+srpo_ray/telemetry/console.py's business."""
 from __future__ import annotations
 
 import sys
 import time
 from pathlib import Path
 
-from srpo_ray.config import ConfigError, parse_cli
-from srpo_ray.console import console_logging
-from srpo_ray.data import DataError
+from srpo_ray.config.load import ConfigError, parse_cli
+from srpo_ray.telemetry.console import console_logging
+from srpo_ray.data.parquet import DataError
 from srpo_ray.runtime.learner_group import LearnerRankDiedError
 from srpo_ray.models import ModelPathError
 

@@ -5,7 +5,7 @@ every epoch it was drawn and the epochs whose close removed it. Prints a summary
 hardest (or easiest) prompts; --out writes every prompt's row as parquet
 (HistoryLedger.history_table's columns) to curate data with. The prompt ids are the
 ones the data loader gave (the `id` / `prompt_id` column, else a content hash:
-srpo_ray.data.load_prompts), so the table joins back onto the training files.
+srpo_ray.data.parquet.load_prompts), so the table joins back onto the training files.
 No Ray here: it runs wherever a run directory was copied to.
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from srpo_ray.algo.ledger import HistoryLedger
-from srpo_ray.checkpoint import latest_checkpoint
-from srpo_ray.config import ResampleConfig
+from srpo_ray.loop.checkpoint import latest_checkpoint
+from srpo_ray.config.schema import ResampleConfig
 
-STATE_FILE = "trainer_state.pt"  # srpo_ray.trainer.STATE_FILE (not imported: it pulls in the loop)
+STATE_FILE = "trainer_state.pt"  # srpo_ray.loop.trainer.STATE_FILE (not imported: it pulls in the loop)
 ORDERS = ("hardest", "easiest", "id")
 
 

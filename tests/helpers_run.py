@@ -25,7 +25,7 @@ MISSED_UPDATE_GAP = 0.1  # a sampled token whose log-prob moved this much shows 
 def write_data(path: Path) -> Path:
     """4 math prompts answered 7 and 4 answered 3 (the scripted model always says 7 at a
     low temperature), plus 2 stdin code prompts; written as verl parquet at `path`."""
-    from srpo_ray.data import write_verl_parquet
+    from srpo_ray.data.parquet import write_verl_parquet
 
     rows = []
     for i in range(4):
@@ -49,7 +49,7 @@ def write_eval_data(path: Path) -> Path:
              "prompt": [{"role": "user", "content": f"Held-out question {i} ({source})?"}],
              "reward_model": {"ground_truth": truth}, "extra_info": {"id": f"{source}-{i}"}}
             for source, truths in (("sevens", ["7", "7"]), ("mixed", ["7", "3"])) for i, truth in enumerate(truths)]
-    from srpo_ray.data import write_verl_parquet
+    from srpo_ray.data.parquet import write_verl_parquet
 
     write_verl_parquet(rows, path)
     return path

@@ -1,11 +1,11 @@
-"""Unit tests of srpo_ray.batch: packing scored groups into padded tensors, splitting
+"""Unit tests of srpo_ray.learner.batch: packing scored groups into padded tensors, splitting
 over ranks and into micro-batches."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from srpo_ray.batch import (TrainBatch, build_train_batch, empty_batch, loss_denominator, micro_batches, padding_fraction,
+from srpo_ray.learner.batch import (TrainBatch, build_train_batch, empty_batch, loss_denominator, micro_batches, padding_fraction,
                             split_for_ranks, split_into_chunks)
 from srpo_ray.records import Prompt, RewardResult, RolloutGroup, Sample, ScoredGroup
 

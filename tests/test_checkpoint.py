@@ -1,4 +1,4 @@
-from srpo_ray.checkpoint import CheckpointManager
+from srpo_ray.loop.checkpoint import CheckpointManager
 
 
 def write(manager, step, text="weights"):

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from srpo_ray.config import RewardConfig
+from srpo_ray.config.schema import RewardConfig
 from srpo_ray.records import CodeCase, CodeSpec, Prompt
 from srpo_ray.rewards.code_reward import extract_code, returned_matches, stdout_matches
 from srpo_ray.rewards.code_tests import parse_code_tests

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from srpo_ray.config import CONFIG_DIR, ConfigError, load_config, parse_cli
+from srpo_ray.config.load import CONFIG_DIR, ConfigError, load_config, parse_cli
 
 ALL_CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 

@@ -1,4 +1,4 @@
-"""The console (srpo_ray/console.py): library and actor output goes to <run_dir>/logs/,
+"""The console (srpo_ray/telemetry/console.py): library and actor output goes to <run_dir>/logs/,
 the console keeps ours and the errors, a dying actor's error still reaches the user, and
 metrics.verbose / --verbose puts everything back."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from srpo_ray.config import parse_cli
-from srpo_ray.console import ACTOR_LOG_ENV, console_logging, redirect_actor_output, with_actor_log
+from srpo_ray.config.load import parse_cli
+from srpo_ray.telemetry.console import ACTOR_LOG_ENV, console_logging, redirect_actor_output, with_actor_log
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -75,7 +75,7 @@ def test_actor_options_keep_their_env_and_get_a_log_file(tmp_path):
 
 def test_redirect_sends_file_descriptors_to_the_file(tmp_path):
     log = tmp_path / "logs" / "reward-0.log"
-    script = ("import os, sys; from srpo_ray.console import redirect_actor_output; print('before', flush=True); "
+    script = ("import os, sys; from srpo_ray.telemetry.console import redirect_actor_output; print('before', flush=True); "
               "redirect_actor_output(); print('python line'); os.write(2, b'C line\\n'); "
               "os.system('echo child line')")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
@@ -113,8 +113,8 @@ def test_a_dead_learner_rank_names_its_log_file(monkeypatch):
 FAILING_ACTOR_DRIVER = textwrap.dedent('''
     import logging, os, sys
     import ray
-    from srpo_ray.config import load_config
-    from srpo_ray.console import console_logging, with_actor_log, redirect_actor_output
+    from srpo_ray.config.load import load_config
+    from srpo_ray.telemetry.console import console_logging, with_actor_log, redirect_actor_output
     from srpo_ray.runtime.build import actor_logs, init_ray
     from srpo_ray.runtime.worker_pool import WorkerPool
 

@@ -4,8 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from srpo_ray.builtin_data import builtin_dataset_path
-from srpo_ray.data import DataError, load_prompts, write_verl_parquet
+from srpo_ray.data.registry import builtin_dataset_path
+from srpo_ray.data.parquet import DataError, load_prompts, write_verl_parquet
 from srpo_ray.records import CodeSpec
 
 

@@ -1,7 +1,7 @@
 """Bad input stops the driver before any actor starts, with one clear message."""
 import pytest
 
-from srpo_ray.data import write_verl_parquet
+from srpo_ray.data.parquet import write_verl_parquet
 from srpo_ray.driver import main
 
 

@@ -1,11 +1,11 @@
-"""Batch collectors (srpo_ray/collect.py) with fakes: one round (SRPO) and DAPO-style
+"""Batch collectors (srpo_ray/loop/collect.py) with fakes: one round (SRPO) and DAPO-style
 dynamic sampling, alone and inside the trainer loop (fake roles from test_trainer)."""
 import json
 
 import pytest
 
-from srpo_ray.collect import DynamicSampling, SingleRound, has_reward_variance, make_collector
-from srpo_ray.config import AlgoConfig, ConfigError, load_config
+from srpo_ray.loop.collect import DynamicSampling, SingleRound, has_reward_variance, make_collector
+from srpo_ray.config.load import AlgoConfig, ConfigError, load_config
 from srpo_ray.records import Prompt, RewardResult, RolloutGroup, Sample, ScoredGroup
 from test_trainer import make_trainer, read_metrics
 

@@ -10,7 +10,7 @@ from math import comb
 
 import pytest
 
-from srpo_ray.config import ConfigError, EvalConfig, load_config
+from srpo_ray.config.load import ConfigError, EvalConfig, load_config
 from srpo_ray.eval.report import before_after_table, markdown_table, run_summary
 from srpo_ray.eval.runner import Evaluator, first_per_source
 from srpo_ray.eval.scores import CORRECT_CLASS, ProblemResult, aggregate, answer_class, majority_correct, pass_at_k

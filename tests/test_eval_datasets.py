@@ -1,4 +1,4 @@
-"""Bundled data sets (srpo_ray/builtin_data.py, srpo_ray/eval_sets.py): the arithmetic
+"""Bundled data sets (srpo_ray/data/builtin.py, srpo_ray/data/eval_sets.py): the arithmetic
 sets' sizes, disjointness and determinism; the assert-style code tests; and every gold
 answer of the real eval sets scoring 1 through the normal scorer (HumanEval's canonical
 solutions in the sandbox, AIME and CHAMP answers in the math checker)."""
@@ -10,10 +10,10 @@ import shutil
 
 import pytest
 
-from srpo_ray.builtin_data import (ARITHMETIC_DEMO, DEMO_PROBLEM, arithmetic_rows, builtin_dataset_path, builtin_names, math_code_rows,
-                                   tiny_math_code_rows)
-from srpo_ray.data import DataError, load_prompts
-from srpo_ray.eval_sets import arithmetic_heldout_rows, champ_answer
+from srpo_ray.data.builtin import ARITHMETIC_DEMO, DEMO_PROBLEM, arithmetic_rows, math_code_rows, tiny_math_code_rows
+from srpo_ray.data.registry import builtin_dataset_path, builtin_names
+from srpo_ray.data.parquet import DataError, load_prompts
+from srpo_ray.data.eval_sets import arithmetic_heldout_rows, champ_answer
 from srpo_ray.records import CodeCase, Prompt
 from srpo_ray.rewards.code_tests import parse_code_tests
 from srpo_ray.rewards.humaneval import as_response

@@ -217,8 +217,8 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(
 def test_collective_with_a_missing_peer_fails_after_the_timeout(ray_local, scripted_model_dir):
     """Only rank 0 of two is asked for the (collective) full state dict: instead of
     waiting for rank 1 forever it fails once learner.collective_timeout_s has passed."""
-    from actors.learner import create_learner_group
-    from srpo_ray.config import load_config
+    from srpo_ray.runtime.learner_group import create_learner_group
+    from srpo_ray.config.load import load_config
 
     cfg = load_config(REPO / "configs" / "tiny_test.yaml")
     # The timeout also bounds the rendezvous and set-up collectives, so it leaves room

@@ -14,7 +14,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors.engines import VLLMEngine
+from srpo_ray.generation.engines import VLLMEngine
 from actors.generation import GenerationWorker
 from fixtures_models import (hf_logprobs, perturbed_state_dict, small_rollout_config,  # noqa: F401
                              smollm2_dir, tiny_model_dir, tiny_tied_model_dir)
@@ -75,8 +75,8 @@ def test_engine_environment_by_role():
     """OpenMP's default wait policy (spin briefly, then sleep) unless generation overlaps
     training on the same CPU cores (one-step-off), where spinning threads starve the
     learner; GPU engines set no wait policy and keep the GPUs visible."""
-    from actors.engines import engine_env
-    from srpo_ray.config import RolloutConfig
+    from srpo_ray.generation.engines import engine_env
+    from srpo_ray.config.schema import RolloutConfig
 
     cpu = engine_env(RolloutConfig(cpus_per_worker=2))
     assert cpu == {"OMP_NUM_THREADS": "2", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "CUDA_VISIBLE_DEVICES": ""}

@@ -65,8 +65,8 @@ def _fleet(model_dir: str, sleep: bool = False, weight_transfer: str | None = "i
 
 
 def _learner(model_dir: str, transport: str, *extra: str):
-    from actors.learner import create_learner_group
-    from srpo_ray.config import load_config
+    from srpo_ray.runtime.learner_group import create_learner_group
+    from srpo_ray.config.load import load_config
 
     cfg = load_config(None, ["learner.num_ranks=1", f"learner.gpus_per_rank={SHARE}", "model.dtype=bfloat16",
                              f"rollout.gpus_per_worker={SHARE}", "cluster.colocate=true",
@@ -134,10 +134,10 @@ def test_a_sleeping_engine_wakes_for_the_update_and_for_sampling(tiny_model_dir,
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL between learner and generator needs two GPUs")
 def test_nccl_from_the_learner_to_a_generator_on_another_gpu(tiny_model_dir, tmp_path):
     from actors.generation import GenerationWorker
-    from actors.learner import create_learner_group
+    from srpo_ray.runtime.learner_group import create_learner_group
     from conftest import ensure_local_ray
     from fixtures_models import small_rollout_config
-    from srpo_ray.config import load_config
+    from srpo_ray.config.load import load_config
     from srpo_ray.runtime.fleets import RayRolloutFleet, WorkerPool
 
     ensure_local_ray()

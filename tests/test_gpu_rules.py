@@ -10,10 +10,10 @@ import os
 import pytest
 import torch
 
-from actors.engines import engine_kwargs, executor_backend, set_engine_env, vllm_accepts_bundle
+from srpo_ray.generation.engines import engine_kwargs, executor_backend, set_engine_env, vllm_accepts_bundle
 from cluster.placement import plan_placement
-from srpo_ray.config import ConfigError, load_config, resolve_dtype
-from srpo_ray.learner_core import _pick_backend, token_logprobs
+from srpo_ray.config.load import ConfigError, load_config, resolve_dtype
+from srpo_ray.learner.core import _pick_backend, token_logprobs
 from srpo_ray.weights.transport import resolve_transport
 
 PAPER = "configs/srpo_qwen32b.yaml"
@@ -106,7 +106,7 @@ def test_precision_auto_is_bf16_on_gpus_and_float16_training_is_refused():
 # ----------------------------------------------------------------------------- defect 10
 
 def test_entropy_as_a_metric_is_chunked_and_has_no_graph(monkeypatch):
-    import srpo_ray.learner_core as core
+    import srpo_ray.learner.core as core
 
     torch.manual_seed(0)
     logits = torch.randn(3, 9, 50, requires_grad=True)

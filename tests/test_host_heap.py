@@ -62,7 +62,7 @@ def test_auto_heap_policy_reuses_on_cpu_and_trims_on_gpu():
 def test_a_generation_worker_sets_rollout_host_heap_before_its_engine_starts(monkeypatch, tiny_model_dir,
                                                                              gpus, setting, applied):
     import actors.generation as generation
-    from srpo_ray.config import load_config
+    from srpo_ray.config.load import load_config
 
     events = []
     monkeypatch.setattr(generation, "set_heap_policy", lambda policy: events.append(("heap", policy)))

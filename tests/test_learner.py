@@ -10,9 +10,9 @@ import socket
 import pytest
 import torch
 
-from srpo_ray.batch import TrainBatch, build_train_batch, empty_batch
-from srpo_ray.config import SRPOConfig
-from srpo_ray.learner_core import FSDPLearner, token_logprobs
+from srpo_ray.learner.batch import TrainBatch, build_train_batch, empty_batch
+from srpo_ray.config.schema import SRPOConfig
+from srpo_ray.learner.core import FSDPLearner, token_logprobs
 from srpo_ray.runtime.learner_group import LearnerGroup
 from srpo_ray.records import Prompt, RewardResult, RolloutGroup, Sample, ScoredGroup
 
@@ -167,7 +167,7 @@ def test_minibatches_recompute_old_logprobs_in_process(tiny_model, monkeypatch):
 def ray_groups(tiny_model, tmp_path_factory):
     """(2-rank group, 1-rank group, checkpoint of the initial state)."""
     ray = pytest.importorskip("ray")
-    from actors.learner import create_learner_group
+    from srpo_ray.runtime.learner_group import create_learner_group
 
     from conftest import ensure_local_ray
     ensure_local_ray()  # the session's Ray; shut down after this module to free its actors

@@ -25,7 +25,7 @@ def kl_group(tiny_model):
     from conftest import ensure_local_ray
 
     ray = ensure_local_ray()
-    from actors.learner import create_learner_group
+    from srpo_ray.runtime.learner_group import create_learner_group
 
     cfg = _cfg()
     cfg.algo.kl_coef = KL_COEF
@@ -57,7 +57,7 @@ def test_kl_is_zero_before_the_first_update_and_positive_after(kl_group, tiny_mo
 
 
 def test_config_rejects_negative_kl_coef():
-    from srpo_ray.config import ConfigError, load_config
+    from srpo_ray.config.load import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="algo.kl_coef"):
         load_config(None, ["algo.kl_coef=-0.1"])

@@ -35,7 +35,7 @@ def _in_actor(what: str, which: str = "model"):
 
 
 def _group(ray, model_path: str, ranks: int = 2, **algo):
-    from actors.learner import create_learner_group
+    from srpo_ray.runtime.learner_group import create_learner_group
 
     cfg = _cfg()
     for k, v in algo.items():

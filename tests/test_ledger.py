@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import srpo_ray.algo.ledger as ledger_mod
 from srpo_ray.algo.ledger import HashCollisionError, HistoryLedger
-from srpo_ray.config import ResampleConfig
+from srpo_ray.config.schema import ResampleConfig
 
 
 def _ledger(ids, seed=0, **cfg) -> HistoryLedger:

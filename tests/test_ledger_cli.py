@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from srpo_ray.algo.ledger import HistoryLedger
-from srpo_ray.config import ResampleConfig
+from srpo_ray.config.schema import ResampleConfig
 from srpo_ray.ledger import main
 from test_trainer import make_trainer
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import assume, given, settings, strategies as st
 
 from srpo_ray.algo.loss import count_denominator, masked_mean, masked_sum, policy_loss
-from srpo_ray.config import AlgoConfig
+from srpo_ray.config.schema import AlgoConfig
 
 MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from srpo_ray.config import RewardConfig
+from srpo_ray.config.schema import RewardConfig
 from srpo_ray.records import Prompt
 from srpo_ray.rewards import math_pool
 from srpo_ray.rewards.math_check import extract_final_answer
@@ -197,7 +197,7 @@ def test_a_non_numeric_truth_under_the_number_rule_is_refused_before_the_run():
 
 
 def test_not_number_metric_counts_rewarded_expressions():
-    from srpo_ray.metrics import summarize_rollouts
+    from srpo_ray.telemetry.metrics import summarize_rollouts
     from srpo_ray.records import RewardResult, RolloutGroup, Sample, ScoredGroup
     group = RolloutGroup(math_prompt("145"), [1], [Sample([1], [0.0], "t", "stop")] * 3, 0)
     results = [RewardResult(1.0, True, {"answer": "29\\cdot 5"}), RewardResult(1.0, True, {"answer": "145"}),

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import srpo_ray.models as models
 from fixtures_models import smollm2_dir, tiny_model_dir, tiny_tied_model_dir  # noqa: F401 (fixtures)
-from srpo_ray.config import ModelConfig
+from srpo_ray.config.schema import ModelConfig
 from srpo_ray.models import (ModelPathError, build_tiny_model, chat_prompt_ids, convert_builtin_smollm2,
                              resolve_model_path)
 

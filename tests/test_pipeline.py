@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from srpo_ray.config import ConfigError, load_config
-from srpo_ray.pipeline import RolloutPipeline
+from srpo_ray.config.load import ConfigError, load_config
+from srpo_ray.loop.pipeline import RolloutPipeline
 from test_trainer import make_trainer, read_metrics
 
 

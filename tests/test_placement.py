@@ -10,7 +10,7 @@ import yaml
 
 from cluster.placement import (LABEL_SHARE, PlacementError, check_fits, local_custom_resources,
                                local_num_cpus_needed, plan_placement)
-from srpo_ray.config import CONFIG_DIR, ConfigError, SRPOConfig, load_config, parse_cli
+from srpo_ray.config.load import CONFIG_DIR, ConfigError, SRPOConfig, load_config, parse_cli
 
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster"
 

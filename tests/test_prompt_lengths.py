@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from srpo_ray.data import DataError, _tokens_at_most_bytes, check_prompt_lengths
+from srpo_ray.data.parquet import DataError, _tokens_at_most_bytes, check_prompt_lengths
 from srpo_ray.models import CHATML_TEMPLATE, build_tiny_tokenizer, chat_prompt_ids
 from srpo_ray.records import Prompt
 
@@ -70,7 +70,7 @@ def test_bytes_bound_holds_and_is_used_only_where_it_is_proven(tokenizer):
 
 
 def test_slow_path_without_the_shortcut_finds_the_same(tokenizer, monkeypatch):
-    import srpo_ray.data as data
+    import srpo_ray.data.parquet as data
 
     monkeypatch.setattr(data, "_tokens_at_most_bytes", lambda tok: False)
     prompts = _prompts(60, seed=2)

@@ -125,7 +125,7 @@ def test_ray_job_submit_trains_and_checkpoints(ray_head, scripted_model_dir, tmp
     assert latest == "step_000001"
     assert (run_dir / "checkpoints" / latest / "hf" / "config.json").is_file()
     # the job's log (what `ray job submit` streams) is the readable console; the actors'
-    # output went to the run dir (srpo_ray/console.py)
+    # output went to the run dir (srpo_ray/telemetry/console.py)
     assert "(GenerationWorker" not in submit.stdout and "(LearnerRank" not in submit.stdout, submit.stdout[-3000:]
     assert "srpo_ray: 1 steps in" in submit.stdout + submit.stderr
     logs = run_dir / "logs"

@@ -15,7 +15,7 @@ from ray.util import placement_group_table
 
 from cluster.placement import plan_placement
 from cluster.ray_placement import PlacementTimeoutError, create_placement_groups
-from srpo_ray.config import SRPOConfig
+from srpo_ray.config.schema import SRPOConfig
 
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster"
 

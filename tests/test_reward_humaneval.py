@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from srpo_ray.config import RewardConfig
+from srpo_ray.config.schema import RewardConfig
 from srpo_ray.records import Prompt
 from srpo_ray.rewards.humaneval import HUMANEVAL_SPEC, as_response, humaneval_program
 from srpo_ray.rewards.scorer import RewardScorer

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from srpo_ray.config import ConfigError, RewardConfig, load_config
-from srpo_ray.data import DataError, load_prompts, write_verl_parquet
-from srpo_ray.metrics import summarize_rollouts
+from srpo_ray.config.load import ConfigError, RewardConfig, load_config
+from srpo_ray.data.parquet import DataError, load_prompts, write_verl_parquet
+from srpo_ray.telemetry.metrics import summarize_rollouts
 from srpo_ray.records import Prompt, RewardResult, RolloutGroup, Sample, ScoredGroup
 from srpo_ray.rewards import plugins
 from srpo_ray.rewards.plugins import CustomRewardPool, check_plugins

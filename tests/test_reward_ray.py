@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from srpo_ray.config import RewardConfig
+from srpo_ray.config.schema import RewardConfig
 from srpo_ray.records import CodeCase, CodeSpec, Prompt, RolloutGroup, Sample
 
 ray = pytest.importorskip("ray")

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from srpo_ray.config import RewardConfig
+from srpo_ray.config.schema import RewardConfig
 from srpo_ray.records import CodeCase, CodeSpec, Prompt
 from srpo_ray.rewards import sandbox
 from srpo_ray.rewards.sandbox import CaseInput, ProgramJob, SandboxLimits, make_sandbox

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from srpo_ray.config import RewardConfig
+from srpo_ray.config.schema import RewardConfig
 from srpo_ray.records import CodeCase, CodeSpec, Prompt
 from srpo_ray.rewards.sandbox import CaseInput
 from srpo_ray.rewards.scorer import RewardScorer

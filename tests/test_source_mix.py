@@ -13,7 +13,7 @@ import torch
 
 from srpo_ray.algo.ledger import HistoryLedger
 from srpo_ray.algo.source_mix import check_source_weights
-from srpo_ray.config import ConfigError, ResampleConfig, load_config
+from srpo_ray.config.load import ConfigError, ResampleConfig, load_config
 from srpo_ray.records import Prompt
 
 FIXTURE = Path(__file__).parent / "data" / "ledger_state_1e6677e.pt"

@@ -3,7 +3,7 @@ per-stage sampling overrides."""
 import pytest
 
 from srpo_ray.algo.stages import StageSchedule, effective_sampling, prompts_per_step
-from srpo_ray.config import RolloutConfig, StageConfig, TrainerConfig
+from srpo_ray.config.schema import RolloutConfig, StageConfig, TrainerConfig
 
 
 def _two(**first) -> StageSchedule:
@@ -126,6 +126,6 @@ def test_effective_sampling_and_prompts_per_step():
 
 
 def test_default_config_stages_are_accepted():
-    from srpo_ray.config import SRPOConfig
+    from srpo_ray.config.schema import SRPOConfig
     sched = StageSchedule(SRPOConfig().stages)
     assert sched.current.name == "math" and not sched.is_last

@@ -1,4 +1,4 @@
-"""Experiment trackers (srpo_ray/trackers.py): the config keys, the start-up error for a
+"""Experiment trackers (srpo_ray/telemetry/trackers.py): the config keys, the start-up error for a
 missing client, what the trainer sends them (fake roles), and, for real and offline,
 TensorBoard, W&B and MLflow runs read back with each tracker's own reader."""
 from __future__ import annotations
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from srpo_ray.checkpoint import CheckpointManager
-from srpo_ray.config import ConfigError, load_config
-from srpo_ray.metrics import MetricsLogger
+from srpo_ray.loop.checkpoint import CheckpointManager
+from srpo_ray.config.load import ConfigError, load_config
+from srpo_ray.telemetry.metrics import MetricsLogger
 from srpo_ray.records import Prompt, RewardResult, RolloutGroup, Sample, ScoredGroup
-from srpo_ray.trackers import TABLE_COLUMNS, check_clients, make_trackers
-from srpo_ray.trainer import Roles, SRPOTrainer
+from srpo_ray.telemetry.trackers import TABLE_COLUMNS, check_clients, make_trackers
+from srpo_ray.loop.trainer import Roles, SRPOTrainer
 from test_trainer import FakeLearner, FakeRewards, FakeRollout, prompts
 
 
@@ -87,7 +87,7 @@ def test_a_missing_client_is_a_start_up_error_naming_the_pip_extra(tmp_path, mon
         check_clients(_cfg(tmp_path, "metrics.trackers=[jsonl,mlflow]"))
     check_clients(_cfg(tmp_path, "metrics.trackers=[jsonl,mlflow]", "metrics.mlflow_tracking_uri=http://mlflow:5000"))
     # a tracker whose client cannot start (no login, server down) is one clear message too
-    import srpo_ray.trackers as trackers_mod
+    import srpo_ray.telemetry.trackers as trackers_mod
 
     def no_login(*args, **kwargs):
         raise RuntimeError("no API key configured")

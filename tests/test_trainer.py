@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from srpo_ray.checkpoint import CheckpointManager
-from srpo_ray.config import load_config
-from srpo_ray.metrics import MetricsLogger
+from srpo_ray.loop.checkpoint import CheckpointManager
+from srpo_ray.config.load import load_config
+from srpo_ray.telemetry.metrics import MetricsLogger
 from srpo_ray.records import Prompt, RewardResult, RolloutGroup, Sample, ScoredGroup
-from srpo_ray.trainer import Roles, SRPOTrainer
+from srpo_ray.loop.trainer import Roles, SRPOTrainer
 
 
 class FakeRollout:

@@ -20,7 +20,7 @@ from actors.generation import GenerationWorkerImpl
 from actors.learner import WeightSourceActor
 from conftest import REPO, ensure_local_ray
 from fixtures_models import tiny_model_dir  # noqa: F401
-from srpo_ray.config import RolloutConfig
+from srpo_ray.config.schema import RolloutConfig
 from srpo_ray.runtime.fleets import RayRolloutFleet, WorkerPool
 from srpo_ray.weights.layout import plan_buckets
 from srpo_ray.weights.shared_memory import (SharedMemoryError, SharedWeightBuffer, SharedWeightReader,

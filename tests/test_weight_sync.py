@@ -14,10 +14,11 @@ from transformers import AutoModelForCausalLM
 
 from actors.generation import GenerationWorker
 from conftest import ensure_local_ray
-from actors.learner import MB, WeightSourceActor, create_learner_group, sender_for
+from actors.learner import MB, WeightSourceActor, sender_for
+from srpo_ray.runtime.learner_group import create_learner_group
 from fixtures_models import (hf_logprobs, perturbed_state_dict, small_rollout_config,  # noqa: F401
                              tiny_model_dir, tiny_tied_model_dir)
-from srpo_ray.config import ConfigError, SRPOConfig, load_config
+from srpo_ray.config.load import ConfigError, SRPOConfig, load_config
 from srpo_ray.runtime.fleets import RayRolloutFleet, WorkerPool
 from srpo_ray.weights.layout import bucket_parts, pack_bucket, plan_buckets, unpack_bucket, unpack_parts
 from srpo_ray.weights.transport import resolve_transport

@@ -175,7 +175,7 @@ def test_tied_embeddings_reach_a_multiprocess_engine_through_the_file(tmp_path):
 def test_the_engine_hands_tp_workers_a_file_not_a_gpu_state_dict(tmp_path, tiny_tied_model_dir):
     """VLLMEngine.load_weight_stream with worker processes (TP > 1): every name reaches
     the file (tied lm_head included), tensors are written from CPU buffers one by one."""
-    from actors.engines import VLLMEngine, _checkpoint_tensor_names
+    from srpo_ray.generation.engines import VLLMEngine, _checkpoint_tensor_names
 
     calls = []
 

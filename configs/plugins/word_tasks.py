@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from srpo_ray.data import write_verl_parquet  # noqa: E402
+from srpo_ray.data.parquet import write_verl_parquet  # noqa: E402
 
 WORDS = ("apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle", "garden", "rocket",
          "silver", "window", "pencil", "forest", "bridge", "planet", "butter", "dragon", "marble", "orange")

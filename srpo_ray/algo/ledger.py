@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 import torch
 
 from srpo_ray.algo.source_mix import SourceMix, weighted_order
-from srpo_ray.config import ResampleConfig
+from srpo_ray.config.schema import ResampleConfig
 
 _STATE_VERSION = 1
 _LOG_FIELDS = ("slot", "epoch", "correct", "samples")

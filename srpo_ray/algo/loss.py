@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from srpo_ray.config import AlgoConfig
+from srpo_ray.config.schema import AlgoConfig
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 

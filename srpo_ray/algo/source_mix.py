@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from srpo_ray.config import ConfigError, DataConfig, SRPOConfig, StageConfig
+from srpo_ray.config.schema import ConfigError, DataConfig, SRPOConfig, StageConfig
 
 
 class SourceMix:

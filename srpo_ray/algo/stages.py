@@ -17,7 +17,7 @@ import math
 from collections import deque
 from typing import Any, Optional, Sequence
 
-from srpo_ray.config import RolloutConfig, StageConfig, TrainerConfig
+from srpo_ray.config.schema import RolloutConfig, StageConfig, TrainerConfig
 
 
 class StageSchedule:

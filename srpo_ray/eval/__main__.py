@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from srpo_ray.config import ConfigError, load_config
-from srpo_ray.data import BUILTIN_PREFIX, DataError
+from srpo_ray.config.load import ConfigError, load_config
+from srpo_ray.config.schema import BUILTIN_PREFIX
+from srpo_ray.data.verl_rows import DataError
 from srpo_ray.models import ModelPathError
 
 
@@ -38,12 +39,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = load_config(args.config, args.overrides)
         cfg.model.path = model_folder(args.model)
         cfg.eval.files = [data_spec(d) for d in args.data]
-        from srpo_ray.config import validate
+        from srpo_ray.config.load import validate
         validate(cfg)
     except (ConfigError, DataError, ModelPathError) as e:
         print(f"srpo_ray.eval: error: {e}", file=sys.stderr)
         return 2
-    from srpo_ray.console import console_logging
+    from srpo_ray.telemetry.console import console_logging
 
     with console_logging(args.out, verbose=args.verbose) as logs:
         try:
@@ -61,7 +62,7 @@ def run_eval(cfg, out: Path, logs: Optional[Path] = None):
     """Load model and data, start the workers, evaluate, write OUT/results.{json,md}."""
     from tqdm import tqdm
 
-    from srpo_ray.data import check_prompt_lengths, load_prompts
+    from srpo_ray.data.parquet import check_prompt_lengths, load_prompts
     from srpo_ray.eval.report import write_report
     from srpo_ray.eval.runner import Evaluator
     from srpo_ray.models import resolve_model_path
@@ -95,7 +96,7 @@ def model_folder(spec: str) -> str:
     if (path / "hf").is_dir():
         return str(path / "hf")
     if (path / "checkpoints").is_dir():
-        from srpo_ray.checkpoint import CheckpointManager
+        from srpo_ray.loop.checkpoint import CheckpointManager
         latest = CheckpointManager(path).latest()
         if latest is None:
             raise ModelPathError(f"--model {spec}: a run folder without a finished checkpoint; "
@@ -106,7 +107,7 @@ def model_folder(spec: str) -> str:
 
 def data_spec(spec: str) -> str:
     """A file path as given; a bare builtin set name gets its `builtin:` prefix."""
-    from srpo_ray.builtin_data import builtin_names
+    from srpo_ray.data.registry import builtin_names
     if not spec.startswith(BUILTIN_PREFIX) and not Path(spec).exists() and spec in builtin_names():
         return BUILTIN_PREFIX + spec
     return spec

@@ -16,9 +16,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
-from srpo_ray.config import EvalConfig
+from srpo_ray.config.schema import EvalConfig
 from srpo_ray.eval.scores import ProblemResult, aggregate
-from srpo_ray.metrics import timed
+from srpo_ray.telemetry.metrics import timed
 from srpo_ray.records import Prompt, RolloutGroup, ScoredGroup
 
 ALL = "all"

@@ -5,7 +5,7 @@ and code rewards, the way verl users already write them:
 
 `reward.custom_function: path/to/file.py:name` scores every row; `reward.custom_functions:
 {data_source: path:name}` scores one source's rows (it wins over custom_function). Rows
-a plug-in scores may have any `ability` (srpo_ray/data.py). The function runs in a pool
+a plug-in scores may have any `ability` (srpo_ray/data/parquet.py). The function runs in a pool
 of capped child processes (child_pool.py, _check_child.py), each importing every
 configured file once at start: custom_timeout_s per call, RLIMIT_AS custom_memory_mb. A
 call that times out, runs out of memory, raises, kills its process or returns anything
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from srpo_ray.config_schema import RewardConfig
+from srpo_ray.config.schema import RewardConfig
 from srpo_ray.records import Prompt, RewardResult
 from srpo_ray.rewards.child_pool import ChildPool, child_argv
 

@@ -20,7 +20,7 @@ import queue
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-from srpo_ray.config import RewardConfig
+from srpo_ray.config.schema import RewardConfig
 from srpo_ray.records import CodeSpec, Prompt, RewardResult
 from srpo_ray.rewards.code_reward import CodeScore, extract_code, score_programs
 from srpo_ray.rewards.code_tests import parse_code_tests

@@ -14,19 +14,19 @@ from transformers import AutoTokenizer
 
 from srpo_ray.algo.source_mix import check_source_weights
 from srpo_ray.algo.stages import effective_sampling
-from srpo_ray.checkpoint import CheckpointManager
-from srpo_ray.config import ConfigError, SRPOConfig
-from srpo_ray.console import log_dir, with_actor_log
-from srpo_ray.data import DataError, check_prompt_lengths, load_prompts
+from srpo_ray.loop.checkpoint import CheckpointManager
+from srpo_ray.config.schema import ConfigError, SRPOConfig
+from srpo_ray.telemetry.console import log_dir, with_actor_log
+from srpo_ray.data.parquet import DataError, check_prompt_lengths, load_prompts
 from srpo_ray.runtime.fleets import RayRewardFleet, RayRolloutFleet, WorkerPool
-from srpo_ray.runtime.ray_ops import HOT_PATH_NICENESS
-from srpo_ray.metrics import MetricsLogger
+from actors.ray_ops import HOT_PATH_NICENESS
+from srpo_ray.telemetry.metrics import MetricsLogger
 from srpo_ray.models import resolve_model_path
 from srpo_ray.eval.runner import Evaluator
 from srpo_ray.rewards.plugins import check_plugins_load, plugin_key
 from srpo_ray.rewards.scorer import check_answer_modes
-from srpo_ray.trackers import check_clients, make_trackers
-from srpo_ray.trainer import Roles, SRPOTrainer
+from srpo_ray.telemetry.trackers import check_clients, make_trackers
+from srpo_ray.loop.trainer import Roles, SRPOTrainer
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 def init_ray(cfg: SRPOConfig, roles: tuple[str, ...] | None = None, quiet: bool = False) -> bool:
     """Join the configured cluster (or the one a `ray job submit` runs us in); else start
     a local one bound to 127.0.0.1. Returns True if this process started Ray.
-    quiet: the actors write their output to the run dir (srpo_ray/console.py), so none is
+    quiet: the actors write their output to the run dir (srpo_ray/telemetry/console.py), so none is
     forwarded to this process, and Ray's log lines go through our handlers."""
     if ray.is_initialized():
         return False
@@ -151,7 +151,7 @@ def build_trainer(cfg: SRPOConfig, resume: bool = False) -> Iterator[SRPOTrainer
 
 
 def _create_roles(cfg: SRPOConfig, model_path: str, placement) -> Roles:
-    from actors.learner import create_learner_group
+    from srpo_ray.runtime.learner_group import create_learner_group
 
     logs = actor_logs(cfg)
     learner = create_learner_group(cfg, model_path, setup=False, actor_options=lambda r: with_actor_log(
@@ -215,7 +215,7 @@ def _create_fleets(cfg: SRPOConfig, model_path: str, placement, control_dir: str
                    logs: str | None = None) -> tuple[RayRolloutFleet, RayRewardFleet]:
     """The generation and reward fleets. control_dir: where scale requests are read
     ("" = the run dir, None = nowhere); logs: the actors' log dir (None: Ray's)."""
-    from actors.engines import engine_env
+    from srpo_ray.generation.engines import engine_env
     from actors.generation import GenerationWorker
     from actors.reward import RewardWorker
 

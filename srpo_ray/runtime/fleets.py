@@ -20,8 +20,8 @@ import ray
 from ray.exceptions import RayActorError
 
 from srpo_ray.records import Prompt, RolloutGroup, ScoredGroup
-from srpo_ray.scale import ScaleRequestError, read_scale_request
-from srpo_ray.runtime.ray_ops import RayOps
+from srpo_ray.runtime.scale_request import ScaleRequestError, read_scale_request
+from actors.ray_ops import RayOps
 from srpo_ray.runtime.worker_pool import MAX_REPLACEMENTS_PER_CALL, RETRY, Member, WorkerPool, split
 from srpo_ray.weights.shared_memory import WeightsSupersededError
 from srpo_ray.weights.transport import (PublishedWeights, outcomes, StalePolicyError, WeightDeliveryError,

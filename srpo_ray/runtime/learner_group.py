@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Sequence
 
-from srpo_ray.batch import TrainBatch, loss_denominator, split_for_ranks
-from srpo_ray.console import actor_log_file
+from srpo_ray.config.schema import SRPOConfig
+from srpo_ray.learner.batch import TrainBatch, loss_denominator, split_for_ranks
+from srpo_ray.telemetry.console import actor_log_file
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class LearnerGroup:
         self.loss_agg = loss_agg
         self.get = get
         self.last_checkpoint = last_checkpoint
-        self.log_dir: str | None = None  # the ranks' log files (srpo_ray/console.py), named when one dies
+        self.log_dir: str | None = None  # the ranks' log files (srpo_ray/telemetry/console.py), named when one dies
 
     @property
     def world_size(self) -> int:
@@ -174,3 +175,43 @@ class LearnerGroup:
                 ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
             except Exception as e:  # noqa: BLE001 - tearing down; the run's own error matters more
                 log.warning("learner rank %d did not release its weight files and buffers: %s", rank, e)
+
+
+def create_learner_group(cfg: SRPOConfig, model_path: str, num_ranks: int | None = None,
+                         actor_options: Callable[[int], dict[str, Any]] | None = None,
+                         setup: bool = True) -> LearnerGroup:
+    """Create `num_ranks` (default learner.num_ranks) LearnerRank actors, rank 0 first
+    (it picks the rendezvous endpoint), and set up the FSDP2 process group.
+
+    actor_options(rank) -> `.options(...)` kwargs for that rank, e.g.
+    `lambda r: placement.actor_options("learner", r)` from cluster.ray_placement;
+    default: num_cpus=learner.cpus_per_rank, num_gpus=learner.gpus_per_rank."""
+    import ray
+
+    from actors.learner import LearnerRank
+    from actors.ray_ops import HOT_PATH_NICENESS
+
+    world_size = cfg.learner.num_ranks if num_ranks is None else num_ranks
+    if world_size < 1:
+        raise ValueError(f"learner.num_ranks must be >= 1, got {world_size}")
+    if actor_options is None:
+        def actor_options(rank: int) -> dict[str, Any]:
+            return {"num_cpus": cfg.learner.cpus_per_rank, "num_gpus": cfg.learner.gpus_per_rank}
+
+    def options(rank: int) -> dict[str, Any]:
+        opts = dict(actor_options(rank))
+        env = dict(HOT_PATH_NICENESS)
+        if cfg.learner.gpus_per_rank <= 0:  # Ray shows a GPU node's GPUs to actors that asked for none
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        runtime_env = dict(opts.get("runtime_env") or {})
+        opts["runtime_env"] = {**runtime_env, "env_vars": {**env, **runtime_env.get("env_vars", {})}}
+        return opts
+
+    rank0 = LearnerRank.options(**options(0)).remote(model_path, cfg, 0, world_size)
+    addr, port = ray.get(rank0.get_master_endpoint.remote())
+    handles = [rank0] + [LearnerRank.options(**options(r)).remote(model_path, cfg, r, world_size, addr, port)
+                         for r in range(1, world_size)]
+    group = LearnerGroup(handles, cfg.algo.loss_agg)
+    if setup:
+        group.setup()
+    return group

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import ray
 from ray.exceptions import RayActorError
 
-from srpo_ray.console import actor_log_file
+from srpo_ray.telemetry.console import actor_log_file
 
 log = logging.getLogger(__name__)
 MAX_REPLACEMENTS_PER_CALL = 3

@@ -5,7 +5,7 @@ vLLM 0.33's source (cluster/GPU.md).
 
 What vLLM provides and we use (vllm/distributed/weight_transfer/ipc_engine.py and
 packed_tensor.py, vLLM 0.33): the engine is created with weight_transfer_config=
-{"backend": "ipc"} (actors/engines.py); `init_weight_transfer_engine({"init_info":
+{"backend": "ipc"} (srpo_ray/generation/engines.py); `init_weight_transfer_engine({"init_info":
 {"packed": True}})`; then per update `start_weight_update`, one `update_weights` per
 chunk with {names, dtype_names, shapes, tensor_sizes, ipc_handles}, `finish_weight_update`.
 In packed mode the receiver (packed_ipc_consumer) rebuilds the producer's buffer from

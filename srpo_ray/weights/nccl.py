@@ -4,7 +4,7 @@ generators on whole GPUs of their own (never run on a GPU here: written against 
 
 What vLLM provides and we use (vllm/distributed/weight_transfer/, vLLM 0.33):
 - generation side: the engine is created with weight_transfer_config={"backend": "nccl"}
-  (actors/engines.py); `LLM.init_weight_transfer_engine({"init_info": ...})` makes every
+  (srpo_ray/generation/engines.py); `LLM.init_weight_transfer_engine({"init_info": ...})` makes every
   tensor-parallel worker join a NCCL group with the learner (nccl_common.py
   worker_init_process_group: rank = rank_offset + TP rank); `start_weight_update`,
   `update_weights({"update_info": {names, dtype_names, shapes}})`, `finish_weight_update`

@@ -14,7 +14,7 @@ Besides those, a transport may answer a few named calls on either side (`serve_<
 the learner, `receive_<op>` on a generator: join a group, send, abort), which reach it
 through each actor's one weight endpoint (`weights_call`), so a new transport touches
 this package and nothing else. A transport never imports Ray: Ray's put/get/wait come
-in through `ClusterOps` (srpo_ray/runtime/ray_ops.py), so fakes can drive them.
+in through `ClusterOps` (actors/ray_ops.py), so fakes can drive them.
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ class PublishedWeights:
 
 
 class ClusterOps(Protocol):
-    """The few Ray operations transports use (srpo_ray/runtime/ray_ops.py)."""
+    """The few Ray operations transports use (actors/ray_ops.py)."""
 
     def put(self, value: Any) -> Any: ...
 

@@ -65,9 +65,9 @@ def step_fsdp2_train(state: State) -> str:
     import torch
     from torch.distributed.fsdp import FSDPModule
 
-    from srpo_ray.batch import TrainBatch
-    from srpo_ray.config import load_config
-    from srpo_ray.learner_core import FSDPLearner
+    from srpo_ray.learner.batch import TrainBatch
+    from srpo_ray.config.load import load_config
+    from srpo_ray.learner.core import FSDPLearner
     from srpo_ray.models import build_tiny_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
@@ -104,7 +104,7 @@ def step_fsdp2_train(state: State) -> str:
 def step_dcp(state: State) -> str:
     import torch
 
-    from srpo_ray.learner_core import FSDPLearner
+    from srpo_ray.learner.core import FSDPLearner
 
     learner = state.learner
     ckpt = os.path.join(state.tmp, "ckpt")

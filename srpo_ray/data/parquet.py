@@ -19,9 +19,13 @@ from typing import Any, Callable, Iterable
 
 import pyarrow.parquet as pq
 
+from srpo_ray.config.schema import BUILTIN_PREFIX
+from srpo_ray.data.registry import builtin_dataset_path
+from srpo_ray.data.verl_rows import DataError, write_verl_parquet
 from srpo_ray.records import Prompt, domain_problem
 
-BUILTIN_PREFIX = "builtin:"
+__all__ = ["DataError", "check_prompt_lengths", "load_prompts", "row_to_prompt", "write_verl_parquet"]
+
 
 # Domain names seen in the wild (verl `ability`, LiveCodeBench, DeepScaleR ...) -> ours.
 _DOMAIN_ALIASES = {
@@ -29,10 +33,6 @@ _DOMAIN_ALIASES = {
     "code": "code", "coding": "code", "codegen": "code", "programming": "code",
 }
 _ID_KEYS = ("prompt_id", "id", "uid", "problem_id", "question_id")
-
-
-class DataError(ValueError):
-    """A data file or row is unusable; the message names the file, the row and the fix."""
 
 
 def load_prompts(files: Iterable[str], cache_dir: str | None = None,
@@ -62,7 +62,6 @@ def load_prompts(files: Iterable[str], cache_dir: str | None = None,
 
 def _resolve_file(spec: str, cache_dir: str | None) -> Path:
     if spec.startswith(BUILTIN_PREFIX):
-        from srpo_ray.builtin_data import builtin_dataset_path
         return builtin_dataset_path(spec[len(BUILTIN_PREFIX):], cache_dir)
     path = Path(spec).expanduser()
     if not path.is_file():
@@ -241,13 +240,3 @@ def _tokens_at_most_bytes(tokenizer: Any) -> bool:
             and not byte_level[0].get("add_prefix_space", False)
             and all(p["type"] in _BYTES_BOUND_SPLITTERS | {"ByteLevel"} for p in pre))
 
-
-def write_verl_parquet(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """Write rows in verl layout (used by the builtin set and by tests). Atomic."""
-    import pyarrow as pa
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    tmp.replace(path)

@@ -5,9 +5,9 @@ calls the roles through small objects built by the runtime: a rollout fleet, a r
 fleet and a learner group. It imports neither Ray nor vLLM, so tests can drive it with
 fakes. One step: prompts from the ledger -> rollouts -> rewards -> ledger update ->
 group advantages -> learner update -> weights pushed to the generators. How many rounds
-of rollouts a step runs is the batch collector's business (srpo_ray/collect.py: one
+of rollouts a step runs is the batch collector's business (srpo_ray/loop/collect.py: one
 round, or DAPO-style dynamic sampling), chosen when the trainer is built. When a step's
-rollouts are collected is the pipeline's (srpo_ray/pipeline.py): just before the step
+rollouts are collected is the pipeline's (srpo_ray/loop/pipeline.py): just before the step
 trains, or, with rollout.one_step_off, while the previous step trains. Everything that
 draws prompts or records rewards (ledger, stage schedule) happens in `collect`;
 `learn` turns one step's rollouts into an update.
@@ -29,14 +29,14 @@ from srpo_ray.algo.ledger import HistoryLedger
 from srpo_ray.algo.source_mix import check_source_weights, stage_source_weights
 from srpo_ray.algo.overlong import apply_overlong_policy
 from srpo_ray.algo.stages import StageSchedule, effective_sampling, prompts_per_step
-from srpo_ray.batch import build_train_batch
-from srpo_ray.checkpoint import CheckpointManager
-from srpo_ray.collect import make_collector
+from srpo_ray.learner.batch import build_train_batch
+from srpo_ray.loop.checkpoint import CheckpointManager
+from srpo_ray.loop.collect import make_collector
 from srpo_ray.eval.report import headline, write_json
-from srpo_ray.config import SRPOConfig, to_yaml
-from srpo_ray.collect import Collected
-from srpo_ray.metrics import MetricsLogger, summarize_rollouts, timed
-from srpo_ray.pipeline import RolloutPipeline
+from srpo_ray.config.load import SRPOConfig, to_yaml
+from srpo_ray.loop.collect import Collected
+from srpo_ray.telemetry.metrics import MetricsLogger, summarize_rollouts, timed
+from srpo_ray.loop.pipeline import RolloutPipeline
 from srpo_ray.records import Prompt, RolloutGroup, ScoredGroup
 
 STATE_FILE = "trainer_state.pt"
@@ -163,7 +163,7 @@ class SRPOTrainer:
     def collect(self, step: int) -> StepRollouts | None:
         """Draw step `step`'s prompts, generate, score and record them in the ledger and
         the stage schedule; None when no prompts are left. Runs ahead of the training
-        loop with rollout.one_step_off (srpo_ray/pipeline.py)."""
+        loop with rollout.one_step_off (srpo_ray/loop/pipeline.py)."""
         prompt_ids, epoch_metrics = self._next_prompt_ids(step)
         if not prompt_ids:
             return None

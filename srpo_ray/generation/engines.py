@@ -19,7 +19,7 @@ from srpo_ray.weights.reload_file import ReloadFolder
 if TYPE_CHECKING:
     import torch
 
-    from srpo_ray.config import RolloutConfig
+    from srpo_ray.config.schema import RolloutConfig
 
 TIED_LM_HEAD = "lm_head.weight"
 TIED_EMBEDDING = "model.embed_tokens.weight"
@@ -110,7 +110,7 @@ def engine_kwargs(model_path: str, rollout_cfg: "RolloutConfig", dtype: str, max
     for this role (bf16 on GPUs, fp32 on CPUs). weight_transfer: "nccl" or "ipc" to
     create vLLM's weight-transfer engine (srpo_ray/weights/nccl.py, cuda_ipc.py).
     sleep_mode: colocated with the learner (vLLM releases its memory while it trains)."""
-    from srpo_ray.config import resolve_dtype
+    from srpo_ray.config.schema import resolve_dtype
 
     on_gpu = rollout_cfg.gpus_per_worker > 0
     kwargs: dict[str, Any] = dict(

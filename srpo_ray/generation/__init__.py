@@ -1,0 +1,1 @@
+"""Generation: the vLLM engine adapter behind a small interface (`engines`)."""
