@@ -6,8 +6,7 @@ set by the caller: `GenerationWorker.options(num_cpus=..., num_gpus=...).remote(
 
 Weights arrive through one endpoint, `weights_call(transport, op, ...)`, which runs the
 generation side of that transport (srpo_ray/weights/): "load" ends with the version now
-held; some transports have set-up calls first (join a group). `update_weights` loads a
-whole state dict (tests, fakes).
+held; some transports have set-up calls first (join a group).
 """
 from __future__ import annotations
 
@@ -16,23 +15,19 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import ray
 
+from actors.ray_ops import RayOps
 from srpo_ray.generation.engines import GenerationEngine, create_engine, set_engine_env
-from srpo_ray.telemetry.console import redirect_actor_output
 from srpo_ray.host_heap import resolve_heap_policy, set_heap_policy
 from srpo_ray.models import chat_prompt_ids
-from srpo_ray.records import Prompt, RolloutGroup
-from actors.ray_ops import RayOps
+from srpo_ray.records import Prompt, RolloutGroup, Sampling
+from srpo_ray.telemetry.console import redirect_actor_output
 from srpo_ray.weights.endpoints import WeightReceiver
-from srpo_ray.weights.transport import PublishedWeights, StalePolicyError
+from srpo_ray.weights.transport import StalePolicyError
 
 if TYPE_CHECKING:
     import torch
 
     from srpo_ray.config.schema import RolloutConfig
-
-SAMPLING_KEYS = {"n", "temperature", "top_p", "max_new_tokens", "seed", "logprobs"}
-REQUIRED_SAMPLING_KEYS = SAMPLING_KEYS - {"seed", "logprobs"}
-
 
 class GenerationWorkerImpl:
     def __init__(self, model_path: str, rollout_cfg: "RolloutConfig", dtype: str,
@@ -60,18 +55,14 @@ class GenerationWorkerImpl:
         self._weights = WeightReceiver(RayOps())
         self._load_seconds: list[float] = []  # per load since the fleet last asked
 
-    def generate(self, prompts: list[Prompt], sampling: dict[str, Any],
+    def generate(self, prompts: list[Prompt], sampling: Sampling,
                  policy_version_expected: int | None = None) -> list[RolloutGroup]:
-        """One RolloutGroup of sampling["n"] samples per prompt, tagged with the
-        version this worker holds. `sampling`: n, temperature, top_p, max_new_tokens
-        and optionally seed and logprobs (default true; false leaves Sample.logprobs
-        empty, for evaluation). If `policy_version_expected` is given and differs from the
-        held version, raise StalePolicyError instead of producing stale rollouts."""
-        unknown = sampling.keys() - SAMPLING_KEYS
-        missing = REQUIRED_SAMPLING_KEYS - sampling.keys()
-        if unknown or missing:
-            raise ValueError(f"sampling settings {sampling}: unknown keys {sorted(unknown)}, missing "
-                             f"{sorted(missing)}; expected {sorted(SAMPLING_KEYS)} (seed, logprobs optional)")
+        """One RolloutGroup of sampling.n samples per prompt, tagged with the version
+        this worker holds; prompt i samples from sampling.for_prompt(i)'s seed. If
+        `policy_version_expected` is given and differs from the held version, raise
+        StalePolicyError instead of producing stale rollouts."""
+        if not isinstance(sampling, Sampling):
+            raise TypeError(f"sampling settings must be a records.Sampling, got {type(sampling).__name__}")
         if policy_version_expected is not None and policy_version_expected != self._version:
             raise StalePolicyError(self.worker_index, self._version, int(policy_version_expected))
         prompt_ids = [self.chat_prompt_ids(p.messages) for p in prompts]
@@ -80,20 +71,9 @@ class GenerationWorkerImpl:
                 raise ValueError(f"prompt {prompt.prompt_id!r} is {len(ids)} tokens after the chat "
                                  f"template, over data.max_prompt_tokens={self.max_prompt_tokens}; "
                                  "raise it or drop the prompt from the data")
-        samples = self.engine.generate(prompt_ids, n=int(sampling["n"]),
-                                       temperature=float(sampling["temperature"]),
-                                       top_p=float(sampling["top_p"]),
-                                       max_new_tokens=int(sampling["max_new_tokens"]),
-                                       seed=sampling.get("seed"), logprobs=bool(sampling.get("logprobs", True)))
+        samples = self.engine.generate(prompt_ids, sampling)
         return [RolloutGroup(prompt=p, prompt_token_ids=ids, samples=s, policy_version=self._version)
                 for p, ids, s in zip(prompts, prompt_ids, samples)]
-
-    def update_weights(self, state_dict: "dict[str, torch.Tensor] | PublishedWeights", version: int) -> int:
-        """Load a full HF-named state dict in place (or published weights whose object
-        ref reached the fleet unresolved); return the version now held."""
-        if isinstance(state_dict, PublishedWeights):
-            return self.weights_call(state_dict.transport, "load", state_dict, version)
-        return self.load_stream(list(state_dict), iter(state_dict.items()), version)
 
     def weights_call(self, transport: str, op: str, *args: Any) -> Any:
         """The one weight endpoint: `op` ("load", or a set-up call such as "join") of
@@ -151,10 +131,6 @@ class GenerationWorkerImpl:
 
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return chat_prompt_ids(self.tokenizer, messages)
-
-    def prompt_lengths(self, prompts: list[Prompt]) -> list[int]:
-        """Chat-templated token count of each prompt (to check data against max_prompt_tokens)."""
-        return [len(self.chat_prompt_ids(p.messages)) for p in prompts]
 
     def token_logprobs(self, prompt_token_ids: list[int], response_token_ids: list[int],
                        temperature: float = 1.0) -> list[float]:

@@ -2,7 +2,7 @@
 
     group = create_learner_group(cfg, model_path)            # srpo_ray/runtime/learner_group.py
     metrics = group.train(batch, temperature)
-    ref = group.state_dict_ref()                              # rank 0's full state dict
+    published = group.publish_weights()                      # rank 0's record, for the rollout fleet
 
 Weights for the generators: `publish_weights()` on every rank (the gather is
 collective) returns, on rank 0, a PublishedWeights record (srpo_ray/weights/); the
@@ -21,11 +21,11 @@ from typing import Any
 import ray
 import torch
 
-from srpo_ray.learner.batch import TrainBatch
+from actors.ray_ops import RayOps
 from srpo_ray.config.schema import SRPOConfig, resolve_dtype
+from srpo_ray.learner.batch import TrainBatch
 from srpo_ray.telemetry.console import redirect_actor_output
-from actors.ray_ops import HOT_PATH_NICENESS, RayOps
-from srpo_ray.weights.broadcast import free_port
+from srpo_ray.weights.common import free_port
 from srpo_ray.weights.endpoints import WeightSender
 from srpo_ray.weights.source import StateDictSource
 from srpo_ray.weights.transport import PublishedWeights, SenderSettings, resolve_for
@@ -117,17 +117,10 @@ class LearnerRankImpl(WeightServing):
     def publish_weights(self, transport: str | None = None) -> PublishedWeights | None:
         """Collective (every rank joins the gather): the weights for the generators, a
         record on rank 0, None on the others. transport: override rollout.weight_transport.
-        A CPU learner hands a full state dict to the CPU transports (the plain module's
-        own tensors on one rank); a GPU learner streams one parameter at a time
-        (srpo_ray/weights/source.py ModelSource); nccl and cuda_ipc move nothing until
-        the fleet's send, and leave a tied lm_head out (vLLM re-ties it)."""
-        name = transport or self.sender.transport
+        What is published from (a full state dict, or parameters streamed in the engine's
+        dtype) is the transport's call (srpo_ray/weights/endpoints.py publish_model)."""
         self._weights_copied()
-        if self.learner.device.type == "cpu" and name in ("shared_memory", "object_store", "broadcast"):
-            state = self.learner.full_state_dict()
-            return None if state is None else self.sender.publish(StateDictSource(state), name)
-        source = self.learner.weight_source(self.wire_dtype, send_tied=name not in ("nccl", "cuda_ipc"))
-        return self.sender.publish(source, name)
+        return self.sender.publish_model(self.learner, self.wire_dtype, transport)
 
     def save_checkpoint(self, directory: str) -> None:
         self.learner.save_checkpoint(directory)

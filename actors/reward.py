@@ -1,7 +1,11 @@
 """Reward worker as a Ray actor: a thin shell around srpo_ray.rewards.scorer.RewardScorer.
 
     worker = RewardWorker.options(num_cpus=...).remote(cfg.reward)
-    scored = ray.get(worker.score_groups.remote(groups))
+    results = ray.get(worker.score.remote([ScoreRequest.of(g) for g in groups]))
+
+It gets what it scores (ScoreRequest: the prompt's answer key and the response texts, no
+token ids or log-probs) and returns only the verdicts, one list of RewardResult per
+request; the caller joins them to its groups (records.join_scores).
 
 A synchronous actor (max_concurrency 1): nothing here needs signals, but one call at a
 time keeps one sandboxed program per reserved CPU (cfg.code_parallel raises that).
@@ -12,9 +16,9 @@ from __future__ import annotations
 import ray
 
 from srpo_ray.config.schema import RewardConfig
-from srpo_ray.telemetry.console import redirect_actor_output
-from srpo_ray.records import RolloutGroup, ScoredGroup
+from srpo_ray.records import RewardResult, ScoreRequest
 from srpo_ray.rewards.scorer import RewardScorer
+from srpo_ray.telemetry.console import redirect_actor_output
 
 
 class RewardWorkerImpl:
@@ -22,9 +26,8 @@ class RewardWorkerImpl:
         redirect_actor_output()  # srpo_ray/telemetry/console.py
         self._scorer = RewardScorer(cfg)
 
-    def score_groups(self, groups: list[RolloutGroup]) -> list[ScoredGroup]:
-        scored = self._scorer.score_batch([(g.prompt, [s.text for s in g.samples]) for g in groups])
-        return [ScoredGroup(group=g, results=r) for g, r in zip(groups, scored)]
+    def score(self, requests: list[ScoreRequest]) -> list[list[RewardResult]]:
+        return self._scorer.score_requests(requests)
 
     def ping(self) -> bool:
         return True
@@ -33,5 +36,4 @@ class RewardWorkerImpl:
         self._scorer.close()
 
 
-_RewardWorkerImpl = RewardWorkerImpl
 RewardWorker = ray.remote(max_concurrency=1)(RewardWorkerImpl)

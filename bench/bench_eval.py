@@ -36,8 +36,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_vs_bare import cores  # noqa: E402
 
@@ -78,9 +76,9 @@ def run_bare(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from srpo_ray.generation.engines import engine_kwargs
     from srpo_ray.config.load import load_config
     from srpo_ray.data.parquet import load_prompts
+    from srpo_ray.generation.engines import engine_kwargs
     from srpo_ray.models import chat_prompt_ids, resolve_model_path
 
     cfg = load_config(None, [f"model.path={MODEL}", *overrides(args)])
@@ -101,12 +99,13 @@ def run_bare(args: argparse.Namespace) -> dict:
 
 
 def eval_seed(cfg, index: int, k: int) -> int:
-    """The seed srpo-ray's evaluation gives problem `index` with one generation worker:
-    batch b of eval.batch_prompts is generated with seed eval.seed + b (Evaluator.run),
-    the fleet's base is seed * 1_000_000 and prompt i of a call samples from base + i*k
-    (RayRolloutFleet.generate, VLLMEngine.generate)."""
+    """The seed srpo-ray's evaluation gives problem `index`: batch b of eval.batch_prompts
+    is a call seeded rollout_seed(eval.seed, b) (Evaluator.run), and prompt i of a call
+    samples from that + i*k (Sampling.for_prompt)."""
+    from srpo_ray.records import rollout_seed
+
     batch, position = divmod(index, cfg.eval.batch_prompts)
-    return (cfg.eval.seed + batch) * 1_000_000 + position * k
+    return rollout_seed(cfg.eval.seed, batch) + position * k
 
 
 def launch_bare(args: argparse.Namespace) -> dict:
@@ -135,8 +134,8 @@ def main() -> int:
     if args.side == "bare":
         print(json.dumps(run_bare(args)))
         return 0
-    from srpo_ray.models import resolve_model_path
     from srpo_ray.config.load import load_config
+    from srpo_ray.models import resolve_model_path
     resolve_model_path(load_config(None, [f"model.path={MODEL}"]).model)  # convert the bundled model once
 
     runs: dict[str, list[dict]] = {"srpo-ray": [], "bare vLLM": []}

@@ -32,12 +32,13 @@ GiB = 1 << 30
 
 def run_policy(policy: str, calls: int, num_prompts: int, n: int) -> None:
     """The child: one worker, `calls` generate calls; a line per call on stdout."""
-    sys.path.insert(0, str(REPO))
-    from actors.generation import GenerationWorkerImpl
     from bench_learner_memory import _proc_status  # imports torch and Ray: the child only
+
+    from actors.generation import GenerationWorkerImpl
     from srpo_ray.config.load import load_config
     from srpo_ray.data.parquet import load_prompts
     from srpo_ray.models import resolve_model_path
+    from srpo_ray.records import Sampling
 
     cfg = load_config(None, [f"rollout.host_heap={policy}"])
     prompts = [p for p in load_prompts(cfg.data.train_files) if p.domain == "math"]
@@ -45,15 +46,15 @@ def run_policy(policy: str, calls: int, num_prompts: int, n: int) -> None:
                                   cfg.data.max_prompt_tokens, 0)
     for i in range(calls):
         start = (i * num_prompts) % max(1, len(prompts) - num_prompts)
-        sampling = {"n": n, "temperature": 0.8, "top_p": 1.0,
-                    "max_new_tokens": MAX_NEW_TOKENS[i % len(MAX_NEW_TOKENS)], "seed": i}
+        sampling = Sampling(n=n, temperature=0.8, top_p=1.0,
+                            max_new_tokens=MAX_NEW_TOKENS[i % len(MAX_NEW_TOKENS)], seed=i)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         began = time.perf_counter()
         worker.generate(prompts[start:start + num_prompts], sampling)
         seconds = time.perf_counter() - began
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         memory = _proc_status(os.getpid())
-        print(f"ROW {i} {sampling['max_new_tokens']} {seconds:.2f} {faults} "
+        print(f"ROW {i} {sampling.max_new_tokens} {seconds:.2f} {faults} "
               f"{memory['VmRSS']} {memory['VmHWM']}", flush=True)
 
 

@@ -37,21 +37,19 @@ import ctypes
 import functools
 import gc
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from srpo_ray.runtime.learner_group import create_learner_group  # noqa: E402
-from srpo_ray.learner.batch import TrainBatch  # noqa: E402
 from srpo_ray.config.load import load_config  # noqa: E402
+from srpo_ray.learner.batch import TrainBatch  # noqa: E402
 from srpo_ray.models import build_tiny_model  # noqa: E402
+from srpo_ray.runtime.learner_group import create_learner_group  # noqa: E402
 
 SMOLLM2_CACHE = Path("~/.cache/srpo_ray/models/smollm2-135m-instruct").expanduser()
 MiB = 1 << 20

@@ -18,12 +18,9 @@ import os
 import random
 import resource
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from srpo_ray.config.load import RewardConfig  # noqa: E402
 from srpo_ray.records import Prompt  # noqa: E402
@@ -39,7 +36,7 @@ def cpu_seconds() -> float:
 def bench_sandbox(scorer: RewardScorer, programs: list[tuple[str, str]],
                   batched: bool) -> tuple[float, float, int]:
     """-> (wall s, CPU s, programs passed). batched: all programs in one score_batch call
-    (as RewardWorker.score_groups sends a step's groups); else one score() per program."""
+    (as RewardWorker.score sends a step's requests); else one score() per program."""
     items = [(Prompt(task_id, "code", [{"role": "user", "content": task_id}], HUMANEVAL_SPEC),
               [as_response(program)]) for task_id, program in programs]
     wall, cpu = time.perf_counter(), cpu_seconds()

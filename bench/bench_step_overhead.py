@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 from srpo_ray.config.load import SRPOConfig, load_config  # noqa: E402
 from srpo_ray.data.parquet import write_verl_parquet  # noqa: E402
@@ -56,13 +53,22 @@ def write_data(path: Path, n: int = 16) -> Path:
     return path
 
 
+def _scripted_model_module():
+    """tests/scripted_model.py, loaded from its file (tests/ is no package and not on sys.path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scripted_model", REPO / "tests" / "scripted_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run(args: argparse.Namespace, one_step_off: bool) -> tuple[list[dict], float, list[float]]:
     """One short training job: (metrics rows, fit wall seconds, checkpoint save seconds)."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if args.model is None:
-            from scripted_model import build_scripted_model
-            model = build_scripted_model(str(root / "model"))
+            model = _scripted_model_module().build_scripted_model(str(root / "model"))
         else:
             model = args.model
         data = write_data(root / "data.parquet")

@@ -10,7 +10,7 @@ draw different prompts), then --learner-ranks and every --set, so they share pro
 per step, n, temperature, max_new_tokens, reward, lr, AdamW, grad clip, micro-batch
 and seeds. Each side runs in a child process of its own, one after the other:
 
-    bare      one process, written out below (`run_bare`): in-process vLLM, an HF model
+    bare      one process, written out in bench/bare_loop.py: in-process vLLM, an HF model
               with AdamW, the project's reward scorer, advantages, batch and loss, the
               full state dict reloaded into vLLM after every update.
     srpo      the real loop (build_trainer + fit, as `python -m srpo_ray.driver` runs it)
@@ -45,24 +45,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
+from bare_loop import check_bare_supports, cores, run_bare  # noqa: E402
 from bench_step_overhead import WORK, WORK_OVERLAPPED, report, run_job  # noqa: E402
+
 from srpo_ray.config.load import SRPOConfig, load_config  # noqa: E402
-from srpo_ray.telemetry.metrics import timed  # noqa: E402
-from srpo_ray.runtime.fleets import chunk_count  # noqa: E402
 from srpo_ray.generation.engines import engine_env  # noqa: E402
+from srpo_ray.runtime.fleets import chunk_count  # noqa: E402
 
 SIDES = ("bare", "srpo", "srpo-1off")
-# Same seed stride as the fleet: prompt k of a step samples from seeds base + k*n
-# (srpo_ray/runtime/fleets.py), base = (rollout.seed + step) * SEED_BLOCK
-SEED_BLOCK = 1_000_000
 # (label, metrics key): per-phase seconds as srpo-ray's metrics.jsonl names them
 PHASES = (("generate", "time/generate"), ("score", "time/score"), ("train", "time/train"),
           ("train / sequence", "train_per_sequence"), ("train / resp. token", "train_per_token"),
@@ -70,10 +64,6 @@ PHASES = (("generate", "time/generate"), ("score", "time/score"), ("train", "tim
           ("  load (generator)", "time/weight_load"), ("  rest (RPC, waits)", "weight_sync_rest"),
           ("wait rollouts", "time/wait_rollouts"),
           ("step", "time/step"))
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 # ----------------------------------------------------------------------------- config
@@ -94,16 +84,6 @@ def bench_config(args: argparse.Namespace, run_dir: str = "runs/bench_vs_bare",
     if one_step_off:
         overrides += ["rollout.one_step_off=true", "rollout.max_staleness=1"]
     return load_config(None, overrides)
-
-
-def check_bare_supports(cfg: SRPOConfig) -> None:
-    """The bare loop is SRPO's default update only; refuse what it does not implement."""
-    unsupported = {"one stage (stages=[...])": len(cfg.stages) == 1, "algo.dynamic_sampling=false":
-                   not cfg.algo.dynamic_sampling, "algo.kl_coef=0": cfg.algo.kl_coef == 0,
-                   "algo.minibatches=1": cfg.algo.minibatches == 1, "model.dtype=float32": cfg.model.dtype == "float32"}
-    missing = [k for k, ok in unsupported.items() if not ok]
-    if missing:
-        sys.exit(f"bench_vs_bare: the bare loop needs {', '.join(missing)}; change the --set values")
 
 
 def differences(cfg: SRPOConfig) -> list[str]:
@@ -162,135 +142,6 @@ def heap_kind(cfg: SRPOConfig, role: str = "learner") -> str:
                     + (", malloc_trim after each step)" if role == "learner" else ")"),
             "compact": f"{role}.host_heap=compact (blocks of 1 MiB or more mapped alone"
                        + (", malloc_trim after each step)" if role == "learner" else ")")}[policy]
-
-
-# ----------------------------------------------------------------------------- the bare loop
-
-def run_bare(cfg: SRPOConfig) -> list[dict]:
-    """The plain GRPO loop of FACTS.md, one process; one metrics dict per step, with the
-    keys srpo-ray's metrics.jsonl uses. The parent sets OMP_NUM_THREADS to every core
-    and VLLM_ENABLE_V1_MULTIPROCESSING=0 before this process imports torch."""
-    import torch
-    torch.set_num_threads(cores())  # now: vLLM's CPU worker turns set_num_threads into a no-op
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from vllm import LLM, SamplingParams
-
-    from srpo_ray.algo.advantages import group_advantages
-    from srpo_ray.algo.ledger import HistoryLedger
-    from srpo_ray.algo.overlong import apply_overlong_policy
-    from srpo_ray.algo.stages import effective_sampling, prompts_per_step
-    from srpo_ray.learner.batch import build_train_batch
-    from srpo_ray.data.parquet import load_prompts
-    from srpo_ray.telemetry.metrics import summarize_rollouts
-    from srpo_ray.models import chat_prompt_ids, resolve_model_path
-    from srpo_ray.records import RolloutGroup, Sample, ScoredGroup
-    from srpo_ray.rewards.scorer import RewardScorer
-
-    path = resolve_model_path(cfg.model)
-    stage = cfg.stages[0]
-    sampling = effective_sampling(cfg.rollout, stage)
-    n, temperature = int(sampling["n"]), float(sampling["temperature"])
-    prompts = load_prompts(cfg.data.train_files, system_prompt=cfg.data.system_prompt)
-    by_id = {p.prompt_id: p for p in prompts}
-    ledger = HistoryLedger(cfg.resample, seed=cfg.trainer.seed)  # picks the prompts srpo-ray picks
-    ledger.set_pool([pid for pid, p in by_id.items() if p.domain in stage.domains])
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    # vLLM as srpo-ray's VLLMEngine starts it on CPU (srpo_ray/generation/engines.py)
-    max_model_len = cfg.rollout.max_model_len or cfg.data.max_prompt_tokens + max(
-        sampling["max_new_tokens"], cfg.eval.max_new_tokens)
-    llm = LLM(model=path, tokenizer=path, dtype=cfg.model.dtype, seed=cfg.rollout.seed, max_model_len=max_model_len,
-              enable_prefix_caching=True, logprobs_mode="processed_logprobs",
-              kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes, enforce_eager=True,
-              enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 4096))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    scorer = RewardScorer(cfg.reward)
-    print(f"bare: torch threads {torch.get_num_threads()}", flush=True)
-
-    rows = []
-    try:
-        for step in range(1, cfg.trainer.total_steps + 1):
-            started = time.perf_counter()
-            timings: dict[str, float] = {}
-            ids, _ = ledger.next_batch(prompts_per_step(cfg.trainer, stage))
-            step_prompts = [by_id[i] for i in ids]
-            with timed(timings, "generate"):
-                prompt_ids = [chat_prompt_ids(tokenizer, p.messages) for p in step_prompts]
-                base = (cfg.rollout.seed + step) * SEED_BLOCK
-                params = [SamplingParams(n=n, temperature=temperature, top_p=sampling["top_p"],
-                                         max_tokens=sampling["max_new_tokens"], logprobs=0, seed=base + k * n,
-                                         detokenize=False) for k in range(len(prompt_ids))]
-                outputs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
-                texts = iter(tokenizer.batch_decode([list(c.token_ids) for o in outputs for c in o.outputs],
-                                                    skip_special_tokens=True))
-                groups = [RolloutGroup(p, ids_, [Sample(list(c.token_ids),
-                                                        [row[t].logprob for row, t in zip(c.logprobs, c.token_ids)],
-                                                        next(texts), c.finish_reason) for c in o.outputs], step - 1)
-                          for p, ids_, o in zip(step_prompts, prompt_ids, outputs)]
-            with timed(timings, "score"):
-                results = scorer.score_batch([(g.prompt, [s.text for s in g.samples]) for g in groups])
-                scored = [ScoredGroup(g, r) for g, r in zip(groups, results)]
-            for sg in scored:
-                ledger.observe(sg.group.prompt.prompt_id, sg.num_correct, len(sg.results))
-            shaped, _ = apply_overlong_policy(scored, cfg.algo.overlong, sampling["max_new_tokens"])
-            rewards = torch.tensor(shaped, dtype=torch.float32).reshape(len(shaped), n)
-            advantages, _ = group_advantages(rewards, cfg.algo.normalize_adv_by_std)
-            batch = build_train_batch(scored, advantages.tolist(), pad)  # zero-variance groups dropped
-            train_metrics: dict[str, float] = {}
-            if batch.num_sequences:
-                with timed(timings, "train"):
-                    train_metrics = bare_train_step(model, optimizer, batch, cfg, temperature)
-                with timed(timings, "weight_sync"):
-                    with timed(timings, "weight_publish"):
-                        state = model.state_dict()  # the full one: the tied lm_head too (FACTS.md)
-                    with timed(timings, "weight_load"):
-                        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items()),
-                                                                     "is_checkpoint_format": True})
-                        llm.reset_prefix_cache()  # cached KV blocks came from the old weights
-            timings["step"] = time.perf_counter() - started
-            rows.append({"step": step, **{f"time/{k}": v for k, v in timings.items()}, **train_metrics,
-                         "batch/sequences": batch.num_sequences, **summarize_rollouts(scored)})
-            print(f"bare: step {step}: " + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items())
-                  + f", {batch.num_sequences} sequences", flush=True)
-    finally:
-        scorer.close()
-    return rows
-
-
-def bare_train_step(model: Any, optimizer: Any, batch: Any, cfg: SRPOConfig, temperature: float) -> dict:
-    """One optimizer step on the whole batch, micro-batch by micro-batch: the token-mean
-    clipped loss over the batch's response tokens, grad clip, AdamW (algo.minibatches=1:
-    old log-probs are the current ones detached, as in FSDPLearner)."""
-    import torch
-
-    from srpo_ray.algo.loss import policy_loss
-    from srpo_ray.learner.batch import loss_denominator, micro_batches
-    from srpo_ray.learner.core import token_logprobs
-
-    denominator = loss_denominator(batch, cfg.algo.loss_agg)
-    optimizer.zero_grad(set_to_none=True)
-    mismatch = tokens = 0.0
-    for mb in micro_batches(batch, cfg.learner.micro_batch_size):
-        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
-        lp, entropy = token_logprobs(logits, mb.input_ids, mb.response_mask, temperature,
-                                     with_entropy=cfg.algo.entropy_coef > 0, entropy_grad=True)
-        loss, metrics = policy_loss(lp, lp.detach(), mb.advantages, mb.response_mask, cfg.algo,
-                                    loss_denominator=denominator, rollout_logprobs=mb.rollout_logprobs,
-                                    entropy=entropy)
-        loss.backward()
-        mismatch += metrics["logprob_mismatch"] * metrics["num_tokens"]
-        tokens += metrics["num_tokens"]
-    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    if torch.isfinite(norm):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"learner/response_tokens": tokens, "learner/logprob_mismatch": mismatch / max(tokens, 1.0),
-            "learner/grad_norm": float(norm)}
 
 
 # ----------------------------------------------------------------------------- one side, in a child
@@ -446,8 +297,8 @@ def effective_settings(cfg: SRPOConfig) -> str:
     from srpo_ray.algo.stages import effective_sampling, prompts_per_step
 
     sp = effective_sampling(cfg.rollout, cfg.stages[0])
-    return (f"model {cfg.model.path}; {prompts_per_step(cfg.trainer, cfg.stages[0])} prompts x n={sp['n']} "
-            f"at T={sp['temperature']}, top_p={sp['top_p']}, max_new_tokens={sp['max_new_tokens']}; "
+    return (f"model {cfg.model.path}; {prompts_per_step(cfg.trainer, cfg.stages[0])} prompts x n={sp.n} "
+            f"at T={sp.temperature}, top_p={sp.top_p}, max_new_tokens={sp.max_new_tokens}; "
             f"lr {cfg.optim.lr:g}, micro-batch {cfg.learner.micro_batch_size}, loss {cfg.algo.loss_agg}; "
             f"learner {cfg.learner.num_ranks} rank(s) x {cfg.learner.cpus_per_rank:g} CPU; "
             f"data {list(cfg.data.train_files)}; {cores()} cores")

@@ -31,12 +31,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ray  # noqa: E402
 import torch  # noqa: E402
@@ -44,8 +41,8 @@ import torch  # noqa: E402
 from actors.generation import GenerationWorker, GenerationWorkerImpl  # noqa: E402
 from actors.learner import MB, WeightSource  # noqa: E402
 from srpo_ray.config.load import RolloutConfig  # noqa: E402
-from srpo_ray.runtime.fleets import RayRolloutFleet, WorkerPool  # noqa: E402
 from srpo_ray.models import build_tiny_model  # noqa: E402
+from srpo_ray.runtime.fleets import RayRolloutFleet, WorkerPool  # noqa: E402
 
 TRANSPORTS = ("shared_memory", "object_store", "broadcast")
 ENV = {"OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}

@@ -42,10 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from experiment_report import write_report  # noqa: E402
+
 from srpo_ray.data.builtin import arithmetic_rows, code_rows  # noqa: E402
 from srpo_ray.data.parquet import write_verl_parquet  # noqa: E402
 

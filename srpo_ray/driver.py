@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 from srpo_ray.config.load import ConfigError, parse_cli
-from srpo_ray.telemetry.console import console_logging
 from srpo_ray.data.parquet import DataError
-from srpo_ray.runtime.learner_group import LearnerRankDiedError
 from srpo_ray.models import ModelPathError
+from srpo_ray.runtime.learner_group import LearnerRankDiedError
+from srpo_ray.telemetry.console import console_logging
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

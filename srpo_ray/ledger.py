@@ -20,8 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from srpo_ray.algo.ledger import HistoryLedger
-from srpo_ray.loop.checkpoint import latest_checkpoint
 from srpo_ray.config.schema import ResampleConfig
+from srpo_ray.loop.checkpoint import latest_checkpoint
 
 STATE_FILE = "trainer_state.pt"  # srpo_ray.loop.trainer.STATE_FILE (not imported: it pulls in the loop)
 ORDERS = ("hardest", "easiest", "id")

@@ -5,7 +5,7 @@ They are plain dataclasses so Ray pickles them by value; nothing here imports Ra
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 DOMAINS = ("math", "code")  # the built-in rewards; rows scored by a reward plug-in may have any domain
@@ -62,6 +62,46 @@ class Prompt:
     extra_info: dict[str, Any] = field(default_factory=dict)
 
 
+# ---- sampling ---------------------------------------------------------------------------
+# The one rule of rollout seeds (rollout_seed): a generate call's seed is
+# (base + index + round * ROUND_SEED_STRIDE) * PROMPT_SEED_SPAN, prompt k of the call samples
+# from that + k*n (Sampling.for_prompt), and vLLM draws the n samples of one prompt from its
+# own seed. Distinct within a call, across steps and rounds, whichever worker serves a chunk.
+ROUND_SEED_STRIDE = 1_000_003  # a dynamic-sampling round's calls: a prompt drawn twice in a step gets fresh samples
+PROMPT_SEED_SPAN = 1_000_000  # room for the prompt seeds of one call
+
+
+def rollout_seed(base: int, index: int, round_index: int = 0) -> int:
+    """The seed of prompt 0 of one generate call. base: rollout.seed (training) or
+    eval.seed (evaluation); index: the training step, or the evaluation batch; round_index:
+    the step's dynamic-sampling round (0 for the first, and for evaluation)."""
+    return (base + index + round_index * ROUND_SEED_STRIDE) * PROMPT_SEED_SPAN
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample one generate call: n responses per prompt of at most
+    `max_new_tokens`, at `temperature` (0: greedy) within the top-p nucleus. seed: prompt
+    0's seed (rollout_seed), prompt k's is seed + k*n; None: the engine's own seeded
+    stream. logprobs=False leaves Sample.logprobs empty (evaluation: nobody reads them).
+    Not vLLM's SamplingParams: the engine turns this into those."""
+
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int | None = None
+    logprobs: bool = True
+
+    def with_seed(self, seed: int | None) -> "Sampling":
+        return replace(self, seed=seed)
+
+    def for_prompt(self, k: int) -> "Sampling":
+        """The settings of the call's prompts from k on (a chunk starting at prompt k, or
+        prompt k itself): the seed moves k prompts on, seed + k*n."""
+        return self if self.seed is None or k == 0 else replace(self, seed=self.seed + k * self.n)
+
+
 @dataclass
 class Sample:
     """One rollout: the response tokens, the sampler's log-probability of each, and the
@@ -92,6 +132,38 @@ class RewardResult:
     reward: float
     correct: bool
     info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """What a reward worker needs to score one group: the prompt's identity and answer
+    key (domain, data source, ground truth: the answer text, a CodeSpec or a plug-in's
+    value; extra_info: code tests' function name, a plug-in's argument) and the response
+    texts. No token ids or log-probs: the scorer reads none, and truncation is the
+    driver's business (algo/overlong.py). Field names match Prompt's, so the scorer reads
+    either."""
+
+    prompt_id: str
+    domain: str
+    data_source: str
+    ground_truth: Any
+    extra_info: dict[str, Any]
+    texts: tuple[str, ...]
+
+    @classmethod
+    def of(cls, group: "RolloutGroup") -> "ScoreRequest":
+        p = group.prompt
+        return cls(p.prompt_id, p.domain, p.data_source, p.ground_truth, p.extra_info,
+                   tuple(s.text for s in group.samples))
+
+
+def join_scores(groups: list["RolloutGroup"], results: list[list["RewardResult"]]) -> list["ScoredGroup"]:
+    """The reward workers' results (one list per ScoreRequest.of(group), in order) joined
+    back to the groups they score."""
+    if len(results) != len(groups) or any(len(r) != len(g.samples) for g, r in zip(groups, results)):
+        raise RuntimeError(f"reward workers returned {[len(r) for r in results]} results for groups of "
+                           f"{[len(g.samples) for g in groups]} samples")
+    return [ScoredGroup(group=g, results=r) for g, r in zip(groups, results)]
 
 
 @dataclass

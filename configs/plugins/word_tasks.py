@@ -35,6 +35,7 @@ def word_rows(seed: int = 0) -> list[dict]:
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "data/wordplay.parquet")
+    # default: the checkout's data/wordplay.parquet, which configs/plugin_example.yaml names
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "data/wordplay.parquet"
     write_verl_parquet(word_rows(), out)
     print(f"wrote {len(WORDS)} rows to {out}")

@@ -18,6 +18,7 @@ from collections import deque
 from typing import Any, Optional, Sequence
 
 from srpo_ray.config.schema import RolloutConfig, StageConfig, TrainerConfig
+from srpo_ray.records import Sampling
 
 
 class StageSchedule:
@@ -141,14 +142,14 @@ class StageSchedule:
         self._metric_window: deque[float] = deque(maxlen=self.current.until_metric_window)
 
 
-def effective_sampling(rollout_cfg: RolloutConfig, stage: StageConfig) -> dict[str, Any]:
-    """{n, temperature, top_p, max_new_tokens}: the rollout config with the stage's
-    overrides (fields that are not None) applied."""
+def effective_sampling(rollout_cfg: RolloutConfig, stage: StageConfig) -> Sampling:
+    """n, temperature, top_p, max_new_tokens: the rollout config with the stage's
+    overrides (fields that are not None) applied; no seed (each call sets its own)."""
     def pick(name: str) -> Any:
         override = getattr(stage, name, None)
         return getattr(rollout_cfg, name) if override is None else override
 
-    return {name: pick(name) for name in ("n", "temperature", "top_p", "max_new_tokens")}
+    return Sampling(**{name: pick(name) for name in ("n", "temperature", "top_p", "max_new_tokens")})
 
 
 def prompts_per_step(trainer_cfg: TrainerConfig, stage: StageConfig) -> int:

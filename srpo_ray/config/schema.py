@@ -222,8 +222,12 @@ class RewardConfig:
     numbers become reward/custom/<name>/mean metrics). Rows it scores may have any
     `ability`. It runs in capped child processes (custom_timeout_s, custom_memory_mb): a
     call that hangs, runs out of memory, raises, crashes or returns anything else scores
-    0 and is counted (reward/custom_timeouts, reward/custom_errors). A relative path is
-    taken from the working directory of the driver and reward workers. "" = none.
+    0 and is counted (reward/custom_timeouts, reward/custom_errors). A relative path in a
+    config file is taken from that file's folder, on the command line from the working
+    folder (srpo_ray/config/load.py). The score is the reward as it is (a fractional
+    score is a fractional reward) unless custom_binarize is set. A dict may also say
+    `answered` (true/false: the response gave a final answer; eval's answered_frac),
+    else the format rule decides (format_pattern, else answer_forms.well_formed). "" = none.
     format_reward is not added to rows a plug-in scores. See srpo_ray/rewards/plugins.py."""
     custom_functions: dict[str, str] = field(default_factory=dict)
     """A plug-in per data_source (exact name), `{source: path/to/file.py:name}`; wins over
@@ -232,6 +236,11 @@ class RewardConfig:
     custom_correct_threshold: float = 1.0
     """A plug-in's verdict for History Resampling and correct/* metrics: correct when
     score >= this (our choice: 1.0, full marks for 0/1 rewards)."""
+    custom_binarize: Optional[float] = None
+    """What a plug-in's score becomes as a reward. null: the score as it is (a scorer's
+    0.67 partial credit is a 0.67 reward); a number t: reward 1.0 when score >= t, else
+    0.0, for scorers whose partial credit should not be reinforced. The verdict
+    (custom_correct_threshold) is always taken on the score itself."""
     custom_timeout_s: float = 5.0
     """Seconds per plug-in call; then it is interrupted (scores 0, counted as a timeout),
     and its process killed and replaced 2 s later if it does not stop."""
@@ -321,8 +330,6 @@ class LearnerConfig:
     SmolLM2-135M, 1 rank x 2 threads, 64 sequences of <= 160 tokens
     (bench/bench_learner_memory.py, 2026-12-02): reuse 93 s a step, peak 7.1 GB, 16
     page faults; trim 106-110 s, peak 6.5 GB (3.1 GB between steps), 4.7 million."""
-    low_host_memory: Optional[bool] = None
-    """Deprecated: true means host_heap=compact."""
     collective_timeout_s: int = 600
     """A collective that waits longer than this fails instead of hanging."""
 
@@ -402,8 +409,6 @@ class MetricsConfig:
     names); besides the per-step metrics they get the config, events (stage switches,
     History Resampling, checkpoints), a table of sampled generations per step and the
     evaluation results (srpo_ray/telemetry/trackers.py)."""
-    tensorboard: Optional[bool] = None
-    """Deprecated (use trackers): true adds tensorboard to trackers, false removes it."""
     project: str = "srpo-ray"
     """W&B project and MLflow experiment the run is logged under."""
     run_name: str = ""

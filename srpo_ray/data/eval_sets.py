@@ -45,10 +45,15 @@ import json
 import re
 from pathlib import Path
 
-from srpo_ray.data.builtin import (ARITHMETIC_SEED, ARITHMETIC_SIZE, BOXED_HINT, arithmetic_problems,
-                                   arithmetic_row, code_rows)
-from srpo_ray.data.verl_rows import verl_row
-from srpo_ray.data.verl_rows import DataError
+from srpo_ray.data.builtin import (
+    ARITHMETIC_SEED,
+    ARITHMETIC_SIZE,
+    BOXED_HINT,
+    arithmetic_problems,
+    arithmetic_row,
+    code_rows,
+)
+from srpo_ray.data.verl_rows import DataError, verl_row
 
 HELDOUT_SIZE = 300
 HELDOUT_SEED = 1

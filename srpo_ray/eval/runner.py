@@ -18,14 +18,14 @@ from typing import Any, Callable, Optional, Protocol
 
 from srpo_ray.config.schema import EvalConfig
 from srpo_ray.eval.scores import ProblemResult, aggregate
+from srpo_ray.records import Prompt, RolloutGroup, Sampling, ScoredGroup, rollout_seed
 from srpo_ray.telemetry.metrics import timed
-from srpo_ray.records import Prompt, RolloutGroup, ScoredGroup
 
 ALL = "all"
 
 
 class Generator(Protocol):
-    def generate(self, prompts: list[Prompt], sampling: dict, seed: int) -> list[RolloutGroup]: ...
+    def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[RolloutGroup]: ...
 
 
 class Scorer(Protocol):
@@ -81,9 +81,9 @@ class Evaluator:
         after each batch is scored."""
         started = time.perf_counter()
         # logprobs off: scores read tokens and text only, and log-probs cost 12-15% of generation
-        sampling = {"n": self.k, "temperature": self.cfg.temperature, "top_p": self.cfg.top_p,
-                    "max_new_tokens": self.max_new_tokens, "logprobs": False}
-        greedy = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": self.max_new_tokens, "logprobs": False}
+        sampling = Sampling(n=self.k, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                            max_new_tokens=self.max_new_tokens, logprobs=False)
+        greedy = Sampling(n=1, temperature=0.0, top_p=1.0, max_new_tokens=self.max_new_tokens, logprobs=False)
         batches = [self.prompts[i:i + self.cfg.batch_prompts]
                    for i in range(0, len(self.prompts), self.cfg.batch_prompts)]
         problems: list[ProblemResult] = []
@@ -93,9 +93,10 @@ class Evaluator:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-score") as scoring:
             pending: Optional[Future] = None
             for index, batch in enumerate(batches):
+                seed = rollout_seed(self.cfg.seed, index)  # batch `index`'s, the same at every evaluation
                 with timed(timing, "generate_seconds"):
-                    groups = self.rollout.generate(batch, sampling, seed=self.cfg.seed + index)
-                    greedy_groups = self.rollout.generate(batch, greedy, seed=self.cfg.seed + index) \
+                    groups = self.rollout.generate(batch, sampling.with_seed(seed))
+                    greedy_groups = self.rollout.generate(batch, greedy.with_seed(seed)) \
                         if self.cfg.greedy and self.k > 1 else []
                 versions.update(g.policy_version for g in groups + greedy_groups)
                 if pending is not None:
@@ -164,9 +165,10 @@ def scores_by_source(problems: list[ProblemResult], k: int, pass_at: list[int]) 
 
 def _answer(domain: str, info: dict) -> Optional[str]:
     """The final answer a sample gave (math), or a marker that it gave a program (code)
-    or was scored by a reward plug-in."""
+    or, for a reward plug-in's row, that it answered (the plug-in's `answered`, else the
+    format rule: srpo_ray/rewards/plugins.py)."""
     if info.get("custom"):
-        return None if "error" in info or info.get("timeout") else "<scored>"
+        return "<answered>" if info.get("answered") else None
     if domain == "math":
         answer = str(info.get("answer") or "").strip()
         return answer or None  # an empty \boxed{} (the instruction copied) is no answer

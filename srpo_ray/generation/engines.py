@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol
 
-from srpo_ray.records import Sample
+from srpo_ray.records import Sample, Sampling
 from srpo_ray.weights.reload_file import ReloadFolder
 
 if TYPE_CHECKING:
@@ -28,11 +28,11 @@ TIED_EMBEDDING = "model.embed_tokens.weight"
 class GenerationEngine(Protocol):
     max_model_len: int
 
-    def generate(self, prompt_token_ids: list[list[int]], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int | None, logprobs: bool = True) -> list[list[Sample]]:
-        """n samples per prompt; each Sample's logprobs are those of the sampling
-        distribution (logits / temperature, renormalised over the top-p nucleus), or
-        empty with logprobs=False (evaluation: nobody reads them)."""
+    def generate(self, prompt_token_ids: list[list[int]], sampling: Sampling) -> list[list[Sample]]:
+        """sampling.n samples per prompt, prompt i's from sampling.for_prompt(i)'s seed;
+        each Sample's logprobs are those of the sampling distribution (logits /
+        temperature, renormalised over the top-p nucleus), or empty with
+        sampling.logprobs False (evaluation: nobody reads them)."""
 
     def load_weights(self, state_dict: dict[str, "torch.Tensor"]) -> None:
         """Replace every weight in place with the full HF-named `state_dict`."""
@@ -171,18 +171,21 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ sampling
 
-    def generate(self, prompt_token_ids: list[list[int]], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int | None, logprobs: bool = True) -> list[list[Sample]]:
+    def generate(self, prompt_token_ids: list[list[int]], sampling: Sampling) -> list[list[Sample]]:
         """Sample `n` responses of at most `max_new_tokens` for each prompt.
 
         Response token ids include the stop token when the model stopped (finish_reason
         "stop"), so the learner also trains the decision to stop; `text` omits it.
         temperature 0 is greedy (logprobs then are those of logits at temperature 1).
-        With `seed`, prompt i's samples use seeds seed + i*n + j: reproducible for the
-        same weights and batch; without it, the engine's own seeded stream is used.
-        logprobs=False leaves Sample.logprobs empty: the processed log-softmax over the
-        whole vocabulary per token cost 12-15% of a SmolLM2 batch's time here."""
+        With a seed, prompt i's request is seeded sampling.for_prompt(i).seed (seed + i*n;
+        vLLM seeds its n samples from it): reproducible for the same weights and batch;
+        without one, the engine's own seeded stream is used. logprobs=False leaves
+        Sample.logprobs empty: the processed log-softmax over the whole vocabulary per
+        token cost 12-15% of a SmolLM2 batch's time here."""
         from vllm import SamplingParams
+
+        n, temperature, top_p = int(sampling.n), float(sampling.temperature), float(sampling.top_p)
+        max_new_tokens, logprobs = int(sampling.max_new_tokens), bool(sampling.logprobs)
 
         if n < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"bad sampling settings n={n}, max_new_tokens={max_new_tokens}, "
@@ -199,7 +202,7 @@ class VLLMEngine:
         # character; one batch decode at the end gives exactly decode(token_ids).
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
                                  logprobs=0 if logprobs else None, detokenize=False,
-                                 seed=None if seed is None else seed + i * n)
+                                 seed=sampling.for_prompt(i).seed)
                   for i in range(len(prompt_token_ids))]
         outputs = self._llm.generate([{"prompt_token_ids": list(p)} for p in prompt_token_ids],
                                      params, use_tqdm=False)
@@ -327,7 +330,7 @@ class VLLMEngine:
     def _warm_up(self) -> None:
         # The first sampling call with log-probs takes seconds (kernel set-up); pay it
         # at start-up, not in the first training step.
-        self.generate([[0, 1, 2]], n=2, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=0)
+        self.generate([[0, 1, 2]], Sampling(n=2, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=0))
         self.token_logprobs([0, 1], [2, 3], temperature=1.0)
 
 
@@ -351,9 +354,8 @@ def _to_sample(completion: Any, text: str) -> Sample:
 def _checkpoint_tensor_names(model_path: str) -> tuple[set[str], bool]:
     """(tensor names of an HF checkpoint (safetensors headers, no tensors read), whether
     the model ties its embeddings: save_pretrained then leaves lm_head.weight out)."""
-    from safetensors import safe_open
-
     import torch
+    from safetensors import safe_open
 
     folder = Path(model_path)
     names: set[str] = set()

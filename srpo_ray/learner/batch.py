@@ -195,15 +195,3 @@ def padding_fraction(mbs: list[TrainBatch]) -> float:
     """Share of the positions of `mbs` that are padding (compute spent on nothing)."""
     positions = sum(mb.input_ids.numel() for mb in mbs)
     return 1.0 - sum(mb.num_tokens for mb in mbs) / positions if positions else 0.0
-
-
-def loss_denominator(batch: TrainBatch, loss_agg: str) -> float:
-    """The global denominator the loss divides by (algo.loss_agg): token-mean -> number
-    of response tokens; seq-mean-* -> number of sequences. Computed on the FULL batch
-    (all ranks, all micro-batches) so the micro-batch losses sum to the batch loss."""
-    if loss_agg == "token-mean":
-        return float(batch.num_response_tokens)
-    if loss_agg in ("seq-mean-token-sum", "seq-mean-token-mean"):
-        return float(batch.num_sequences)
-    raise ValueError(f"unknown algo.loss_agg {loss_agg!r}; use token-mean, seq-mean-token-sum "
-                     f"or seq-mean-token-mean")

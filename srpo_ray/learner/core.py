@@ -39,11 +39,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from srpo_ray.algo.loss import policy_loss
-from srpo_ray.learner.batch import (TrainBatch, loss_denominator as local_denominator, micro_batches,
-                            split_into_chunks)
+from srpo_ray.algo.loss import count_denominator, policy_loss
 from srpo_ray.config.schema import SRPOConfig, resolve_dtype
 from srpo_ray.host_heap import release_free_memory, resolve_heap_policy, set_heap_policy
+from srpo_ray.learner.batch import TrainBatch, micro_batches, split_into_chunks
 from srpo_ray.learner.sharded_weights import ShardedWeightsIO, build_sharded_model, load_full_weights
 
 
@@ -194,7 +193,7 @@ class FSDPLearner(ShardedWeightsIO):
             chunks, denominators, old = [shard], [float(loss_denominator)], [None]
         else:
             chunks = split_into_chunks(shard, k)
-            denominators = [self._all_reduce_sum(local_denominator(c, cfg.algo.loss_agg)) for c in chunks]
+            denominators = [self._all_reduce_sum(count_denominator(c.response_mask, cfg.algo.loss_agg)) for c in chunks]
             old = [self._old_logprobs(c, temperature) for c in chunks]
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}

@@ -12,7 +12,6 @@ Host memory of a step: srpo_ray/host_heap.py (learner.host_heap).
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from srpo_ray.fileio import fsync_tree
 from srpo_ray.host_heap import release_free_memory
 
 if TYPE_CHECKING:
@@ -159,7 +159,7 @@ class ShardedWeightsIO:
         dcp.save(self._sharded_state(), storage_writer=dcp.FileSystemWriter(str(directory / "learner"),
                                                                             sync_files=True))
         if self.rank == 0:
-            _fsync_tree(directory / "learner")
+            fsync_tree(directory / "learner")
         dist.barrier()
         release_free_memory()
 
@@ -211,20 +211,4 @@ def _write_hf_model(state: dict[str, torch.Tensor], out_dir: Path, source_dir: s
     for item in Path(source_dir).iterdir():
         if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES):
             shutil.copy2(item, out_dir / item.name)
-    _fsync_tree(out_dir)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    for folder in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    fsync_tree(out_dir)

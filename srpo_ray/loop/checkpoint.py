@@ -16,6 +16,8 @@ import os
 import shutil
 from pathlib import Path
 
+from srpo_ray.fileio import fsync_dir, fsync_file, fsync_tree
+
 
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, keep: int = 2):
@@ -33,17 +35,17 @@ class CheckpointManager:
 
     def commit(self, tmp: Path, step: int) -> Path:
         """Make the checkpoint in `tmp` the latest one, atomically."""
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         final = self.root / f"step_{step:06d}"
         if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         pointer = self.root / "latest.tmp"
         pointer.write_text(final.name + "\n")
-        _fsync_file(pointer)
+        fsync_file(pointer)
         os.replace(pointer, self.root / "latest")
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self._prune(final)
         return final
 
@@ -81,23 +83,3 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def _committed(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            _fsync_file(Path(dirpath) / name)
-        _fsync_dir(Path(dirpath))

@@ -10,7 +10,8 @@ round, or DAPO-style dynamic sampling), chosen when the trainer is built. When a
 rollouts are collected is the pipeline's (srpo_ray/loop/pipeline.py): just before the step
 trains, or, with rollout.one_step_off, while the previous step trains. Everything that
 draws prompts or records rewards (ledger, stage schedule) happens in `collect`;
-`learn` turns one step's rollouts into an update.
+`update` turns one step's rollouts into a learner update, `push_weights` hands the new
+weights to the generators. Rollout seeds: records.rollout_seed.
 """
 from __future__ import annotations
 
@@ -26,28 +27,24 @@ import torch
 
 from srpo_ray.algo.advantages import group_advantages
 from srpo_ray.algo.ledger import HistoryLedger
-from srpo_ray.algo.source_mix import check_source_weights, stage_source_weights
 from srpo_ray.algo.overlong import apply_overlong_policy
+from srpo_ray.algo.source_mix import check_source_weights, stage_source_weights
 from srpo_ray.algo.stages import StageSchedule, effective_sampling, prompts_per_step
+from srpo_ray.config.load import SRPOConfig, to_yaml
+from srpo_ray.eval.report import headline, write_json
 from srpo_ray.learner.batch import build_train_batch
 from srpo_ray.loop.checkpoint import CheckpointManager
-from srpo_ray.loop.collect import make_collector
-from srpo_ray.eval.report import headline, write_json
-from srpo_ray.config.load import SRPOConfig, to_yaml
-from srpo_ray.loop.collect import Collected
-from srpo_ray.telemetry.metrics import MetricsLogger, summarize_rollouts, timed
+from srpo_ray.loop.collect import Collected, make_collector
 from srpo_ray.loop.pipeline import RolloutPipeline
-from srpo_ray.records import Prompt, RolloutGroup, ScoredGroup
+from srpo_ray.records import Prompt, RolloutGroup, Sampling, ScoredGroup, rollout_seed
+from srpo_ray.telemetry.metrics import MetricsLogger, summarize_rollouts, timed
 
 STATE_FILE = "trainer_state.pt"
 EVAL_FILE = "eval.json"  # in a checkpoint: the evaluation of its weights, when one ran at its step
-# Rollout seed of a step's extra dynamic-sampling rounds: seed + step + round * stride,
-# so a prompt drawn twice in one step gets fresh samples.
-_ROUND_SEED_STRIDE = 1_000_003
 
 
 class RolloutFleet(Protocol):
-    def generate(self, prompts: list[Prompt], sampling: dict, seed: int) -> list[RolloutGroup]: ...
+    def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[RolloutGroup]: ...
     def push_weights(self, weights: Any, version: int) -> None: ...
     def pop_metrics(self) -> dict: ...
 
@@ -71,7 +68,21 @@ class StepRollouts:
 
     step: int
     collected: Collected
-    sampling: dict[str, Any]
+    sampling: Sampling
+    metrics: dict[str, Any]
+    timings: dict[str, float]
+
+
+@dataclass
+class StepUpdate:
+    """What one step's update left for the weight push and the step's metrics: whether
+    anything was learned (a batch of `sequences`), each rollout group's staleness (policy
+    versions behind the learner), and the metrics and timings so far."""
+
+    rollouts: StepRollouts
+    learned: bool
+    sequences: int
+    staleness: list[int]
     metrics: dict[str, Any]
     timings: dict[str, float]
 
@@ -111,18 +122,26 @@ class SRPOTrainer:
             self._enter_stage(first=True)
             if self.cfg.eval.at_start:
                 self.evaluate()
+        # What may run while the learner trains: only the next step's collection, with
+        # rollout.one_step_off. The step settles it before the weight push (weights never
+        # change under a running collection), and no step is collected ahead of a
+        # checkpoint (_may_collect_ahead: a checkpoint holds no untrained rollouts).
         pipeline = RolloutPipeline(self.collect, lookahead=self.cfg.rollout.one_step_off,
                                    may_prefetch=self._may_collect_ahead)
         try:
             while self.step < self.cfg.trainer.total_steps:
                 started = time.perf_counter()
-                rollouts = pipeline.take(self.step + 1)
+                rollouts = pipeline.take(self.step + 1)  # collect (or collected ahead; starts the next)
                 if rollouts is None:
                     self.metrics.event(f"step {self.step}: no prompts left in the pool (all solved); stopping")
                     break
                 self.step += 1
-                self.metrics.log(self.step, self.learn(rollouts, pipeline, started))
-                if self._eval_due(self.step):  # nothing is collecting now: learn() settled the pipeline
+                update = self.update(rollouts, started)  # the learner trains
+                with timed(update.timings, "wait_collect_ahead"):
+                    pipeline.settle()  # the collection running ahead, if any, ends here
+                self.push_weights(update)  # the generators get the new weights
+                self.metrics.log(self.step, self._step_metrics(update, started))
+                if self._eval_due(self.step):  # nothing is collecting now: the pipeline settled
                     self.evaluate()
                 if self._save_due(self.step):
                     self.save()
@@ -183,14 +202,14 @@ class SRPOTrainer:
         self.stages.record_step(metrics)  # stage rules see the step's rollout metrics
         return StepRollouts(step, collected, sampling, metrics, timings)
 
-    def learn(self, rollouts: StepRollouts, pipeline: RolloutPipeline, started: float) -> dict[str, Any]:
-        """Advantages, the learner update and the weight push for one step's rollouts;
-        returns the step's metrics. `started`: when the step began waiting for them."""
+    def update(self, rollouts: StepRollouts, started: float) -> StepUpdate:
+        """Advantages and the learner update for one step's rollouts. `started`: when the
+        step began waiting for them."""
         timings = {"wait_rollouts": time.perf_counter() - started, **rollouts.timings}
         sampling, scored = rollouts.sampling, rollouts.collected.train
-        shaped, overlong_metrics = apply_overlong_policy(scored, self.cfg.algo.overlong, sampling["max_new_tokens"])
+        shaped, overlong_metrics = apply_overlong_policy(scored, self.cfg.algo.overlong, sampling.max_new_tokens)
         # [G, n]; G is 0 when dynamic sampling kept no group
-        rewards = torch.tensor(shaped, dtype=torch.float32).reshape(len(shaped), sampling["n"])
+        rewards = torch.tensor(shaped, dtype=torch.float32).reshape(len(shaped), sampling.n)
         advantages, adv_metrics = group_advantages(rewards, self.cfg.algo.normalize_adv_by_std)
         batch = build_train_batch(scored, advantages.tolist(), self.pad_token_id)
         staleness = [self.version - sg.group.policy_version for sg in rollouts.collected.generated]
@@ -200,32 +219,39 @@ class SRPOTrainer:
         learned = batch.input_ids.shape[0] > 0  # all groups zero-variance: nothing to learn from
         if learned:
             with timed(timings, "train"):
-                train_metrics = self.roles.learner.train(batch, temperature=sampling["temperature"])
-        with timed(timings, "wait_collect_ahead"):
-            pipeline.settle()  # weights never change under a running collection
-        if learned:
-            with timed(timings, "weight_sync"):  # = weight_publish + delivery (of which weight_load)
+                train_metrics = self.roles.learner.train(batch, temperature=sampling.temperature)
+        metrics = {**rollouts.metrics, **{f"adv/{k}": v for k, v in adv_metrics.items()}, **overlong_metrics,
+                   **train_metrics}
+        return StepUpdate(rollouts, learned, int(batch.input_ids.shape[0]), staleness, metrics, timings)
+
+    def push_weights(self, update: StepUpdate) -> None:
+        """The updated weights to every generator (nothing changed when nothing was learned)."""
+        if update.learned:
+            with timed(update.timings, "weight_sync"):  # = weight_publish + delivery (of which weight_load)
                 self.version += 1
-                with timed(timings, "weight_publish"):
+                with timed(update.timings, "weight_publish"):
                     published = self.roles.learner.publish_weights()
                 self.roles.rollout.push_weights(published, self.version)
-        timings["step"] = time.perf_counter() - started
+
+    def _step_metrics(self, update: StepUpdate, started: float) -> dict[str, Any]:
+        update.timings["step"] = time.perf_counter() - started
+        staleness = update.staleness
         return {
-            **rollouts.metrics, **{f"adv/{k}": v for k, v in adv_metrics.items()}, **overlong_metrics,
-            **train_metrics, **{f"time/{k}": v for k, v in timings.items()}, **self.roles.rollout.pop_metrics(),
+            **update.metrics, **{f"time/{k}": v for k, v in update.timings.items()},
+            **self.roles.rollout.pop_metrics(),
             "rollout/staleness_mean": sum(staleness) / max(1, len(staleness)),
             "rollout/staleness_max": max(staleness, default=0),
-            "policy/version": self.version, "batch/sequences": int(batch.input_ids.shape[0]),
+            "policy/version": self.version, "batch/sequences": update.sequences,
         }
 
-    def _rollout_round(self, step: int, prompt_ids: list[str], round_index: int, sampling: dict,
+    def _rollout_round(self, step: int, prompt_ids: list[str], round_index: int, sampling: Sampling,
                        timings: dict[str, float]) -> list[ScoredGroup]:
         """Generate and score one round of the step; every group is recorded in the
         ledger, whether or not the collector keeps it."""
         prompts = [self.by_id[i] for i in prompt_ids]
-        seed = self.cfg.rollout.seed + step + round_index * _ROUND_SEED_STRIDE
+        seeded = sampling.with_seed(rollout_seed(self.cfg.rollout.seed, step, round_index))
         with timed(timings, "generate"):
-            groups = self.roles.rollout.generate(prompts, sampling, seed=seed)
+            groups = self.roles.rollout.generate(prompts, seeded)
         self._check_versions(groups)
         with timed(timings, "score"):
             scored = self.roles.rewards.score(groups)

@@ -11,11 +11,17 @@ configured file once at start: custom_timeout_s per call, RLIMIT_AS custom_memor
 call that times out, runs out of memory, raises, kills its process or returns anything
 but a finite number or a dict with a numeric `score` scores 0 and is flagged (metrics
 reward/custom_errors, reward/custom_timeouts); the next call runs in a fresh process if
-needed. Verdict for the ledger: correct = score >= custom_correct_threshold.
+needed. Verdict for the ledger: correct = score >= custom_correct_threshold. Reward:
+the score as it is, or 1/0 at custom_binarize when set. Answered (eval's answered_frac):
+the dict's `answered` when it has one, else the response has a final answer by the
+format rule (reward.format_pattern if set, else answer_forms.well_formed: one non-empty
+\\boxed{} at the end, a code ability's one fenced block); a failed call is not answered.
 
-A relative path is relative to the working directory of the driver and of the reward
-workers (the same for a local run and for `ray job submit --working-dir`); an absolute
-path must exist on every reward node.
+A relative path written in a config file is resolved against that file's folder when
+the config is loaded (srpo_ray/config/load.py resolve_file_paths); one given on the
+command line, and what the loader hands on, is relative to the working directory of
+the driver and of the reward workers (the same for a local run and for `ray job submit
+--working-dir`); an absolute path must exist on every reward node.
 """
 from __future__ import annotations
 
@@ -23,12 +29,14 @@ import ast
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from srpo_ray.config.schema import RewardConfig
 from srpo_ray.records import Prompt, RewardResult
+from srpo_ray.rewards.answer_forms import well_formed
 from srpo_ray.rewards.child_pool import ChildPool, child_argv
 
 CHILD_SCRIPT = Path(__file__).with_name("_check_child.py")
@@ -72,8 +80,10 @@ def check_plugins(cfg: RewardConfig) -> None:
         path = Path(spec.path).expanduser()
         where = f"{spec.key}={spec.path}:{spec.name}"
         if not path.is_file():
-            raise ValueError(f"{where}: {path} does not exist (a relative path is taken from the working "
-                             f"directory {Path.cwd()}); give path/to/file.py:function_name")
+            how = "" if path.is_absolute() else (f" (a relative path on the command line is taken from the "
+                                                 f"working folder, {Path.cwd()}; in a config file, from "
+                                                 f"that file's folder)")
+            raise ValueError(f"{where}: {path} does not exist{how}; give path/to/file.py:function_name")
         try:
             tree = ast.parse(path.read_bytes(), filename=str(path))
         except (SyntaxError, ValueError) as e:
@@ -112,6 +122,8 @@ def _check_numbers(cfg: RewardConfig) -> None:
     need(cfg.custom_memory_mb >= 64, "custom_memory_mb", "must be >= 64 (Python itself needs ~30 MiB)")
     need(cfg.custom_processes >= 1, "custom_processes", "need at least 1")
     need(math.isfinite(cfg.custom_correct_threshold), "custom_correct_threshold", "must be a finite number")
+    need(cfg.custom_binarize is None or math.isfinite(cfg.custom_binarize), "custom_binarize",
+         "must be null (the score is the reward) or a finite threshold")
 
 
 def check_plugins_load(cfg: RewardConfig) -> None:
@@ -159,20 +171,38 @@ class CustomRewardPool:
             args = {"data_source": prompt.data_source, "solution_str": text,
                     "ground_truth": prompt.ground_truth, "extra_info": prompt.extra_info}
             requests.append({"fn": self._index[key], "args": args})  # sent as JSON (child_pool.py)
-        return [self._result(reply) for reply in self._pool.run(requests)]
+        results = [self._result(reply) for reply in self._pool.run(requests)]
+        for (prompt, text), result in zip(calls, results):
+            if "answered" not in result.info:
+                result.info["answered"] = self._has_final_answer(prompt.domain, text)
+        return results
+
+    def _has_final_answer(self, domain: str, text: str) -> bool:
+        """The format rule: reward.format_pattern when set, else answer_forms.well_formed."""
+        if self.cfg.format_pattern:
+            return re.search(self.cfg.format_pattern, text) is not None
+        return well_formed(domain, text)
 
     def _result(self, reply: dict) -> RewardResult:
         score = reply.get("score")
         if reply.get("timeout"):
-            return RewardResult(0.0, False, {"custom": True, "timeout": True})
+            return RewardResult(0.0, False, {"custom": True, "timeout": True, "answered": False})
         if "error" in reply or not isinstance(score, (int, float)) or not math.isfinite(score):
-            return RewardResult(0.0, False, {"custom": True, "error": str(reply.get("error", "no score"))})
+            return RewardResult(0.0, False, {"custom": True, "error": str(reply.get("error", "no score")),
+                                             "answered": False})
         info: dict[str, Any] = {"custom": True}
         metrics = reply.get("metrics")
         if isinstance(metrics, dict):
             info["metrics"] = {str(k): float(v) for k, v in metrics.items()
                                if isinstance(v, (int, float)) and math.isfinite(v)}
-        return RewardResult(float(score), float(score) >= self.cfg.custom_correct_threshold, info)
+            if isinstance(metrics.get("answered"), (bool, int, float)):
+                info["answered"] = bool(metrics["answered"])  # the plug-in's own word
+        score = float(score)
+        threshold = self.cfg.custom_binarize
+        reward = score if threshold is None else float(score >= threshold)
+        if reward != score:
+            info["score"] = score
+        return RewardResult(reward, score >= self.cfg.custom_correct_threshold, info)
 
     def close(self) -> None:
         self._pool.close()

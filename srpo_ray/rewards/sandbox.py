@@ -30,9 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from srpo_ray.rewards.seccomp import deny_filter, kafel_policy
 from srpo_ray.rewards.sandbox_run import (  # noqa: F401 - re-exported
-    STDERR_CAP, CaseInput, CaseOutcome, OnCase, ProgramJob, RunOutcome, SandboxLimits, SandboxRun)
+    STDERR_CAP,
+    CaseInput,
+    CaseOutcome,
+    OnCase,
+    ProgramJob,
+    RunOutcome,
+    SandboxLimits,
+    SandboxRun,
+)
+from srpo_ray.rewards.seccomp import deny_filter, kafel_policy
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 from srpo_ray.config.schema import RewardConfig
-from srpo_ray.records import CodeSpec, Prompt, RewardResult
+from srpo_ray.records import CodeSpec, Prompt, RewardResult, ScoreRequest
+from srpo_ray.rewards.answer_forms import plain_number, single_box_content, well_formed
 from srpo_ray.rewards.code_reward import CodeScore, extract_code, score_programs
 from srpo_ray.rewards.code_tests import parse_code_tests
-from srpo_ray.rewards.answer_forms import plain_number, single_box_content, well_formed
 from srpo_ray.rewards.math_check import extract_final_answer
 from srpo_ray.rewards.math_pool import MathCheckPool
 from srpo_ray.rewards.plugins import CustomRewardPool, check_plugins, configured_plugins, plugin_key
@@ -60,9 +60,15 @@ class RewardScorer:
         """One RewardResult per response text, in order."""
         return self.score_batch([(prompt, texts)])[0]
 
-    def score_batch(self, items: list[tuple[Prompt, list[str]]]) -> list[list[RewardResult]]:
+    def score_requests(self, requests: list[ScoreRequest]) -> list[list[RewardResult]]:
+        """One list of RewardResults per request (a reward worker's call), in order."""
+        return self.score_batch([(r, list(r.texts)) for r in requests])
+
+    def score_batch(self, items: list[tuple[Prompt | ScoreRequest, list[str]]]) -> list[list[RewardResult]]:
         """Score several prompts' responses at once: math checks of all prompts share
-        the checker pool, and all programs share sandbox runs (start-up paid once)."""
+        the checker pool, and all programs share sandbox runs (start-up paid once).
+        Each item's prompt side is a Prompt or a ScoreRequest: the scorer reads only
+        prompt_id, domain, data_source, ground_truth and extra_info."""
         results: list[list[RewardResult | None]] = [[None] * len(texts) for _, texts in items]
         math_slots: list[tuple[int, int, str, str]] = []  # (item, text, gold, answer)
         code_slots: list[tuple[int, int, CodeSpec, str]] = []

@@ -7,26 +7,26 @@ import json
 import logging
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import ray
 from transformers import AutoTokenizer
 
+from actors.ray_ops import HOT_PATH_NICENESS
 from srpo_ray.algo.source_mix import check_source_weights
 from srpo_ray.algo.stages import effective_sampling
-from srpo_ray.loop.checkpoint import CheckpointManager
 from srpo_ray.config.schema import ConfigError, SRPOConfig
-from srpo_ray.telemetry.console import log_dir, with_actor_log
 from srpo_ray.data.parquet import DataError, check_prompt_lengths, load_prompts
-from srpo_ray.runtime.fleets import RayRewardFleet, RayRolloutFleet, WorkerPool
-from actors.ray_ops import HOT_PATH_NICENESS
-from srpo_ray.telemetry.metrics import MetricsLogger
-from srpo_ray.models import resolve_model_path
 from srpo_ray.eval.runner import Evaluator
+from srpo_ray.loop.checkpoint import CheckpointManager
+from srpo_ray.loop.trainer import Roles, SRPOTrainer
+from srpo_ray.models import resolve_model_path
 from srpo_ray.rewards.plugins import check_plugins_load, plugin_key
 from srpo_ray.rewards.scorer import check_answer_modes
+from srpo_ray.runtime.fleets import RayRewardFleet, RayRolloutFleet, WorkerPool
+from srpo_ray.telemetry.console import log_dir, with_actor_log
+from srpo_ray.telemetry.metrics import MetricsLogger
 from srpo_ray.telemetry.trackers import check_clients, make_trackers
-from srpo_ray.loop.trainer import Roles, SRPOTrainer
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,36 @@ def load_eval_prompts(cfg: SRPOConfig, train_prompts: list) -> list:
 
 def longest_response(cfg: SRPOConfig) -> int:
     """The largest max_new_tokens of any training stage (evaluation's default cap)."""
-    return max(effective_sampling(cfg.rollout, st)["max_new_tokens"] for st in cfg.stages)
+    return max(effective_sampling(cfg.rollout, st).max_new_tokens for st in cfg.stages)
+
+
+@dataclasses.dataclass
+class Preflight:
+    """What the start-up checks loaded: the resolved model folder, its tokenizer, the
+    training prompts (none for an evaluation alone) and the evaluation prompts."""
+    model_path: str
+    tokenizer: Any
+    prompts: list
+    eval_prompts: list
+
+
+def preflight(cfg: SRPOConfig, train: bool = True) -> Preflight:
+    """The checks a run (`build_trainer`) and `python -m srpo_ray.eval` make before
+    anything slow starts: reward plug-ins import, the model resolves, every data file
+    loads (data.train_files unless `train` is False, and eval.files), the stages find
+    their domains, every answer has a checker, every prompt fits data.max_prompt_tokens.
+    Raises ConfigError, DataError or ModelPathError naming what to fix."""
+    check_reward_plugins(cfg)
+    model_path = resolve_model_path(cfg.model)
+    prompts = []
+    if train:
+        prompts = load_prompts(cfg.data.train_files, system_prompt=cfg.data.system_prompt,
+                               scored_by_plugin=scored_by_plugin(cfg))
+        check_stage_data(cfg, prompts)
+    eval_prompts = load_eval_prompts(cfg, prompts)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    check_prompt_lengths(tokenizer, prompts + eval_prompts, cfg.data.max_prompt_tokens)
+    return Preflight(model_path, tokenizer, prompts, eval_prompts)
 
 
 @contextmanager
@@ -105,14 +134,9 @@ def build_trainer(cfg: SRPOConfig, resume: bool = False) -> Iterator[SRPOTrainer
     resume: the trackers continue the run dir's W&B / MLflow runs (the caller resumes
     the trainer itself)."""
     check_clients(cfg)  # a missing tracker client stops the run before anything slow
-    check_reward_plugins(cfg)
-    model_path = resolve_model_path(cfg.model)
-    prompts = load_prompts(cfg.data.train_files, system_prompt=cfg.data.system_prompt,
-                           scored_by_plugin=scored_by_plugin(cfg))
-    check_stage_data(cfg, prompts)
-    eval_prompts = load_eval_prompts(cfg, prompts)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    check_prompt_lengths(tokenizer, prompts + eval_prompts, cfg.data.max_prompt_tokens)
+    checked = preflight(cfg)
+    model_path, prompts, eval_prompts, tokenizer = (checked.model_path, checked.prompts, checked.eval_prompts,
+                                                    checked.tokenizer)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trackers = make_trackers(cfg, resume=resume)  # a tracker that cannot start stops the run before Ray
     started_ray = False
@@ -122,8 +146,8 @@ def build_trainer(cfg: SRPOConfig, resume: bool = False) -> Iterator[SRPOTrainer
     failed = False
     try:
         started_ray = init_ray(cfg, quiet=not cfg.metrics.verbose)
-        from cluster.ray_placement import create_placement_groups
         from cluster.placement import plan_placement
+        from cluster.ray_placement import create_placement_groups
         placement = create_placement_groups(plan_placement(cfg), timeout_s=cfg.cluster.placement_timeout_s)
         roles = _create_roles(cfg, model_path, placement)
         metrics = MetricsLogger(cfg.trainer.run_dir, cfg.trainer.total_steps, progress_bar=cfg.metrics.progress_bar,
@@ -200,13 +224,12 @@ def actor_logs(cfg: SRPOConfig) -> str | None:
 
 def generator_options(cfg: SRPOConfig) -> dict:
     """What a generation worker's engine needs besides the rollout config: vLLM's own
-    weight-transfer engine for the nccl / cuda_ipc transports, and sleep mode when it
-    shares GPUs with the learner (srpo_ray/weights/transport.py, cluster/GPU.md)."""
-    from srpo_ray.weights.transport import resolve_for
+    weight-transfer engine where the resolved transport asks for one, and sleep mode when
+    it shares GPUs with the learner (srpo_ray/weights/transport.py, cluster/GPU.md)."""
+    from srpo_ray.weights.transport import resolve_for, vllm_weight_transfer
 
-    transport = resolve_for(cfg)
     on_gpu = cfg.rollout.gpus_per_worker > 0
-    return {"weight_transfer": {"nccl": "nccl", "cuda_ipc": "ipc"}.get(transport),
+    return {"weight_transfer": vllm_weight_transfer(resolve_for(cfg)),
             "sleep_mode": bool(on_gpu and cfg.cluster.colocate and cfg.rollout.sleep_while_training
                                and not cfg.rollout.one_step_off)}
 
@@ -215,9 +238,13 @@ def _create_fleets(cfg: SRPOConfig, model_path: str, placement, control_dir: str
                    logs: str | None = None) -> tuple[RayRolloutFleet, RayRewardFleet]:
     """The generation and reward fleets. control_dir: where scale requests are read
     ("" = the run dir, None = nowhere); logs: the actors' log dir (None: Ray's)."""
-    from srpo_ray.generation.engines import engine_env
     from actors.generation import GenerationWorker
     from actors.reward import RewardWorker
+    from srpo_ray.generation.engines import engine_env
+    from srpo_ray.runtime.fault_hooks import actor_class
+
+    GenerationWorker = actor_class("GenerationWorker", GenerationWorker)  # the seam fault tests use
+    RewardWorker = actor_class("RewardWorker", RewardWorker)
 
     gen_env = {**engine_env(cfg.rollout), **HOT_PATH_NICENESS}
     gen_kwargs = generator_options(cfg)

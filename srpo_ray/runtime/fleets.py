@@ -5,8 +5,7 @@ Each fleet hands its work out in chunks over an elastic WorkerPool
 the pool can be resized while a run goes (`scale_to`, or a request file written by
 `python -m srpo_ray.scale`). A new rollout worker loads the current weights before it
 serves. Weights reach the generators through the transport the learner published them
-with (srpo_ray/weights/: its fleet side, `deliver` and `catch_up`), or (fakes, old
-callers) as an object ref to a whole state dict. Rollouts from
+with (srpo_ray/weights/: its fleet side, `deliver` and `catch_up`). Rollouts from
 weights older than rollout.max_staleness allows are discarded and regenerated.
 """
 from __future__ import annotations
@@ -19,13 +18,19 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
-from srpo_ray.records import Prompt, RolloutGroup, ScoredGroup
-from srpo_ray.runtime.scale_request import ScaleRequestError, read_scale_request
 from actors.ray_ops import RayOps
+from srpo_ray.records import Prompt, RolloutGroup, Sampling, ScoredGroup, ScoreRequest, join_scores
+from srpo_ray.runtime.scale_request import ScaleRequestError, read_scale_request
 from srpo_ray.runtime.worker_pool import MAX_REPLACEMENTS_PER_CALL, RETRY, Member, WorkerPool, split
-from srpo_ray.weights.shared_memory import WeightsSupersededError
-from srpo_ray.weights.transport import (PublishedWeights, outcomes, StalePolicyError, WeightDeliveryError,
-                                        WeightTransport, transport_class)
+from srpo_ray.weights.transport import (
+    PublishedWeights,
+    StalePolicyError,
+    WeightDeliveryError,
+    WeightsSupersededError,
+    WeightTransport,
+    outcomes,
+    transport_class,
+)
 
 __all__ = ["RayRolloutFleet", "RayRewardFleet", "WorkerPool", "split"]
 log = logging.getLogger(__name__)
@@ -47,26 +52,24 @@ class RayRolloutFleet:
         self.pool, self.chunks_per_worker = pool, chunks_per_worker
         self.max_staleness, self.control_dir, self.sleep = max_staleness, control_dir, sleep
         self.version = 0  # the latest pushed version; the model_path weights are version 0
-        self._delivery: _Delivery | None = None
+        self._delivery: _Published | None = None
         self._transports: dict[str, WeightTransport] = {}  # fleet sides, kept (groups live there)
         self._applied_request: str | None = None
         self._counts: Counter = Counter()
         self._load_times: list[float] = []  # the workers' loads of the last push (pop_metrics)
 
     # ---------------------------------------------------------------- rollouts
-    def generate(self, prompts: list[Prompt], sampling: dict, seed: int) -> list[RolloutGroup]:
+    def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[RolloutGroup]:
+        """sampling.seed: the call's (records.rollout_seed); prompt k of the call samples
+        from seed + k*n, whichever worker serves its chunk."""
         self.apply_scale_request()
         self.pool.poll()
         chunks = split(prompts, chunk_count(self.pool.target, self.chunks_per_worker))
         starts = [sum(len(c) for c in chunks[:i]) for i in range(len(chunks))]
-        # Prompt k of this step draws its samples from seeds base + k*n + j: distinct
-        # within a step and across steps, whichever worker serves the chunk.
-        base = seed * 1_000_000
 
         def submit(m: Member, i: int, chunk: list[Prompt]) -> Any:
             self._bring_up_to_date(m)  # queued ahead of the chunk on the same actor: runs first
-            return m.handle.generate.remote(chunk, {**sampling, "seed": base + starts[i] * int(sampling["n"])},
-                                            m.version)
+            return m.handle.generate.remote(chunk, sampling.for_prompt(starts[i]), m.version)
 
         def receive(m: Member, i: int, ref: Any) -> Any:
             self._finish_sync(m)
@@ -120,13 +123,13 @@ class RayRolloutFleet:
         return RETRY
 
     # ---------------------------------------------------------------- weights
-    def push_weights(self, weights: Any, version: int) -> None:
-        """Deliver `weights` (PublishedWeights from the learner's rank 0, or an object
-        ref to a full state dict) to every started worker and check that each now holds
-        `version`. Workers still starting load them before their first chunk."""
+    def push_weights(self, weights: PublishedWeights, version: int) -> None:
+        """Deliver `weights` (the learner's rank 0's record) to every started worker and
+        check that each now holds `version`. Workers still starting load them before
+        their first chunk."""
         self._delivery = self._delivery_for(weights)
         self.version = version
-        self._counts["weight_sync/bytes"] = getattr(weights, "nbytes", 0)
+        self._counts["weight_sync/bytes"] = weights.nbytes
         for _ in range(MAX_REPLACEMENTS_PER_CALL + 1):
             self.pool.poll()
             if self.sleep:
@@ -174,7 +177,7 @@ class RayRolloutFleet:
         ref, m.pending_sync = m.pending_sync, None
         try:
             held = ray.get(ref)  # RayActorError (worker died) is the pool's business
-        except WeightsSupersededError:  # newer weights took its shared-memory slot first:
+        except WeightsSupersededError:  # newer weights replaced these before it loaded them:
             m.version = None            # it kept its old ones; the next chunk syncs it again
             return
         if held != m.version:
@@ -243,36 +246,17 @@ class RayRolloutFleet:
         outcomes = _outcomes([m.handle.pop_load_seconds.remote() for m in members])
         return [out[-1] for out in outcomes if isinstance(out, list) and out]
 
-    def _delivery_for(self, weights: Any) -> "_Delivery":
-        if isinstance(weights, PublishedWeights):
-            if weights.transport not in self._transports:
-                self._transports[weights.transport] = transport_class(weights.transport)(RayOps())
-            return _Published(weights, self._transports[weights.transport])
-        return _FullState(weights)
+    def _delivery_for(self, weights: PublishedWeights) -> "_Published":
+        if weights.transport not in self._transports:
+            self._transports[weights.transport] = transport_class(weights.transport)(RayOps())
+        return _Published(weights, self._transports[weights.transport])
 
 
 # ------------------------------------------------------------------- weight delivery
-class _Delivery:
-    """How one published set of weights reaches workers: `deliver` to many at once
-    (each worker's version held, or its exception), `catch_up` one late joiner (a ref)."""
-
-    def deliver(self, members: list[Member], version: int) -> list[Any]:
-        return _outcomes([self.catch_up(m.handle, version) for m in members])
-
-    def catch_up(self, handle: Any, version: int) -> Any:
-        raise NotImplementedError
-
-
-class _FullState(_Delivery):
-    def __init__(self, state_ref: Any):
-        self.state_ref = state_ref
-
-    def catch_up(self, handle: Any, version: int) -> Any:
-        return handle.update_weights.remote(self.state_ref, version)
-
-
-class _Published(_Delivery):
-    """Published weights: the transport's fleet side delivers them."""
+class _Published:
+    """How one published set of weights reaches workers, through its transport's fleet
+    side: `deliver` to many at once (each worker's version held, or its exception),
+    `catch_up` one late joiner (a ref to its load)."""
 
     def __init__(self, published: PublishedWeights, transport: WeightTransport):
         self.published, self.transport = published, transport
@@ -299,13 +283,16 @@ _RAY = RayOps()
 
 
 class RayRewardFleet:
-    """Reward workers: RolloutGroups in, ScoredGroups out."""
+    """Reward workers: RolloutGroups in, ScoredGroups out. The workers get only what they
+    score (ScoreRequest: answer key and texts) and return only RewardResults; the groups
+    stay here and the results are joined back to them."""
 
     def __init__(self, pool: WorkerPool, chunks_per_worker: int = 2):
         self.pool, self.chunks_per_worker = pool, chunks_per_worker
 
     def score(self, groups: list[RolloutGroup]) -> list[ScoredGroup]:
         self.pool.poll()
-        chunks = split(groups, chunk_count(self.pool.target, self.chunks_per_worker))
-        results = self.pool.map_chunks(chunks, lambda m, i, chunk: m.handle.score_groups.remote(chunk))
-        return [sg for chunk in results for sg in chunk]
+        requests = [ScoreRequest.of(g) for g in groups]
+        chunks = split(requests, chunk_count(self.pool.target, self.chunks_per_worker))
+        results = self.pool.map_chunks(chunks, lambda m, i, chunk: m.handle.score.remote(chunk))
+        return join_scores(groups, [r for chunk in results for r in chunk])

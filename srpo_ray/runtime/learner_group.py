@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Sequence
 
+from srpo_ray.algo.loss import count_denominator
 from srpo_ray.config.schema import SRPOConfig
-from srpo_ray.learner.batch import TrainBatch, loss_denominator, split_for_ranks
+from srpo_ray.learner.batch import TrainBatch, split_for_ranks
 from srpo_ray.telemetry.console import actor_log_file
+from srpo_ray.weights.transport import with_every_rank
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +76,21 @@ class LearnerRankDiedError(RuntimeError):
 
 class LearnerGroup:
     def __init__(self, handles: Sequence[Any], loss_agg: str, get: Callable[[Any], Any] = _ray_get,
-                 last_checkpoint: Callable[[], Any] | None = None):
+                 last_checkpoint: Callable[[], Any] | None = None,
+                 dead_rank: Callable[[BaseException, Sequence[Any], Sequence[int]],
+                                     tuple[int, BaseException] | None] = _dead_rank):
         """handles: one per rank, in rank order. loss_agg: algo.loss_agg, which decides
         the global denominator (response tokens or sequences of the whole batch).
         last_checkpoint: returns the checkpoint a restart would resume from (e.g.
-        CheckpointManager.latest), named in the error when a rank dies; settable later."""
+        CheckpointManager.latest), named in the error when a rank dies; settable later.
+        get, dead_rank: how results are fetched and a failed call's dead rank is found
+        (Ray's by default); the seam fault tests use to fake a dead rank without Ray."""
         if not handles:
             raise ValueError("LearnerGroup needs at least one rank handle (learner.num_ranks >= 1)")
         self.handles = list(handles)
         self.loss_agg = loss_agg
         self.get = get
+        self.dead_rank = dead_rank
         self.last_checkpoint = last_checkpoint
         self.log_dir: str | None = None  # the ranks' log files (srpo_ray/telemetry/console.py), named when one dies
 
@@ -101,7 +108,7 @@ class LearnerGroup:
         try:
             return self.get(refs)
         except Exception as e:
-            dead = _dead_rank(e, refs, ranks)
+            dead = self.dead_rank(e, refs, ranks)
             if dead is None:
                 raise
             checkpoint = self.last_checkpoint() if self.last_checkpoint is not None else None
@@ -120,30 +127,18 @@ class LearnerGroup:
         same, all-reduced dict)."""
         if batch.num_response_tokens == 0:
             return {"learner/skipped_empty_batch": 1.0, "learner/response_tokens": 0.0}
-        denominator = loss_denominator(batch, self.loss_agg)
+        denominator = count_denominator(batch.response_mask, self.loss_agg)
         shards = split_for_ranks(batch, self.world_size)
         refs = [h.train_step.remote(shard, denominator, temperature)
                 for h, shard in zip(self.handles, shards)]
         return self._get("train", refs)[0]
 
-    def state_dict_ref(self) -> Any:
-        """An object ref to rank 0's full state dict (HF names, CPU tensors). Every rank
-        takes part in the gather; only rank 0's result is kept, and it is not pulled to
-        the driver: pass the ref on to the generators."""
-        refs = [h.full_state_dict.remote() for h in self.handles]
-        # the other ranks return None; waiting surfaces their errors
-        self._get("full_state_dict", refs[1:], range(1, len(refs)))
-        return refs[0]
-
-    def publish_weights(self) -> Any:
-        """The new weights in the transport the ranks were set up with (bucketed in the
-        object store, or announced for a broadcast): every rank joins the gather; rank
-        0's record goes to the rollout fleet's push_weights."""
-        refs = [h.publish_weights.remote() for h in self.handles]
-        published = self._get("publish_weights", refs)[0]
-        if getattr(published, "every_rank_sends", False):
-            published.sources = list(self.handles)  # nccl, cuda_ipc: each send gathers on every rank
-        return published
+    def publish_weights(self, transport: str | None = None) -> Any:
+        """The new weights in the transport the ranks were set up with (or `transport`):
+        every rank joins the gather; rank 0's record, carrying every rank where the
+        transport's sends need them all, goes to the rollout fleet's push_weights."""
+        refs = [h.publish_weights.remote(transport) for h in self.handles]
+        return with_every_rank(self._get("publish_weights", refs)[0], self.handles)
 
     def save(self, directory: str) -> None:
         """Checkpoint into `directory` (hf/ and learner/); see FSDPLearner.save_checkpoint."""
@@ -190,6 +185,9 @@ def create_learner_group(cfg: SRPOConfig, model_path: str, num_ranks: int | None
 
     from actors.learner import LearnerRank
     from actors.ray_ops import HOT_PATH_NICENESS
+    from srpo_ray.runtime.fault_hooks import actor_class
+
+    LearnerRank = actor_class("LearnerRank", LearnerRank)  # noqa: N806 - the seam fault tests use
 
     world_size = cfg.learner.num_ranks if num_ranks is None else num_ranks
     if world_size < 1:

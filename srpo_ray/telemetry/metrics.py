@@ -5,6 +5,9 @@ stderr.
 Metric names (also explained in README.md):
     reward/<domain>/mean, response_len/<domain>/mean   per domain, this step's rollouts
     correct/<domain>/mean         verifier-correct fraction per domain
+    reward/source/<data_source>/mean, correct/source/<data_source>/mean   the same per
+                                   data source (as verl reports them); a domain has no
+                                   `/`, so these never clash with reward/<domain>/mean
     reward/custom_errors, reward/custom_timeouts   responses a reward plug-in failed to score
                                    (raised, crashed, ran out of memory, returned no number) /
                                    timed out on; each scored 0 (only in steps with plug-in rows)
@@ -43,6 +46,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import sys
 import threading
 import time
@@ -51,7 +55,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from srpo_ray.rewards.answer_forms import plain_number
-
 from srpo_ray.telemetry.trackers import generation_rows, numeric
 
 if TYPE_CHECKING:
@@ -198,6 +201,7 @@ def summarize_rollouts(scored: list) -> dict[str, float]:
     plus the share of groups with zero reward variance and of truncated responses."""
     out: dict[str, float] = {}
     by_domain: dict[str, list[tuple[float, bool, int, bool]]] = {}
+    by_source: dict[str, list[tuple[float, bool]]] = {}
     zero_variance = 0
     timeouts = 0
     math_correct = math_correct_not_number = 0
@@ -209,8 +213,10 @@ def summarize_rollouts(scored: list) -> dict[str, float]:
         zero_variance += max(rewards) == min(rewards)
         domain = sg.group.prompt.domain
         rows = by_domain.setdefault(domain, [])
+        source_rows = by_source.setdefault(source_metric_name(sg.group.prompt.data_source or domain), [])
         for sample, result in zip(sg.group.samples, sg.results):
             rows.append((result.reward, result.correct, len(sample.token_ids), sample.finish_reason == "length"))
+            source_rows.append((result.reward, result.correct))
             if result.info.get("custom"):  # scored by a reward plug-in
                 seen_custom = True
                 custom["reward/custom_timeouts"] += bool(result.info.get("timeout"))
@@ -231,6 +237,9 @@ def summarize_rollouts(scored: list) -> dict[str, float]:
         out[f"correct{prefix}/mean"] = sum(r[1] for r in rows) / len(rows)
         out[f"response_len{prefix}/mean"] = sum(r[2] for r in rows) / len(rows)
         out[f"truncated{prefix}/frac"] = sum(r[3] for r in rows) / len(rows)
+    for source, rows in sorted(by_source.items()):
+        out[f"reward/source/{source}/mean"] = sum(r[0] for r in rows) / len(rows)
+        out[f"correct/source/{source}/mean"] = sum(r[1] for r in rows) / len(rows)
     out["groups/count"] = len(scored)
     out["groups/zero_variance_frac"] = zero_variance / max(1, len(scored))
     out["reward/timeouts"] = timeouts
@@ -240,6 +249,12 @@ def summarize_rollouts(scored: list) -> dict[str, float]:
     if math_correct:
         out["correct/math/not_number_frac"] = math_correct_not_number / math_correct
     return out
+
+
+def source_metric_name(data_source: str) -> str:
+    """A data source as part of a metric name: characters trackers refuse become `_`
+    (`builtin/arithmetic` stays as it is)."""
+    return re.sub(r"[^\w./-]", "_", data_source) or "_"
 
 
 @contextmanager

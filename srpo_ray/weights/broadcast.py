@@ -16,11 +16,11 @@ uses to check NCCL on a machine without vLLM.
 from __future__ import annotations
 
 import itertools
-import socket
 import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from srpo_ray.weights.common import CatchUpCopy, ServedStore, StoreConnection
 from srpo_ray.weights.layout import pack_bucket, plan_stream, unpack_bucket
 from srpo_ray.weights.transport import PublishedWeights, WeightTransport, outcomes
 
@@ -84,20 +84,6 @@ class BroadcastGroup:
             pass
 
 
-def open_store(host: str, port: int, is_master: bool, timeout_s: float) -> Any:
-    """The sender's TCPStore (is_master) or a receiver's connection to it."""
-    import torch.distributed as dist
-
-    return dist.TCPStore(host, port, is_master=is_master, wait_for_workers=False,
-                         timeout=timedelta(seconds=timeout_s))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 class BroadcastTransport(WeightTransport):
     """Learner side: the buckets are packed into flat host buffers, reused from one
     publish to the next, that stay here until `serve_send` broadcasts them to the group
@@ -106,16 +92,18 @@ class BroadcastTransport(WeightTransport):
     the member set changed, then sends."""
 
     name = "broadcast"
+    takes_full_state_on_cpu = True
 
     def __init__(self, ops, settings=None):
         super().__init__(ops, settings)
         self._packed: list["torch.Tensor"] = []
         self._published: PublishedWeights | None = None
-        self._store: Any = None
-        self._endpoint: tuple[str, int] | None = None
+        self._store = ServedStore(ops, self.settings.timeout_s)  # learner side
+        self._sender_store = StoreConnection()  # generation side
         self._group: BroadcastGroup | None = None
         self._copy: PublishedWeights | None = None
-        # fleet side: the current group, who is in it, under which name
+        # fleet side: the late joiners' copy; the current group, who is in it, under which name
+        self._fleet_copy = CatchUpCopy(ops, self.name)
         self._prefix, self._count = uuid.uuid4().hex[:8], itertools.count()
         self._group_name: str | None = None
         self._group_key: tuple = ()
@@ -132,25 +120,19 @@ class BroadcastTransport(WeightTransport):
         self._packed = [pack_bucket(state, meta, "cpu", out=old[i]) for i, meta in enumerate(buckets)]
         self._copy = None
         self._published = PublishedWeights(self.name, buckets, source=self.ops.current_actor(),
-                                           timeout_s=self.settings.timeout_s, detail=self._store_endpoint(),
+                                           timeout_s=self.settings.timeout_s, detail=self._store.serve(),
                                            publish_id=next(self._publishes))
         return self._published
-
-    def _store_endpoint(self) -> tuple[str, int]:
-        if self._endpoint is None:
-            host, port = self.ops.node_ip(), free_port()
-            self._store = open_store(host, port, is_master=True, timeout_s=self.settings.timeout_s)
-            self._endpoint = (host, port)
-        return self._endpoint
 
     def serve_open(self, name: str, world_size: int) -> None:
         """Be rank 0 of group `name` (world_size = 1 + receivers); the receivers join at
         the same time (`receive_join`)."""
-        host = self._store_endpoint()[0]
+        host = self._store.serve()[0]
         if self._group is not None:
             self._group.close()
         self._group = None
-        self._group = BroadcastGroup(self._store, name, 0, world_size, "gloo", self.settings.timeout_s, host=host)
+        self._group = BroadcastGroup(self._store.store, name, 0, world_size, "gloo", self.settings.timeout_s,
+                                     host=host)
 
     def serve_send(self, name: str) -> int:
         """Send the buckets of the last publish to group `name`, in order; bytes sent."""
@@ -164,6 +146,7 @@ class BroadcastTransport(WeightTransport):
         return sum(flat.numel() for flat in self._packed)
 
     def serve_catch_up(self) -> PublishedWeights:
+        """The last publish as object-store buckets (put once per publish, on first request)."""
         from srpo_ray.weights.object_store import put_buckets
 
         if self._published is None:
@@ -183,14 +166,11 @@ class BroadcastTransport(WeightTransport):
         """Become `rank` (>= 1) of group `name` whose sender serves a TCPStore at
         `endpoint`; replaces any group joined before. Every member must call this at the
         same time (the group forms when all have arrived)."""
-        if self._store is None or self._endpoint != tuple(endpoint):
-            self._store = open_store(endpoint[0], int(endpoint[1]), is_master=False, timeout_s=timeout_s)
-            self._endpoint = tuple(endpoint)
+        store = self._sender_store.to(endpoint, timeout_s)
         if self._group is not None:
             self._group.close()
         self._group = None
-        self._group = BroadcastGroup(self._store, name, rank, world_size, "gloo", timeout_s,
-                                     host=self.ops.node_ip())
+        self._group = BroadcastGroup(store, name, rank, world_size, "gloo", timeout_s, host=self.ops.node_ip())
 
     def load(self, published: PublishedWeights, version: int, receiver: "Receiver", group_name: str = "") -> int:
         group = self._group
@@ -207,8 +187,7 @@ class BroadcastTransport(WeightTransport):
     def deliver(self, published: PublishedWeights, members: list[Any], version: int) -> list[Any]:
         if not members:
             return []
-        if self._copy is not None and self._copy.publish_id != published.publish_id:
-            self._copy = None
+        self._fleet_copy.drop_older(published)
         key = (published.detail, tuple(members))  # Members compare by identity
         if key != self._group_key:
             name = f"{self._prefix}-{next(self._count)}"
@@ -238,6 +217,4 @@ class BroadcastTransport(WeightTransport):
 
     def catch_up(self, published: PublishedWeights, handle: Any, version: int) -> Any:
         """A late joiner gets an object-store copy of the packed buckets."""
-        if self._copy is None or self._copy.publish_id != published.publish_id:
-            self._copy = self.ops.get(published.source.weights_call.remote(self.name, "catch_up"))
-        return handle.weights_call.remote("object_store", "load", self._copy, version)
+        return self._fleet_copy.load(published, handle, version)

@@ -29,8 +29,8 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING, Any, Iterator
 
+from srpo_ray.weights.common import CatchUpCopy, HostCopy, check_slot
 from srpo_ray.weights.layout import BucketMeta, as_bytes, distinct_slots, plan_stream
-from srpo_ray.weights.nccl import HostCopy, check_slot
 from srpo_ray.weights.transport import PublishedWeights, WeightTransport, outcomes
 
 if TYPE_CHECKING:
@@ -69,7 +69,9 @@ def check_back_to_back(buckets: list[BucketMeta]) -> None:
 
 class CudaIpcTransport(WeightTransport):
     name = "cuda_ipc"
-    all_ranks_publish = True
+    sends_tied_weights = False  # vLLM re-ties lm_head itself
+    every_rank_sends = True  # each rank fills the chunks of the generators on its GPU
+    vllm_weight_transfer_backend = "ipc"
 
     def __init__(self, ops, settings=None):
         super().__init__(ops, settings)
@@ -83,7 +85,7 @@ class CudaIpcTransport(WeightTransport):
         self._publish_id = 0
         self._next_chunk = 0
         self._copy: PublishedWeights | None = None
-        self._fleet_copy: PublishedWeights | None = None
+        self._fleet_copy = CatchUpCopy(ops, self.name)
         self._joined = False
 
     # ------------------------------------------------------------------ learner side (every rank)
@@ -95,8 +97,7 @@ class CudaIpcTransport(WeightTransport):
         if self.settings.rank != 0:
             return None
         return PublishedWeights(self.name, self._buckets, source=self.ops.current_actor(),
-                                timeout_s=self.settings.timeout_s, publish_id=self._publish_id,
-                                every_rank_sends=True)
+                                timeout_s=self.settings.timeout_s, publish_id=self._publish_id)
 
     def serve_fill(self, publish_id: int, index: int) -> dict[str, tuple]:
         """Gather chunk `index`'s tensors (every rank, in order), copy them into this
@@ -140,15 +141,14 @@ class CudaIpcTransport(WeightTransport):
         torch.cuda.ipc_collect()
 
     def serve_catch_up(self) -> PublishedWeights:
-        from srpo_ray.weights.object_store import put_buckets
-
+        """The last version filled completely, as object-store buckets (from the host copy)."""
         if self._copy is None:
             if self._next_chunk != len(self._buckets):
                 raise RuntimeError(f"cuda_ipc publish {self._publish_id} has not been sent completely yet: "
                                    "nothing to catch up from")
             record = PublishedWeights(self.name, self._buckets, source=self.ops.current_actor(),
                                       timeout_s=self.settings.timeout_s, publish_id=self._publish_id)
-            self._copy = put_buckets(self.ops, record, self._host.flats[:len(self._buckets)])
+            self._copy = self._host.put(self.ops, record)
         return self._copy
 
     def close(self) -> None:
@@ -213,6 +213,5 @@ class CudaIpcTransport(WeightTransport):
         return results
 
     def catch_up(self, published: PublishedWeights, handle: Any, version: int) -> Any:
-        if self._fleet_copy is None or self._fleet_copy.publish_id != published.publish_id:
-            self._fleet_copy = self.ops.get(published.source.weights_call.remote(self.name, "catch_up"))
-        return handle.weights_call.remote("object_store", "load", self._fleet_copy, version)
+        """A generator on no learner rank's GPU, a late joiner: rank 0's host copy."""
+        return self._fleet_copy.load(published, handle, version)

@@ -2,18 +2,34 @@
 
 `WeightSender` lives in the actor that owns the weights (learner ranks, a WeightSource):
 it keeps one instance of each transport it used (files, buffers, groups live there) and
-answers `publish` and the fleet's named calls. `WeightReceiver` lives in a generation
-worker: it keeps one instance of each transport and runs their generation side.
+answers `publish` (`publish_model` for a learner: what to publish from, a full state dict
+or a parameter stream, follows the transport's traits) and the fleet's named calls.
+`WeightReceiver` lives in a generation worker: it keeps one instance of each transport
+and runs their generation side.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from srpo_ray.weights.transport import (PublishedWeights, Receiver, SenderSettings, WeightTransport,
-                                        transport_class)
+from srpo_ray.weights.source import StateDictSource
+from srpo_ray.weights.transport import PublishedWeights, Receiver, SenderSettings, WeightTransport, transport_class
 
 if TYPE_CHECKING:
+    import torch
+
     from srpo_ray.weights.source import WeightSource
+
+
+class ModelWeights(Protocol):
+    """What a learner rank offers to publish from (srpo_ray/learner/core.py FSDPLearner)."""
+
+    device: "torch.device"
+
+    def full_state_dict(self) -> "dict[str, torch.Tensor] | None":
+        """The whole state on the CPU on rank 0 (None elsewhere); every rank joins the gather."""
+
+    def weight_source(self, dtype: "torch.dtype", send_tied: bool = True) -> "WeightSource":
+        """The parameters streamed one at a time, cast to `dtype`."""
 
 
 class WeightSender:
@@ -32,6 +48,20 @@ class WeightSender:
     def publish(self, source: "WeightSource", transport: str | None = None) -> PublishedWeights | None:
         """Every rank calls it (sources may gather); rank 0's record goes to the fleet."""
         return self.get(transport or self.transport).publish(source)
+
+    def publish_model(self, model: ModelWeights, dtype: "torch.dtype",
+                      transport: str | None = None) -> PublishedWeights | None:
+        """A learner's weights, every rank calling (the gathers are collective). A CPU
+        learner hands a transport that keeps or copies the whole version its full state
+        dict (on one rank the plain module's own tensors, as they are); otherwise the
+        parameters are streamed, cast to `dtype`, a tied lm_head included only where the
+        transport sends it."""
+        name = transport or self.transport
+        kind = transport_class(name)
+        if model.device.type == "cpu" and kind.takes_full_state_on_cpu:
+            state = model.full_state_dict()
+            return None if state is None else self.publish(StateDictSource(state), name)
+        return self.publish(model.weight_source(dtype, send_tied=kind.sends_tied_weights), name)
 
     def call(self, transport: str, op: str, *args: Any) -> Any:
         return self.get(transport).serve(op, *args)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 if TYPE_CHECKING:  # torch is imported where used: a generation worker sets OpenMP's
-    import torch   # environment before torch is first imported (srpo_ray/generation/engines.py)
+    import torch  # environment before torch is first imported (srpo_ray/generation/engines.py)
 
 ALIGN_BYTES = 64  # every tensor starts on a 64-byte boundary: any dtype view is aligned
 RULES = ("fit", "vllm_packed")

@@ -39,6 +39,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from srpo_ray.weights.common import CatchUpCopy, HostCopy, ServedStore, StoreConnection, check_slot, free_port
 from srpo_ray.weights.layout import BucketMeta, as_bytes, distinct_slots, plan_stream, streaming_peak_bytes
 from srpo_ray.weights.transport import PublishedWeights, WeightDeliveryError, WeightTransport, outcomes
 
@@ -50,14 +51,6 @@ if TYPE_CHECKING:
 
 BUFFERS = 2  # one bucket being sent while the next fills
 POLL_S = 0.001
-
-
-def check_slot(name: str, tensor: "torch.Tensor", slot: Any) -> None:
-    """The receiver cuts the stream by the declared layout: a tensor that differs from
-    it would shift every byte after it (vLLM's NCCLTrainerWeightTransferEngine checks alike)."""
-    if name != slot.name or tensor.numel() * tensor.element_size() != slot.nbytes:
-        raise ValueError(f"weight stream yields {name} ({tensor.numel() * tensor.element_size()} bytes) where "
-                         f"its layout declared {slot.name} ({slot.nbytes} bytes)")
 
 
 class TransferAborted(RuntimeError):
@@ -105,25 +98,11 @@ def update_info(buckets: list[BucketMeta]) -> dict:
             "shapes": [list(s.shape) for s in slots]}
 
 
-class HostCopy:
-    """Rank 0's copy of the last version in host memory (pinned, reused), filled from
-    the GPU buckets as they are sent: what late joiners and replacements load."""
-
-    def __init__(self):
-        self.flats: list["torch.Tensor"] = []
-
-    def slot(self, index: int, nbytes: int) -> "torch.Tensor":
-        import torch
-
-        while len(self.flats) <= index:
-            self.flats.append(torch.empty(0, dtype=torch.uint8))
-        if self.flats[index].numel() != nbytes:
-            self.flats[index] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-        return self.flats[index]
-
-
 class NcclTransport(WeightTransport):
     name = "nccl"
+    sends_tied_weights = False  # vLLM re-ties lm_head itself
+    every_rank_sends = True  # a send streams the gathers, a collective of every rank
+    vllm_weight_transfer_backend = "nccl"
 
     def __init__(self, ops, settings=None):
         super().__init__(ops, settings)
@@ -135,8 +114,7 @@ class NcclTransport(WeightTransport):
         self._streams: list[Any] = []
         self._host = HostCopy()
         self._host_publish = 0  # the publish whose send completed: the host copy holds it whole
-        self._control: Any = None  # rank 0's TCPStore for abort keys
-        self._control_endpoint: tuple[str, int] | None = None
+        self._control = ServedStore(ops, self.settings.timeout_s)  # rank 0's TCPStore for abort keys
         self._publishes = itertools.count(1)
         self._publish_id = 0
         self._copy: PublishedWeights | None = None
@@ -145,8 +123,8 @@ class NcclTransport(WeightTransport):
         # fleet side
         self._prefix = uuid.uuid4().hex[:8]
         self._group_key: tuple = ()
-        self._fleet_control: Any = None
-        self._fleet_copy: PublishedWeights | None = None
+        self._fleet_control = StoreConnection()
+        self._fleet_copy = CatchUpCopy(ops, self.name)
 
     # ------------------------------------------------------------------ learner side
     def publish(self, source: "WeightSource") -> PublishedWeights | None:
@@ -156,24 +134,12 @@ class NcclTransport(WeightTransport):
         self._publish_id, self._copy = next(self._publishes), None
         if self.settings.rank != 0:
             return None
-        detail = NcclDetail(self._control_store(), self.settings.tensor_parallel_size, self.settings.bucket_bytes)
+        detail = NcclDetail(self._control.serve(), self.settings.tensor_parallel_size, self.settings.bucket_bytes)
         return PublishedWeights(self.name, self._buckets, source=self.ops.current_actor(),
-                                timeout_s=self.settings.timeout_s, detail=detail, publish_id=self._publish_id,
-                                every_rank_sends=True)
-
-    def _control_store(self) -> tuple[str, int]:
-        from srpo_ray.weights.broadcast import free_port, open_store
-
-        if self._control_endpoint is None:
-            host, port = self.ops.node_ip(), free_port()
-            self._control = open_store(host, port, is_master=True, timeout_s=self.settings.timeout_s)
-            self._control_endpoint = (host, port)
-        return self._control_endpoint
+                                timeout_s=self.settings.timeout_s, detail=detail, publish_id=self._publish_id)
 
     def serve_endpoint(self) -> tuple[str, int]:
         """A fresh rendezvous endpoint (this node, a free port) for the next group."""
-        from srpo_ray.weights.broadcast import free_port
-
         return self.ops.node_ip(), free_port()
 
     def serve_open(self, endpoint: tuple[str, int], world_size: int) -> None:
@@ -201,7 +167,7 @@ class NcclTransport(WeightTransport):
                 pass  # the other ranks are gathering: keep them company, then fail
             raise RuntimeError("no NCCL weight group open here: the fleet opens one before sending")
         deadline = time.monotonic() + self.settings.timeout_s
-        aborted = (lambda: self._control.check([key])) if key else (lambda: False)
+        aborted = (lambda: self._control.store.check([key])) if key else (lambda: False)
         peak = streaming_peak_bytes(self._buckets, BUFFERS) // BUFFERS
         if not self._buffers or self._buffers[0].numel() < peak:
             self._buffers = [torch.empty(peak, dtype=torch.uint8, device="cuda") for _ in range(BUFFERS)]
@@ -254,15 +220,13 @@ class NcclTransport(WeightTransport):
 
     def serve_catch_up(self) -> PublishedWeights:
         """The last version sent, as object-store buckets (from the host copy)."""
-        from srpo_ray.weights.object_store import put_buckets
-
         if self._copy is None or self._copy.publish_id != self._publish_id:
             if self._host_publish != self._publish_id:
                 raise RuntimeError(f"weight publish {self._publish_id} has not been sent completely yet: "
                                    "nothing to catch up from")
             record = PublishedWeights(self.name, self._buckets, source=self.ops.current_actor(),
                                       timeout_s=self.settings.timeout_s, publish_id=self._publish_id)
-            self._copy = put_buckets(self.ops, record, self._host.flats[:len(self._buckets)])
+            self._copy = self._host.put(self.ops, record)
         return self._copy
 
     def _close_comm(self) -> None:
@@ -335,8 +299,6 @@ class NcclTransport(WeightTransport):
                  timeout_s: float) -> list[Any]:
         """Each member's outcome. A member that dies makes the fleet abort rank 0's send
         at once; members still waiting after the send stopped are stuck in NCCL."""
-        from srpo_ray.weights.broadcast import open_store
-
         results: dict[int, Any] = {}
         pending = {ref: i for i, ref in enumerate(loads)}
         deadline = time.monotonic() + timeout_s
@@ -347,10 +309,7 @@ class NcclTransport(WeightTransport):
                 i = pending.pop(ref)
                 results[i] = outcomes(self.ops, [ref])[0]
                 if isinstance(results[i], BaseException) and not aborted:
-                    if self._fleet_control is None or self._fleet_control[0] != detail.control:
-                        store = open_store(*detail.control, is_master=False, timeout_s=timeout_s)
-                        self._fleet_control = (detail.control, store)
-                    self._fleet_control[1].set(abort_key, "1")
+                    self._fleet_control.to(detail.control, timeout_s).set(abort_key, "1")
                     aborted = True
             if aborted and all(self.ops.wait([s], num_returns=1, timeout=0)[0] for s in sends):
                 break  # the learner stopped sending: the others will not finish
@@ -368,6 +327,4 @@ class NcclTransport(WeightTransport):
 
     def catch_up(self, published: PublishedWeights, handle: Any, version: int) -> Any:
         """A late joiner or replacement: an object-store copy of rank 0's host copy."""
-        if self._fleet_copy is None or self._fleet_copy.publish_id != published.publish_id:
-            self._fleet_copy = self.ops.get(published.source.weights_call.remote(self.name, "catch_up"))
-        return handle.weights_call.remote("object_store", "load", self._fleet_copy, version)
+        return self._fleet_copy.load(published, handle, version)

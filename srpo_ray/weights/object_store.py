@@ -12,8 +12,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from srpo_ray.weights.layout import (BucketMeta, as_bytes, bucket_parts, distinct_slots, packed_parts,
-                                     plan_stream, tensor_from_buffer, unpack_parts)
+from srpo_ray.weights.layout import (
+    BucketMeta,
+    as_bytes,
+    bucket_parts,
+    distinct_slots,
+    packed_parts,
+    plan_stream,
+    tensor_from_buffer,
+    unpack_parts,
+)
 from srpo_ray.weights.transport import PublishedWeights, WeightTransport
 
 if TYPE_CHECKING:
@@ -28,12 +36,13 @@ def put_buckets(ops: Any, published: PublishedWeights, flats: list["torch.Tensor
     device) as an object_store record with the same layout."""
     refs = [ops.put([part.cpu().numpy() for part in packed_parts(flat, meta)])
             for flat, meta in zip(flats, published.buckets)]
-    return PublishedWeights("object_store", published.buckets, source=published.source,
+    return PublishedWeights(ObjectStoreTransport.name, published.buckets, source=published.source,
                             timeout_s=published.timeout_s, detail=refs, publish_id=published.publish_id)
 
 
 class ObjectStoreTransport(WeightTransport):
     name = "object_store"
+    takes_full_state_on_cpu = True
 
     def __init__(self, ops, settings=None):
         super().__init__(ops, settings)

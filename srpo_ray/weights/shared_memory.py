@@ -50,8 +50,9 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Mapping
 
+from srpo_ray.weights.common import ask_copy
 from srpo_ray.weights.layout import ALIGN_BYTES, BucketMeta, as_bytes, distinct_slots, plan_buckets
-from srpo_ray.weights.transport import PublishedWeights, WeightTransport, transport_class
+from srpo_ray.weights.transport import PublishedWeights, WeightsSupersededError, WeightTransport, transport_class
 
 if TYPE_CHECKING:
     import numpy as np
@@ -77,12 +78,9 @@ def _field(slot: int, name: int) -> int:
 
 
 class SharedMemoryError(RuntimeError):
-    """The shared-memory transport cannot go on (no room, publisher failed or gone)."""
-
-
-class WeightsSupersededError(SharedMemoryError):
-    """A load asked for a version whose slot a newer publish has taken over; nothing
-    was loaded (the worker keeps its weights and version)."""
+    """The shared-memory transport cannot go on (no room, publisher failed or gone).
+    A slot taken over by a newer publish is WeightsSupersededError instead (transport.py:
+    the fleet catches it)."""
 
 
 @dataclass(frozen=True)
@@ -382,6 +380,7 @@ class SharedMemoryTransport(WeightTransport):
     Fleet side: every worker loads, late joiners alike."""
 
     name = "shared_memory"
+    takes_full_state_on_cpu = True
 
     def __init__(self, ops, settings=None):
         super().__init__(ops, settings)
@@ -431,7 +430,7 @@ class SharedMemoryTransport(WeightTransport):
     def load(self, published: PublishedWeights, version: int, receiver: "Receiver", *extra) -> int:
         ref: SharedBufferRef = published.detail
         if ref.node_id != self.ops.node_id():
-            copy = self.ops.get(published.source.weights_call.remote(self.name, "catch_up"))
+            copy = ask_copy(self.ops, self.name, published)
             return transport_class(copy.transport)(self.ops).load(copy, version, receiver)
         if self._reader is None:
             self._reader = SharedWeightReader()  # the mapping, kept across versions

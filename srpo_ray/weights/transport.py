@@ -10,6 +10,11 @@ file of this package and one class with the same three roles, each used in one p
 - `deliver(published, members, version)` the rollout fleet (driver): gets it to every
                           worker, reporting each worker's held version or its error.
 
+What callers outside this package need to know of a transport they ask of its class,
+through the functions below (`vllm_weight_transfer`, `with_every_rank`, and
+`WeightSender.publish_model` in endpoints.py), never by comparing its name: a new
+transport is one file and one `register` line.
+
 Besides those, a transport may answer a few named calls on either side (`serve_<op>` on
 the learner, `receive_<op>` on a generator: join a group, send, abort), which reach it
 through each actor's one weight endpoint (`weights_call`), so a new transport touches
@@ -29,9 +34,6 @@ if TYPE_CHECKING:
     from srpo_ray.weights.source import WeightSource
 
 MB = 1 << 20
-CONFIG_NAMES = ("auto", "shared_memory", "object_store", "broadcast", "nccl", "cuda_ipc")
-"""Values of rollout.weight_transport. `broadcast` is the torch.distributed group: gloo
-between CPU roles; between GPU roles it means `nccl` (vLLM's own NCCL weight transfer)."""
 
 
 class StalePolicyError(RuntimeError):
@@ -51,14 +53,21 @@ class WeightDeliveryError(RuntimeError):
     transfer): the fleet replaces that worker and delivers again."""
 
 
+class WeightsSupersededError(RuntimeError):
+    """A load asked for a version that a newer publish has already replaced (a late
+    joiner's catch-up queued before the next push, shared_memory's slot taken over);
+    nothing was loaded: the worker keeps its weights and version, and the fleet syncs
+    it again before its next chunk."""
+
+
 @dataclass
 class PublishedWeights:
     """What the learner's rank 0 hands the rollout fleet for one weight update.
 
     transport: the transport's name. buckets: the layout, in sending order. source:
     the publishing actor's handle (it serves the transport's calls: sends, catch-up
-    copies). sources: every learner rank, filled in by the learner group when
-    `every_rank_sends` (nccl, cuda_ipc: a send gathers, a collective of all ranks).
+    copies). sources: every learner rank, filled in by `with_every_rank` when the
+    transport's class says `every_rank_sends` (a send gathers, a collective of all ranks).
     detail: the transport's own record (a shared-memory file reference, object-store
     refs, a rendezvous endpoint). timeout_s: how long any wait for a peer may take.
     publish_id: distinct per publish of one publisher."""
@@ -70,7 +79,6 @@ class PublishedWeights:
     detail: Any = None
     sources: list[Any] = field(default_factory=list)
     publish_id: int = 0
-    every_rank_sends: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -130,11 +138,23 @@ class SenderSettings:
 class WeightTransport:
     """Base of every transport; one instance per process and transport name, kept for
     the process's life (it owns files, buffers, groups). Subclasses set `name` and
-    implement the roles they are used in."""
+    implement the roles they are used in. The class attributes below are the traits
+    callers outside this package act on (through the functions at the end of this file
+    and WeightSender.publish_model): set them here, never test a transport's name."""
 
     name: ClassVar[str] = ""
-    all_ranks_publish: ClassVar[bool] = False
-    """True when every learner rank publishes (not only rank 0): cuda_ipc."""
+    takes_full_state_on_cpu: ClassVar[bool] = False
+    """A CPU learner hands it its full state dict (the plain module's own tensors on one
+    rank) instead of a parameter stream: it keeps or copies the whole version anyway."""
+    sends_tied_weights: ClassVar[bool] = True
+    """A tied lm_head is sent under its own name too; False where the receiving engine
+    re-ties it (vLLM's own weight transfers)."""
+    every_rank_sends: ClassVar[bool] = False
+    """Every learner rank serves the fleet's send calls (each send gathers: a collective
+    of all ranks), so the record carries every rank (`with_every_rank`)."""
+    vllm_weight_transfer_backend: ClassVar[str | None] = None
+    """The weight-transfer engine a vLLM generator must be created with ("nccl", "ipc"),
+    or None: weights arrive through load_weight_stream."""
 
     def __init__(self, ops: Any, settings: SenderSettings | None = None):
         self.ops = ops
@@ -198,11 +218,37 @@ register("nccl", "srpo_ray.weights.nccl", "NcclTransport")
 register("cuda_ipc", "srpo_ray.weights.cuda_ipc", "CudaIpcTransport")
 
 
+def registered_names() -> tuple[str, ...]:
+    """Every transport's name, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def config_names() -> tuple[str, ...]:
+    """Values of rollout.weight_transport: `auto` and every registered transport.
+    `broadcast` is the torch.distributed group: gloo between CPU roles; between GPU roles
+    it means `nccl` (vLLM's own NCCL weight transfer)."""
+    return ("auto", *registered_names())
+
+
 def transport_class(name: str) -> type[WeightTransport]:
     if name not in _REGISTRY:
         raise ValueError(f"weight transport {name!r}: must be one of {', '.join(sorted(_REGISTRY))} "
                          "(rollout.weight_transport)")
     return _REGISTRY[name]()
+
+
+def vllm_weight_transfer(transport: str) -> str | None:
+    """The weight-transfer backend a vLLM generator fed by `transport` is created with
+    (srpo_ray/generation/engines.py engine_kwargs), or None."""
+    return transport_class(transport).vllm_weight_transfer_backend
+
+
+def with_every_rank(published: PublishedWeights | None, ranks: list[Any]) -> PublishedWeights | None:
+    """Rank 0's record, carrying every learner rank (`ranks`, in rank order) when its
+    transport's sends gather on all of them."""
+    if published is not None and transport_class(published.transport).every_rank_sends:
+        published.sources = list(ranks)
+    return published
 
 
 def outcomes(ops: Any, refs: list[Any]) -> list[Any]:
@@ -241,8 +287,9 @@ def resolve_transport(transport: str, learner_gpus: float, rollout_gpus: float, 
       object_store   everything else (a GPU role with a CPU one; fractional GPUs not
                      colocated: two NCCL ranks might land on one GPU, which NCCL refuses
                      with "Duplicate GPU detected")."""
-    if transport not in CONFIG_NAMES:
-        raise ValueError(f"rollout.weight_transport={transport!r}: must be one of {', '.join(CONFIG_NAMES)}")
+    names = config_names()
+    if transport not in names:
+        raise ValueError(f"rollout.weight_transport={transport!r}: must be one of {', '.join(names)}")
     learner_gpu, rollout_gpu = learner_gpus > 0, rollout_gpus > 0
     separate_whole = not colocated and whole_gpus(learner_gpus) and whole_gpus(rollout_gpus)
     if transport == "auto":

@@ -6,7 +6,7 @@ Ray): FSDP2 over NCCL in bf16 with fp32 gradient reduction, a train step, a DCP
 checkpoint round trip, the nccl transport's streaming send (two reused GPU buckets, a
 recording communicator in place of vLLM's), cuda_ipc's fill read back by another process,
 and a one-rank NCCL broadcast group. Part 2, where vLLM and Ray are installed: the GPU
-tests (tests/test_gpu.py: a CUDA engine reloaded over every one-GPU transport, sleep and
+tests (tests/gpu/test_gpu.py: a CUDA engine reloaded over every one-GPU transport, sleep and
 wake, a 2-step colocated driver run).
 
     python tests/gpu/check_device.py [--part 1|2|all]
@@ -24,8 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]  # check_device.sh puts it on PYTHONPATH
 RESULTS: list[tuple[str, str, str]] = []
 
 
@@ -65,8 +64,8 @@ def step_fsdp2_train(state: State) -> str:
     import torch
     from torch.distributed.fsdp import FSDPModule
 
-    from srpo_ray.learner.batch import TrainBatch
     from srpo_ray.config.load import load_config
+    from srpo_ray.learner.batch import TrainBatch
     from srpo_ray.learner.core import FSDPLearner
     from srpo_ray.models import build_tiny_model
 
@@ -216,7 +215,8 @@ def step_cuda_ipc(state: State) -> str:
 def step_broadcast(state: State) -> str:
     import torch
 
-    from srpo_ray.weights.broadcast import BroadcastGroup, open_store
+    from srpo_ray.weights.broadcast import BroadcastGroup
+    from srpo_ray.weights.common import open_store
 
     store = open_store("127.0.0.1", free_port(), is_master=True, timeout_s=60)
     backend = "gloo" if state.cpu else "nccl"
@@ -279,7 +279,7 @@ def part2(timeout_s: int) -> None:
         if not torch.cuda.is_available():
             report(step, "SKIP", "no CUDA device")
             continue
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "gpu", "tests/test_gpu.py", "-k", selection]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "gpu", "tests/gpu/test_gpu.py", "-k", selection]
         start = time.monotonic()
         try:
             done = subprocess.run(cmd, cwd=REPO, timeout=timeout_s, capture_output=True, text=True)

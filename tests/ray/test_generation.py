@@ -1,0 +1,214 @@
+"""Generation on a real vLLM engine (CPU) and the Ray generation worker.
+
+One engine serves the whole module (starting vLLM costs seconds); tests that change
+its weights put the originals back. Log-probs are checked against an HF forward of
+the same weights, which is what the learner computes.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+
+import pytest
+import ray
+import torch
+from fixtures_models import hf_logprobs, perturbed_state_dict, small_rollout_config
+from published_weights import load_into
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from actors.generation import GenerationWorker
+from srpo_ray.generation.engines import VLLMEngine
+from srpo_ray.models import chat_prompt_ids
+from srpo_ray.records import Prompt, Sampling
+
+TOL = 1e-3
+PROMPTS = [[5, 6, 7, 8], list(range(20, 60)), [300, 301]]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    start = time.perf_counter()
+    eng = VLLMEngine(tiny_model_dir, small_rollout_config(), "float32", max_model_len=256)
+    print(f"\n[timing] tiny vLLM engine start incl. warm-up: {time.perf_counter() - start:.1f} s")
+    return eng
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+def test_generate_returns_n_consistent_samples(engine, tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    groups = engine.generate(PROMPTS, Sampling(n=4, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=3))
+    assert [len(g) for g in groups] == [4, 4, 4]
+    for sample in (s for g in groups for s in g):
+        assert 1 <= len(sample.token_ids) <= 8 and len(sample.logprobs) == len(sample.token_ids)
+        assert all(math.isfinite(lp) and lp <= 0 for lp in sample.logprobs)
+        if sample.finish_reason == "length":
+            assert len(sample.token_ids) == 8
+        else:
+            assert sample.finish_reason == "stop" and sample.token_ids[-1] == tok.eos_token_id
+        assert sample.text == tok.decode(sample.token_ids, skip_special_tokens=True)
+    assert len({tuple(s.token_ids) for s in groups[1]}) > 1  # n distinct draws, not one copy
+
+
+def test_seeded_generation_is_reproducible(engine):
+    sampling = Sampling(n=2, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=11)
+    run = lambda: engine.generate(PROMPTS, sampling)  # noqa: E731
+    first, second = run(), run()
+    assert [[s.token_ids for s in g] for g in first] == [[s.token_ids for s in g] for g in second]
+
+
+def test_generation_without_logprobs_draws_the_same_samples(engine):
+    """Evaluation asks for no log-probs (they cost 12-15% of generation): the same seeded
+    samples and texts come back, with empty log-prob lists."""
+    run = lambda **kw: engine.generate(PROMPTS, Sampling(n=3, temperature=0.9, top_p=0.95,  # noqa: E731
+                                       max_new_tokens=7, seed=5, **kw))
+    with_lp, without = run(), run(logprobs=False)
+    assert [[(s.token_ids, s.text, s.finish_reason) for s in g] for g in with_lp] == \
+        [[(s.token_ids, s.text, s.finish_reason) for s in g] for g in without]
+    assert all(s.logprobs == [] for g in without for s in g)
+    assert all(len(s.logprobs) == len(s.token_ids) for g in with_lp for s in g)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_are_those_of_the_sampling_distribution(engine, hf_model, temperature):
+    groups = engine.generate(PROMPTS, Sampling(n=2, temperature=temperature, top_p=1.0, max_new_tokens=16, seed=0))
+    for prompt, group in zip(PROMPTS, groups):
+        for sample in group:
+            ref = hf_logprobs(hf_model, prompt, sample.token_ids, temperature)
+            assert torch.allclose(torch.tensor(sample.logprobs), ref, atol=TOL)
+
+
+def test_top_p_logprobs_are_renormalised_over_the_nucleus(engine, hf_model):
+    temperature, top_p = 0.7, 0.8
+    prompt = PROMPTS[1]
+    sample = engine.generate([prompt], Sampling(n=1, temperature=temperature, top_p=top_p, max_new_tokens=12,
+                             seed=4))[0][0]
+    ids = torch.tensor([prompt + sample.token_ids])
+    with torch.no_grad():
+        logits = hf_model(ids).logits[0, len(prompt) - 1:-1] / temperature
+    # the nucleus: drop the least likely tokens whose total probability is <= 1 - top_p
+    sorted_logits, order = logits.sort(dim=-1)
+    outside = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+    outside[:, -1] = False
+    kept = sorted_logits.masked_fill(outside, float("-inf"))
+    masked = torch.empty_like(logits).scatter(1, order, kept)  # back to vocabulary order
+    ref = torch.log_softmax(masked, -1).gather(1, torch.tensor(sample.token_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(sample.logprobs), ref, atol=TOL)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_match_hf(engine, hf_model, temperature):
+    prompt, response = PROMPTS[1], [9, 99, 199, 299, 399, 2, 7]
+    got = engine.token_logprobs(prompt, response, temperature)
+    assert torch.allclose(torch.tensor(got), hf_logprobs(hf_model, prompt, response, temperature), atol=TOL)
+
+
+def test_load_weights_updates_in_place(engine, tiny_model_dir):
+    prompt, response = PROMPTS[1], [9, 99, 199, 299, 399]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    before = torch.tensor(engine.token_logprobs(prompt, response))
+    try:
+        engine.load_weights(perturbed_state_dict(model))
+        after = torch.tensor(engine.token_logprobs(prompt, response, 0.7))
+        assert torch.allclose(after, hf_logprobs(model, prompt, response, 0.7), atol=TOL)
+        assert (torch.tensor(engine.token_logprobs(prompt, response)) - before).abs().max() > 1e-2
+        # a fresh generation (no stale prefix cache) samples from the new weights too
+        sample = engine.generate([prompt], Sampling(n=1, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=0))[0][0]
+        assert torch.allclose(torch.tensor(sample.logprobs), hf_logprobs(model, prompt, sample.token_ids),
+                              atol=TOL)
+    finally:
+        engine.load_weights(original)
+    assert torch.allclose(torch.tensor(engine.token_logprobs(prompt, response)), before, atol=1e-5)
+
+
+def test_load_weights_refuses_a_partial_or_foreign_state_dict(engine, tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    partial = dict(model.state_dict())
+    partial.pop("model.norm.weight")
+    with pytest.raises(ValueError, match="missing .*model.norm.weight"):
+        engine.load_weights(partial)
+    with pytest.raises(ValueError, match="unknown .*module.lm_head.weight"):
+        engine.load_weights({("module." + k if k == "lm_head.weight" else k): v
+                             for k, v in model.state_dict().items()})
+
+
+def test_prompt_too_long_for_the_engine_is_an_error(engine):
+    with pytest.raises(ValueError, match="rollout.max_model_len"):
+        engine.generate([list(range(250))], Sampling(n=1, temperature=1.0, top_p=1.0, max_new_tokens=16, seed=None))
+
+
+# ----------------------------------------------------------------------------- Ray actor
+
+def _prompt(pid: str, text: str) -> Prompt:
+    return Prompt(prompt_id=pid, domain="math", messages=[{"role": "user", "content": text}], ground_truth="5")
+
+
+def test_worker_generates_and_syncs_tied_weights_inside_ray(ray_local, tiny_tied_model_dir):
+    """The tied-embedding model (like SmolLM2): lm_head shares the embedding, and a
+    sync must still reach vLLM's output layer."""
+    cfg = small_rollout_config()
+    worker = GenerationWorker.options(num_cpus=1, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}).remote(
+        tiny_tied_model_dir, cfg, "float32", 64, 0)
+    try:  # the session's Ray: kill the worker whatever happens, to free its CPU for later tests
+        assert ray.get(worker.ping.remote()) and ray.get(worker.version.remote()) == 0
+        tok = AutoTokenizer.from_pretrained(tiny_tied_model_dir)
+        prompts = [_prompt("p0", "What is 2+3?"), _prompt("p1", "Write a function.")]
+        sampling = Sampling(n=3, temperature=1.0, top_p=1.0, max_new_tokens=5)
+
+        groups = ray.get(worker.generate.remote(prompts, sampling))
+        assert [g.prompt.prompt_id for g in groups] == ["p0", "p1"]
+        assert all(s.logprobs for g in groups for s in g.samples)
+        unscored = ray.get(worker.generate.remote(prompts, replace(sampling, seed=3, logprobs=False)))
+        assert all(s.logprobs == [] and s.token_ids for g in unscored for s in g.samples)
+        assert all(g.policy_version == 0 and len(g.samples) == 3 for g in groups)
+        assert groups[0].prompt_token_ids == chat_prompt_ids(tok, prompts[0].messages)
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_tied_model_dir, dtype=torch.float32).eval()
+        new_weights = perturbed_state_dict(model, seed=5)
+        new_weights.pop("lm_head.weight")  # a tied learner may send only the embedding
+        assert load_into(worker, new_weights, 7) == 7  # through the object store, as a late joiner
+        assert ray.get(worker.version.remote()) == 7
+        groups = ray.get(worker.generate.remote(prompts, sampling, policy_version_expected=7))
+        assert all(g.policy_version == 7 for g in groups)
+        ids, sample = groups[0].prompt_token_ids, groups[0].samples[0]
+        assert torch.allclose(torch.tensor(sample.logprobs), hf_logprobs(model, ids, sample.token_ids), atol=TOL)
+        got = ray.get(worker.token_logprobs.remote(ids, [11, 22, 33]))
+        assert torch.allclose(torch.tensor(got), hf_logprobs(model, ids, [11, 22, 33]), atol=TOL)
+
+        with pytest.raises(RuntimeError, match="holds policy version 7"):
+            ray.get(worker.generate.remote(prompts, sampling, policy_version_expected=6))
+        with pytest.raises(ValueError, match="prompt 'long'"):
+            ray.get(worker.generate.remote([_prompt("long", "x " * 200)], sampling))
+        with pytest.raises(TypeError, match="must be a records.Sampling"):  # no untyped settings bag
+            ray.get(worker.generate.remote(prompts, {"n": 3, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 5}))
+    finally:
+        ray.kill(worker)
+
+
+# ----------------------------------------------------------------------------- SmolLM2 (slow)
+
+@pytest.mark.slow
+def test_smollm2_serves_and_syncs_on_vllm(smollm2_dir):
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    start = time.perf_counter()
+    eng = VLLMEngine(smollm2_dir, small_rollout_config(kv_cache_memory_bytes=128 << 20), "float32",
+                     max_model_len=512)
+    print(f"\n[timing] SmolLM2 vLLM engine start incl. warm-up: {time.perf_counter() - start:.1f} s")
+    ids = chat_prompt_ids(tok, [{"role": "user", "content": "What is 2+3?"}])
+    greedy = eng.generate([ids], Sampling(n=1, temperature=0.0, top_p=1.0, max_new_tokens=24, seed=None))[0][0]
+    print(f"[smollm2] greedy answer to 'What is 2+3?': {greedy.text!r}")
+    assert any(ch.isalnum() for ch in greedy.text)
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    assert torch.allclose(torch.tensor(greedy.logprobs), hf_logprobs(model, ids, greedy.token_ids), atol=2e-3)
+    new_weights = perturbed_state_dict(model, scale=0.002)
+    start = time.perf_counter()
+    eng.load_weights(new_weights)
+    print(f"[timing] SmolLM2 load_weights: {time.perf_counter() - start:.2f} s")
+    got = eng.token_logprobs(ids, greedy.token_ids)
+    assert torch.allclose(torch.tensor(got), hf_logprobs(model, ids, greedy.token_ids), atol=2e-3)
