@@ -32,7 +32,10 @@ class MathCheckPool:
     """`check(pairs)` -> one MathVerdict per (gold, answer) pair, never blocking longer
     than about `timeout_s + HARD_SLACK_S` per check."""
 
-    def __init__(self, processes: int, timeout_s: int, memory_mb: int) -> None:
+    def __init__(self, processes: int, timeout_s: int, memory_mb: int, child_script: Path = CHILD_SCRIPT,
+                 hard_slack_s: float = HARD_SLACK_S) -> None:
+        """child_script, hard_slack_s: the checker process and the grace past timeout_s
+        before it is replaced; fault tests pass a checker that hangs."""
         if not isinstance(timeout_s, int) or timeout_s < 1:
             raise ValueError(f"reward.math_timeout_s={timeout_s!r}: must be a whole number of seconds "
                              f">= 1 (math-verify's alarm only takes whole seconds)")
@@ -41,8 +44,8 @@ class MathCheckPool:
         self.timeout_s = timeout_s
         self.memory_bytes = memory_mb << 20
         self._pool = ChildPool(
-            child_argv(str(CHILD_SCRIPT), self.memory_bytes, timeout_s, "math"), processes,
-            deadline_s=timeout_s + HARD_SLACK_S, label="math-check",
+            child_argv(str(child_script), self.memory_bytes, timeout_s, "math"), processes,
+            deadline_s=timeout_s + hard_slack_s, label="math-check",
             start_hint=f"check that math-verify is installed (run `{sys.executable} -c 'import math_verify'` "
                        f"to see why) and reward.math_memory_mb is large enough")
         self._cache: OrderedDict[tuple[str, str], MathVerdict] = OrderedDict()

@@ -15,7 +15,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import ray
 from ray.exceptions import RayActorError
 
 from actors.ray_ops import RayOps
@@ -45,11 +44,14 @@ class RayRolloutFleet:
     `python -m srpo_ray.scale` writes resize requests (the run dir); None: no requests."""
 
     def __init__(self, pool: WorkerPool, chunks_per_worker: int = 2, max_staleness: int = 0,
-                 control_dir: str | Path | None = None, sleep: bool = False):
+                 control_dir: str | Path | None = None, sleep: bool = False, ops: RayOps | None = None):
         """sleep: the generators share GPUs with the learner; their engines release
         their memory after each generate call and wake for the weight update (weights)
-        and the next call (KV cache): vLLM's sleep mode, as verl, OpenRLHF and slime do."""
+        and the next call (KV cache): vLLM's sleep mode, as verl, OpenRLHF and slime do.
+        ops: the Ray calls the fleet makes (get, kill; the transports' too): tests pass
+        fakes that answer or fail as a worker would."""
         self.pool, self.chunks_per_worker = pool, chunks_per_worker
+        self.ops = ops or RayOps()
         self.max_staleness, self.control_dir, self.sleep = max_staleness, control_dir, sleep
         self.version = 0  # the latest pushed version; the model_path weights are version 0
         self._delivery: _Published | None = None
@@ -74,7 +76,7 @@ class RayRolloutFleet:
         def receive(m: Member, i: int, ref: Any) -> Any:
             self._finish_sync(m)
             try:
-                groups = ray.get(ref)
+                groups = self.ops.get(ref)
             except StalePolicyError as stale:  # the worker was not where we thought
                 m.version = stale.held if stale.held >= 0 else None
                 return self._discard(len(chunks[i]))
@@ -98,7 +100,7 @@ class RayRolloutFleet:
 
     def _put_to_sleep(self) -> None:
         members = [m for m in self.pool.ready() if not m.asleep]
-        for m, out in zip(members, _outcomes([m.handle.sleep.remote() for m in members])):
+        for m, out in zip(members, outcomes(self.ops, [m.handle.sleep.remote() for m in members])):
             if isinstance(out, RayActorError):
                 self.pool.lost(m)
             elif isinstance(out, BaseException):
@@ -110,7 +112,7 @@ class RayRolloutFleet:
         """Bring back `tags` of every ready worker's engine memory that is asleep."""
         members = [m for m in self.pool.ready() if set(m.asleep) & set(tags)]
         refs = [m.handle.wake_up.remote([t for t in m.asleep if t in tags]) for m in members]
-        for m, out in zip(members, _outcomes(refs)):
+        for m, out in zip(members, outcomes(self.ops, refs)):
             if isinstance(out, RayActorError):
                 self.pool.lost(m)
             elif isinstance(out, BaseException):
@@ -135,20 +137,20 @@ class RayRolloutFleet:
             if self.sleep:
                 self._wake(("weights",))  # the KV cache stays released until the next generate
             members = self.pool.ready()
-            outcomes = self._delivery.deliver(members, version)
-            lost = [(m, out) for m, out in zip(members, outcomes)
+            answers = self._delivery.deliver(members, version)
+            lost = [(m, out) for m, out in zip(members, answers)
                     if isinstance(out, (RayActorError, WeightDeliveryError))]
             for m, out in lost:
                 if isinstance(out, WeightDeliveryError):  # alive but stuck in a broken transfer
                     log.warning("generation worker %d: %s; replacing it", m.index, out)
-                    ray.kill(m.handle, no_restart=True)
+                    self.ops.kill(m.handle)
                 self.pool.lost(m, out)
             if lost:  # a group transfer breaks for everyone when one receiver dies: send again
                 continue
-            errors = [out for out in outcomes if isinstance(out, BaseException)]
+            errors = [out for out in answers if isinstance(out, BaseException)]
             if errors:
                 raise errors[0]
-            held = list(outcomes)
+            held = list(answers)
             if any(v != version for v in held):
                 raise RuntimeError(f"weight sync failed: generators hold versions {held}, expected {version}")
             for m in members:
@@ -176,7 +178,7 @@ class RayRolloutFleet:
             return
         ref, m.pending_sync = m.pending_sync, None
         try:
-            held = ray.get(ref)  # RayActorError (worker died) is the pool's business
+            held = self.ops.get(ref)  # RayActorError (worker died) is the pool's business
         except WeightsSupersededError:  # newer weights replaced these before it loaded them:
             m.version = None            # it kept its old ones; the next chunk syncs it again
             return
@@ -237,18 +239,17 @@ class RayRolloutFleet:
             out["time/weight_load"] = max(loads)
         return out
 
-    @staticmethod
-    def _load_seconds(members: list[Member]) -> list[float]:
+    def _load_seconds(self, members: list[Member]) -> list[float]:
         """Each worker's load of the push that just finished: the last of the loads it
         timed since it was last asked (earlier ones were catch-ups of a worker that joined
         between pushes, not part of this push). One that died meanwhile has none to give:
         metrics never fail a step."""
-        outcomes = _outcomes([m.handle.pop_load_seconds.remote() for m in members])
-        return [out[-1] for out in outcomes if isinstance(out, list) and out]
+        loads = outcomes(self.ops, [m.handle.pop_load_seconds.remote() for m in members])
+        return [out[-1] for out in loads if isinstance(out, list) and out]
 
     def _delivery_for(self, weights: PublishedWeights) -> "_Published":
         if weights.transport not in self._transports:
-            self._transports[weights.transport] = transport_class(weights.transport)(RayOps())
+            self._transports[weights.transport] = transport_class(weights.transport)(self.ops)
         return _Published(weights, self._transports[weights.transport])
 
 
@@ -273,13 +274,6 @@ def chunk_count(workers: int, chunks_per_worker: int) -> int:
     workers; one worker gains nothing from them and would run two smaller vLLM batches
     one after the other."""
     return 1 if workers <= 1 else workers * chunks_per_worker
-
-
-def _outcomes(refs: list[Any]) -> list[Any]:
-    return outcomes(_RAY, refs)
-
-
-_RAY = RayOps()
 
 
 class RayRewardFleet:

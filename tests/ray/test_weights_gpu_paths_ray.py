@@ -95,9 +95,12 @@ def test_the_fleet_replaces_stuck_workers_and_sends_again(monkeypatch):
     class Delivery:
         def deliver(self, members, version):
             return next(rounds)
-    fleet = fleets.RayRolloutFleet(Pool())
+    class Ops:  # the fleet's Ray calls: a kill is recorded
+        def kill(self, handle):
+            killed.append(handle)
+
+    fleet = fleets.RayRolloutFleet(Pool(), ops=Ops())
     monkeypatch.setattr(fleet, "_delivery_for", lambda w: Delivery())
-    monkeypatch.setattr(fleets.ray, "kill", lambda h, no_restart: killed.append(h))
     asked = []  # load times are asked once, of the members that took the weights
     monkeypatch.setattr(fleet, "_load_seconds", lambda members: asked.append([m.handle for m in members]) or [])
     fleet.push_weights(PublishedWeights("object_store", []), 7)
@@ -105,7 +108,7 @@ def test_the_fleet_replaces_stuck_workers_and_sends_again(monkeypatch):
     assert asked == [["h0"]]  # the one worker the second round's pool still holds
 
 
-def test_a_push_reports_each_workers_last_load(monkeypatch):
+def test_a_push_reports_each_workers_last_load():
     """A worker that joined between pushes also timed its catch-up load: only the load of
     the push just finished counts; a worker that died has none."""
     from ray.exceptions import RayActorError
@@ -116,6 +119,11 @@ def test_a_push_reports_each_workers_last_load(monkeypatch):
         def __init__(self, answer):
             self.pop_load_seconds = type("Method", (), {"remote": staticmethod(lambda: answer)})()
 
-    monkeypatch.setattr(fleets, "_outcomes", lambda refs: refs)  # the answers stand for their refs
+    class Ops:  # the answers stand for their refs; an error is raised, as ray.get does
+        def get(self, ref, timeout=None):
+            if isinstance(ref, BaseException):
+                raise ref
+            return ref
+
     members = [type("M", (), {"handle": Handle(a)})() for a in ([5.0, 0.8], [0.9], [], RayActorError())]
-    assert fleets.RayRolloutFleet._load_seconds(members) == [0.8, 0.9]
+    assert fleets.RayRolloutFleet(pool=None, ops=Ops())._load_seconds(members) == [0.8, 0.9]

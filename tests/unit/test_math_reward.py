@@ -7,7 +7,6 @@ import pytest
 
 from srpo_ray.config.schema import RewardConfig
 from srpo_ray.records import Prompt, RolloutGroup, Sample, ScoreRequest
-from srpo_ray.rewards import math_pool
 from srpo_ray.rewards.math_check import extract_final_answer
 from srpo_ray.rewards.math_pool import MathCheckPool
 from srpo_ray.rewards.scorer import RewardScorer
@@ -240,15 +239,13 @@ def test_slow_check_times_out_and_is_flagged(scorer):
     assert (result.reward, result.correct, result.info.get("timeout")) == (0.0, False, True)
 
 
-def test_stuck_checker_is_killed_and_replaced(tmp_path, monkeypatch):
+def test_stuck_checker_is_killed_and_replaced(tmp_path):
     # A checker stuck where its alarm cannot reach it (e.g. in C code) stands in for
     # the real one here; the real one's own timeout is tested above.
     stuck = tmp_path / "stuck_child.py"
     stuck.write_text("import sys, time\nprint('{\"ready\": true}', flush=True)\n"
                      "for line in sys.stdin:\n    time.sleep(3600)\n")
-    monkeypatch.setattr(math_pool, "CHILD_SCRIPT", stuck)
-    monkeypatch.setattr(math_pool, "HARD_SLACK_S", 0.2)
-    pool = MathCheckPool(processes=1, timeout_s=1, memory_mb=512)
+    pool = MathCheckPool(processes=1, timeout_s=1, memory_mb=512, child_script=stuck, hard_slack_s=0.2)
     try:
         old_pid = pool._children[0].proc.pid
         verdicts = pool.check([("1", "1"), ("2", "2")])
