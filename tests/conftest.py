@@ -13,9 +13,10 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _shutdown_ray_at_end():
-    yield
+def pytest_sessionfinish(session, exitstatus):
+    """Stop the shared local Ray after the last test. A hook, not a session fixture: a
+    fixture's teardown would run inside the last test's teardown, where the unit tier's
+    import guard is on if that test is a unit test."""
     ray = sys.modules.get("ray")  # only a test that imported Ray can have started it
     if ray is not None and ray.is_initialized():
         ray.shutdown()

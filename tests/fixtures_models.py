@@ -7,6 +7,8 @@ import torch
 from srpo_ray.config.schema import RolloutConfig
 
 SMALL_KV_BYTES = 32 << 20  # tiny models need little KV cache; keeps test engines small
+# A fixed prompt and response whose log-probs show which weights a worker holds.
+PROMPT, RESPONSE = list(range(20, 40)), [9, 99, 199, 299, 399, 7]
 
 
 def small_rollout_config(**overrides) -> RolloutConfig:
@@ -34,3 +36,15 @@ def perturbed_state_dict(model: torch.nn.Module, scale: float = 0.05, seed: int 
         for p in model.parameters():
             p.add_(scale * torch.randn(p.shape, generator=gen))
     return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_workers_hold(handles: list, model: torch.nn.Module, version: int, atol: float) -> None:
+    """Every generation worker holds `version` and scores PROMPT/RESPONSE like an HF
+    forward of `model` (within atol)."""
+    import ray  # only the Ray and GPU tiers call this
+
+    ref = hf_logprobs(model, PROMPT, RESPONSE)
+    for handle in handles:
+        assert ray.get(handle.version.remote()) == version
+        got = torch.tensor(ray.get(handle.token_logprobs.remote(PROMPT, RESPONSE)))
+        assert torch.allclose(got, ref, atol=atol), (got, ref)

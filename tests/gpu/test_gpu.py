@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+from fixtures_models import PROMPT, RESPONSE
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -22,7 +23,6 @@ pytestmark = [pytest.mark.gpu,
 GPU_TOL = 5e-2  # vLLM's bf16 CUDA kernels against an fp32 HF forward of the same bf16 weights
 SHARE = 0.4  # of the GPU per actor: a learner and a generator fit together
 ENGINE = dict(gpus_per_worker=SHARE, gpu_memory_utilization=0.25, enforce_eager=True)
-PROMPT, RESPONSE = list(range(20, 40)), [9, 99, 199, 299, 399, 7]
 
 
 def _bf16_reference(model_dir: str, seed: int, out_dir) -> torch.nn.Module:
@@ -38,14 +38,9 @@ def _bf16_reference(model_dir: str, seed: int, out_dir) -> torch.nn.Module:
 
 
 def _assert_holds(handles, model, version: int) -> None:
-    import ray
-    from fixtures_models import hf_logprobs
+    from fixtures_models import assert_workers_hold
 
-    ref = hf_logprobs(model, PROMPT, RESPONSE)
-    for handle in handles:
-        assert ray.get(handle.version.remote()) == version
-        got = torch.tensor(ray.get(handle.token_logprobs.remote(PROMPT, RESPONSE)))
-        assert torch.allclose(got, ref, atol=GPU_TOL), (got, ref)
+    assert_workers_hold(handles, model, version, GPU_TOL)
 
 
 def _fleet(model_dir: str, sleep: bool = False, weight_transfer: str | None = "ipc"):

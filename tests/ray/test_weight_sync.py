@@ -10,7 +10,13 @@ from __future__ import annotations
 import pytest
 import ray
 import torch
-from fixtures_models import hf_logprobs, perturbed_state_dict, small_rollout_config
+from fixtures_models import (
+    PROMPT,
+    RESPONSE,
+    assert_workers_hold,
+    perturbed_state_dict,
+    small_rollout_config,
+)
 from local_ray import ensure_local_ray
 from transformers import AutoModelForCausalLM
 
@@ -24,7 +30,6 @@ from srpo_ray.weights.transport import resolve_transport
 
 TOL = 1e-3
 BUCKET_BYTES = 64 << 10  # the tiny models (~0.6 MB) then travel in about ten buckets
-PROMPT, RESPONSE = list(range(20, 40)), [9, 99, 199, 299, 399, 7]
 
 
 # ----------------------------------------------------------------------------- pure
@@ -87,12 +92,7 @@ def generation_pool(model_dir: str, size: int, **rollout_overrides) -> WorkerPoo
 
 
 def assert_holds(handles, model, version: int) -> None:
-    """Every worker holds `version` and scores like an HF forward of `model`."""
-    ref = hf_logprobs(model, PROMPT, RESPONSE)
-    for h in handles:
-        assert ray.get(h.version.remote()) == version
-        got = torch.tensor(ray.get(h.token_logprobs.remote(PROMPT, RESPONSE)))
-        assert torch.allclose(got, ref, atol=TOL), (got, ref)
+    assert_workers_hold(handles, model, version, TOL)
 
 
 @pytest.fixture(scope="module", params=["untied", "tied"])
