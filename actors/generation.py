@@ -72,8 +72,17 @@ class GenerationWorkerImpl:
                                  f"template, over data.max_prompt_tokens={self.max_prompt_tokens}; "
                                  "raise it or drop the prompt from the data")
         samples = self.engine.generate(prompt_ids, sampling)
-        return [RolloutGroup(prompt=p, prompt_token_ids=ids, samples=s, policy_version=self._version)
-                for p, ids, s in zip(prompts, prompt_ids, samples)]
+        return [RolloutGroup.of(p, ids, s, self._version) for p, ids, s in zip(prompts, prompt_ids, samples)]
+
+    def generate_apart(self, prompts: list[Prompt], sampling: Sampling,
+                       policy_version_expected: int | None = None) -> list[Any]:
+        """`generate`, for a caller that leaves tokens and texts in the object store: call
+        it with num_returns = 1 + 2 * len(prompts). The first value is the groups without
+        tokens and texts (what the driver reads); then, per group, its GroupTokens and its
+        texts, one object each, so a learner rank fetches only the tokens of its groups and
+        a reward worker only texts."""
+        groups = self.generate(prompts, sampling, policy_version_expected)
+        return [[g.by_reference(None, None) for g in groups], *(x for g in groups for x in (g.tokens, g.texts))]
 
     def weights_call(self, transport: str, op: str, *args: Any) -> Any:
         """The one weight endpoint: `op` ("load", or a set-up call such as "join") of

@@ -23,7 +23,7 @@ import torch
 
 from actors.ray_ops import RayOps
 from srpo_ray.config.schema import SRPOConfig, resolve_dtype
-from srpo_ray.learner.batch import TrainBatch
+from srpo_ray.learner.plan import TrainShard, fetch_and_build
 from srpo_ray.telemetry.console import redirect_actor_output
 from srpo_ray.weights.common import free_port
 from srpo_ray.weights.endpoints import WeightSender
@@ -107,9 +107,12 @@ class LearnerRankImpl(WeightServing):
     def setup(self) -> None:
         self.learner.setup()
 
-    def train_step(self, shard: TrainBatch, loss_denominator: float, temperature: float) -> dict:
+    def train_step(self, shard: TrainShard, loss_denominator: float, temperature: float) -> dict:
+        """This rank's part of one update: its rows' tokens are fetched here, by reference
+        from the object store (not through the driver), and padded into its batch."""
         self._weights_copied()
-        return self.learner.train_step(shard, loss_denominator, temperature)
+        batch = fetch_and_build(shard, ray.get)
+        return self.learner.train_step(batch, loss_denominator, temperature)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         return self.learner.full_state_dict()

@@ -13,6 +13,8 @@ Construction fails with RewardScorer's RuntimeError when the sandbox does not wo
 """
 from __future__ import annotations
 
+from typing import Any
+
 import ray
 
 from srpo_ray.config.schema import RewardConfig
@@ -28,6 +30,14 @@ class RewardWorkerImpl:
 
     def score(self, requests: list[ScoreRequest]) -> list[list[RewardResult]]:
         return self._scorer.score_requests(requests)
+
+    def score_texts(self, keys: list[ScoreRequest], texts: list[Any]) -> list[list[RewardResult]]:
+        """Score answer keys (ScoreRequests without texts) against their group's texts:
+        a tuple, or a reference fetched here from the object store (not via the driver)."""
+        refs = [t for t in texts if not isinstance(t, tuple)]
+        fetched = iter(ray.get(refs) if refs else [])
+        held = [t if isinstance(t, tuple) else next(fetched) for t in texts]
+        return self._scorer.score_requests([k.with_texts(t) for k, t in zip(keys, held)])
 
     def ping(self) -> bool:
         return True

@@ -44,7 +44,7 @@ def run_bare(cfg: SRPOConfig) -> list[dict]:
     from srpo_ray.algo.overlong import apply_overlong_policy
     from srpo_ray.algo.stages import effective_sampling, prompts_per_step
     from srpo_ray.data.parquet import load_prompts
-    from srpo_ray.learner.batch import build_train_batch
+    from srpo_ray.learner.plan import build_train_batch
     from srpo_ray.models import chat_prompt_ids, resolve_model_path
     from srpo_ray.records import RolloutGroup, Sample, ScoredGroup, rollout_seed
     from srpo_ray.rewards.scorer import RewardScorer
@@ -93,12 +93,12 @@ def run_bare(cfg: SRPOConfig) -> list[dict]:
                 outputs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
                 texts = iter(tokenizer.batch_decode([list(c.token_ids) for o in outputs for c in o.outputs],
                                                     skip_special_tokens=True))
-                groups = [RolloutGroup(p, ids_, [Sample(list(c.token_ids),
+                groups = [RolloutGroup.of(p, ids_, [Sample(list(c.token_ids),
                                                         [row[t].logprob for row, t in zip(c.logprobs, c.token_ids)],
                                                         next(texts), c.finish_reason) for c in o.outputs], step - 1)
                           for p, ids_, o in zip(step_prompts, prompt_ids, outputs)]
             with timed(timings, "score"):
-                results = scorer.score_batch([(g.prompt, [s.text for s in g.samples]) for g in groups])
+                results = scorer.score_batch([(g.prompt, list(g.texts)) for g in groups])
                 scored = [ScoredGroup(g, r) for g, r in zip(groups, results)]
             for sg in scored:
                 ledger.observe(sg.group.prompt.prompt_id, sg.num_correct, len(sg.results))

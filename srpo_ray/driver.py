@@ -3,7 +3,8 @@
 Runs alone (starts a local Ray on 127.0.0.1) or under
 `ray job submit -- python -m srpo_ray.driver ...` (joins that cluster). The loop itself
 is `SRPOTrainer.fit` (srpo_ray/loop/trainer.py); what the console shows is
-srpo_ray/telemetry/console.py's business."""
+srpo_ray/telemetry/console.py's business. SIGTERM (preemption) stops the run at the next
+step end with a checkpoint and exit status 0 (srpo_ray/loop/stop.py)."""
 from __future__ import annotations
 
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from srpo_ray.config.load import ConfigError, parse_cli
 from srpo_ray.data.parquet import DataError
+from srpo_ray.loop.stop import PreemptionAbort, preemption_signals
 from srpo_ray.models import ModelPathError
 from srpo_ray.runtime.learner_group import LearnerRankDiedError
 from srpo_ray.telemetry.console import console_logging
@@ -35,16 +37,30 @@ def main(argv: list[str] | None = None) -> int:
 
     # the console keeps progress, events and errors; library output goes to RUN_DIR/logs/
     with console_logging(cfg.trainer.run_dir, verbose=cfg.metrics.verbose) as logs:
+        trainer = None
         try:
             with build_trainer(cfg, resume=resume) as trainer:
-                if resume:
-                    trainer.resume()
-                trainer.fit()
+                # after Ray started: ray.init installs a SIGTERM handler of its own
+                with preemption_signals(trainer.stop_request, cfg.trainer.preempt_grace_s):
+                    if resume:
+                        trainer.resume()
+                    trainer.fit()
+            if trainer.stopped:
+                print(f"srpo_ray: stopped on {trainer.stop_request.reason} after step {trainer.step}; checkpoint "
+                      f"{trainer.checkpoints.latest()} committed; continue with the same command and --resume",
+                      file=sys.stderr)
+                return 0
             report_run(cfg.trainer.run_dir, trainer.step, time.monotonic() - started,
                        trainer.checkpoints.latest(), logs)
         except user_errors() as e:
             print(f"srpo_ray: error: {e}", file=sys.stderr)
             return 2
+        except PreemptionAbort as e:
+            latest = trainer.checkpoints.latest() if trainer is not None else None
+            print(f"srpo_ray: error: {e}: what was trained after {latest or 'the start'} is lost "
+                  f"(the run was at step {trainer.step if trainer is not None else 0}); "
+                  f"--resume continues from {latest or 'the start'}", file=sys.stderr)
+            return 1
         except LearnerRankDiedError as e:
             print(f"srpo_ray: error: {e}", file=sys.stderr)
             return 1

@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 DOMAINS = ("math", "code")  # the built-in rewards; rows scored by a reward plug-in may have any domain
 _DOMAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_.+-]{0,63}")
 
@@ -104,23 +106,105 @@ class Sampling:
 
 @dataclass
 class Sample:
-    """One rollout: the response tokens, the sampler's log-probability of each, and the
-    decoded text. `finish_reason` is "stop" or "length" (truncated)."""
+    """One rollout as an engine returns it: the response tokens (int32), the sampler's
+    log-probability of each (float32; empty when not asked for), the decoded text, and
+    `finish_reason` "stop" or "length" (truncated). Lists are accepted and stored as
+    numpy arrays: a token costs 4 + 4 bytes, not two Python objects."""
 
-    token_ids: list[int]
-    logprobs: list[float]
+    token_ids: np.ndarray
+    logprobs: np.ndarray
     text: str
+    finish_reason: str
+
+    def __post_init__(self) -> None:
+        self.token_ids = np.asarray(self.token_ids, dtype=np.int32).reshape(-1)
+        self.logprobs = np.asarray(self.logprobs, dtype=np.float32).reshape(-1)
+
+
+@dataclass(frozen=True)
+class SampleSummary:
+    """What the driver knows of one sample without its tokens (lengths, truncation)."""
+
+    num_tokens: int
     finish_reason: str
 
 
 @dataclass
+class GroupTokens:
+    """The tokens of one rollout group, as compact arrays: the prompt's token ids, the
+    responses' token ids and sampler log-probs concatenated (sample i is
+    `offsets[i]:offsets[i+1]`). In a Ray run they stay in the object store: learner ranks
+    fetch them by reference, the driver never does (only for the few groups written to
+    rollouts.jsonl)."""
+
+    prompt_token_ids: np.ndarray  # int32 [P]
+    token_ids: np.ndarray  # int32 [sum of response lengths]
+    logprobs: np.ndarray  # float32, as token_ids, or empty (not asked for)
+    offsets: np.ndarray  # int64 [n + 1]
+
+    @classmethod
+    def of(cls, prompt_token_ids: Any, samples: list[Sample]) -> "GroupTokens":
+        lengths = [len(s.token_ids) for s in samples]
+        with_logprobs = any(len(s.logprobs) for s in samples)
+        for i, s in enumerate(samples):
+            if with_logprobs and len(s.logprobs) != len(s.token_ids):
+                raise ValueError(f"sample {i} has {len(s.token_ids)} tokens but {len(s.logprobs)} log-probs; "
+                                 "request one log-prob per sampled token from the generator")
+        empty_i, empty_f = np.zeros(0, np.int32), np.zeros(0, np.float32)
+        return cls(prompt_token_ids=np.asarray(prompt_token_ids, dtype=np.int32).reshape(-1),
+                   token_ids=np.concatenate([s.token_ids for s in samples]) if samples else empty_i,
+                   logprobs=np.concatenate([s.logprobs for s in samples]) if with_logprobs else empty_f,
+                   offsets=np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64))
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.offsets) - 1
+
+    def response(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample i's token ids and log-probs (empty log-probs when none were asked for)."""
+        lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.token_ids[lo:hi], self.logprobs[lo:hi] if len(self.logprobs) else self.logprobs
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.prompt_token_ids.nbytes + self.token_ids.nbytes + self.logprobs.nbytes + self.offsets.nbytes)
+
+
+@dataclass
 class RolloutGroup:
-    """The n samples drawn for one prompt by one policy version."""
+    """The n samples drawn for one prompt by one policy version: what the driver reads
+    (summaries, prompt length), and the tokens and texts, each here (GroupTokens, a
+    tuple of str) or by reference (Ray object refs in a Ray run: learner ranks fetch
+    the tokens, reward workers the texts; `here` refuses references)."""
 
     prompt: Prompt
-    prompt_token_ids: list[int]
-    samples: list[Sample]
+    prompt_len: int
+    samples: list[SampleSummary]
     policy_version: int
+    tokens: Any  # GroupTokens, or a reference to one
+    texts: Any  # tuple[str, ...], or a reference to one
+
+    @classmethod
+    def of(cls, prompt: Prompt, prompt_token_ids: Any, samples: list[Sample], policy_version: int) -> "RolloutGroup":
+        """A group with its tokens and texts here, from an engine's samples."""
+        return cls(prompt, len(prompt_token_ids),
+                   [SampleSummary(len(s.token_ids), s.finish_reason) for s in samples],
+                   policy_version, GroupTokens.of(prompt_token_ids, samples), tuple(s.text for s in samples))
+
+    def by_reference(self, tokens: Any, texts: Any) -> "RolloutGroup":
+        """This group's summary, with its tokens and texts replaced by references."""
+        return replace(self, tokens=tokens, texts=texts)
+
+
+def here(groups: list[RolloutGroup]) -> list[RolloutGroup]:
+    """The groups, checked to hold their tokens and texts here (tests, one-process
+    runs); references are the rollout fleet's to fetch (RayRolloutFleet.fetch)."""
+    for g in groups:
+        if not isinstance(g.tokens, GroupTokens) or not isinstance(g.texts, tuple):
+            raise TypeError(f"the tokens or texts of group {g.prompt.prompt_id!r} are references "
+                            f"({type(g.tokens).__name__}, {type(g.texts).__name__}): fetch them through the "
+                            "rollout fleet")
+    return list(groups)
 
 
 @dataclass
@@ -152,9 +236,18 @@ class ScoreRequest:
 
     @classmethod
     def of(cls, group: "RolloutGroup") -> "ScoreRequest":
+        """The request for a group whose texts are here."""
+        return cls.key_of(group).with_texts(here([group])[0].texts)
+
+    @classmethod
+    def key_of(cls, group: "RolloutGroup") -> "ScoreRequest":
+        """The answer key without texts: a reward worker fills them in, fetched by
+        reference from the object store (with_texts)."""
         p = group.prompt
-        return cls(p.prompt_id, p.domain, p.data_source, p.ground_truth, p.extra_info,
-                   tuple(s.text for s in group.samples))
+        return cls(p.prompt_id, p.domain, p.data_source, p.ground_truth, p.extra_info, ())
+
+    def with_texts(self, texts: tuple[str, ...]) -> "ScoreRequest":
+        return replace(self, texts=tuple(texts))
 
 
 def join_scores(groups: list["RolloutGroup"], results: list[list["RewardResult"]]) -> list["ScoredGroup"]:

@@ -143,11 +143,18 @@ class KillDuringCall:
         proxy = self
 
         class _Method:
+            def __init__(self, options: dict | None = None):
+                self._options = options or {}
+
+            def options(self, **options: Any) -> "_Method":  # e.g. num_returns, as the fleet calls it
+                return _Method(options)
+
             def remote(self, *args: Any, **kwargs: Any) -> Any:
+                call = attr.options(**self._options) if self._options else attr
                 if proxy.killed or not proxy._when(*args, **kwargs):
-                    return attr.remote(*args, **kwargs)
+                    return call.remote(*args, **kwargs)
                 proxy._handle.__ray_call__.remote(_hold, 60.0)
-                ref = attr.remote(*args, **kwargs)
+                ref = call.remote(*args, **kwargs)
                 ray.kill(proxy._handle, no_restart=True)
                 proxy.killed = True
                 return ref

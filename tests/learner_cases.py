@@ -9,7 +9,8 @@ import socket
 import torch
 
 from srpo_ray.config.schema import SRPOConfig
-from srpo_ray.learner.batch import TrainBatch, build_train_batch
+from srpo_ray.learner.batch import TrainBatch
+from srpo_ray.learner.plan import build_train_batch
 from srpo_ray.records import Prompt, RewardResult, RolloutGroup, Sample, ScoredGroup
 
 TEMPERATURE = 0.7
@@ -49,7 +50,7 @@ def scored_batch(model_path: str, lengths: list[int], advantages: list[float], s
             logits = model(torch.tensor([prompt + resp])).logits
         lp = torch.log_softmax(logits[0, :-1] / TEMPERATURE, -1).gather(-1, torch.tensor(prompt + resp)[1:, None])
         sample = Sample(token_ids=resp, logprobs=lp[len(prompt) - 1:, 0].tolist(), text="", finish_reason="stop")
-        groups.append(ScoredGroup(RolloutGroup(Prompt(f"p{i}", "math", [], "1"), prompt, [sample], 0),
+        groups.append(ScoredGroup(RolloutGroup.of(Prompt(f"p{i}", "math", [], "1"), prompt, [sample], 0),
                                   [RewardResult(a, a > 0)]))
         advs.append([a])
     return build_train_batch(groups, advs, pad_token_id=0)

@@ -27,7 +27,7 @@ def apply_overlong_policy(scored: list, mode: str, max_new_tokens: int) -> tuple
             row = [fill if c else r for r, c in zip(row, cut)]
         elif mode == "penalty":
             start = max_new_tokens - buffer
-            row = [r - min(1.0, max(0.0, (len(s.token_ids) - start) / buffer))
+            row = [r - min(1.0, max(0.0, (s.num_tokens - start) / buffer))
                    for r, s in zip(row, sg.group.samples)]
         rewards.append(row)
     return rewards, {"overlong/frac": cut_count / max(1, total)}

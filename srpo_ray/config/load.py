@@ -276,6 +276,12 @@ def validate(cfg: SRPOConfig) -> None:
         raise ConfigError(str(e)) from None
     need(cfg.rollout.weight_bucket_mb > 0, "rollout.weight_bucket_mb", "must be > 0 (MiB per weight bucket)")
     need(cfg.rollout.max_staleness >= 0, "rollout.max_staleness", "must be >= 0 (0 = on-policy)")
+    for key, seconds in (("rollout.hung_after_s", cfg.rollout.hung_after_s),
+                         ("rollout.hung_after_s_per_token", cfg.rollout.hung_after_s_per_token),
+                         ("reward.hung_after_s", cfg.reward.hung_after_s),
+                         ("reward.hung_after_s_per_response", cfg.reward.hung_after_s_per_response or 0.0)):
+        need(seconds >= 0, key, "must be >= 0 seconds (rollout/reward.hung_after_s 0: no deadline)")
+    need(cfg.trainer.preempt_grace_s > 0, "trainer.preempt_grace_s", "must be > 0 seconds")
     need(not cfg.rollout.one_step_off or cfg.rollout.max_staleness >= 1, "rollout.one_step_off",
          "trains on rollouts one weight version old: set rollout.max_staleness >= 1 too")
     need(0 <= cfg.algo.eps_low < 1, "algo.eps_low", "must be in [0, 1)")

@@ -151,6 +151,18 @@ class RolloutConfig:
     max_staleness >= 1. Pair it with algo.tis_cap (e.g. 2) to correct the loss for the
     lag. No step collects ahead across a checkpoint save, so a checkpoint never holds
     untrained rollouts."""
+    hung_after_s: float = 600.0
+    """A generation worker that has not answered a chunk this many seconds after it was
+    handed the chunk, plus hung_after_s_per_token for each token the chunk may sample,
+    is taken as hung (alive but not answering: a wedged engine, a stopped process): it is
+    killed and replaced, the chunk is re-issued, and the log names the worker. The
+    tokens: prompts x samples x max_new_tokens, at the largest n (or eval.k) and
+    max_new_tokens of any stage or evaluation. 0: no deadline (only a dead worker is
+    replaced). Our choice: 10 minutes, so a slow engine start or a loaded host is not
+    taken for a hang."""
+    hung_after_s_per_token: float = 0.02
+    """See hung_after_s (our choice: a bound for a CPU engine on a few cores; GPU engines
+    sample far faster, and a smaller value there notices a hung worker sooner)."""
 
 
 @dataclass
@@ -249,6 +261,18 @@ class RewardConfig:
     custom_processes: int = 2
     """Child processes per reward worker that run plug-in calls (only started when a
     plug-in is configured)."""
+    hung_after_s: float = 300.0
+    """A reward worker that has not answered a chunk this many seconds after it was
+    handed the chunk, plus hung_after_s_per_response for each response in it, is taken
+    as hung (alive but not answering): it is killed and replaced, the chunk is
+    re-issued, and the log names the worker. Responses: the chunk's groups x the largest
+    n (or eval.k) of any stage or evaluation. 0: no deadline (only a dead worker is
+    replaced). Our choice: 5 minutes."""
+    hung_after_s_per_response: Optional[float] = None
+    """See hung_after_s. null: the longest one response may take to score when every
+    check runs to its limit, one after another (the largest of math_timeout_s,
+    code_total_timeout_s and custom_timeout_s, plus 2 s of grace), so a chunk whose
+    every response times out is never taken for a hung worker."""
 
 
 @dataclass
@@ -318,6 +342,15 @@ class LearnerConfig:
     """Also cap a micro-batch at this many padded tokens (rows x longest row; a longer
     sequence goes alone): short sequences then share a pass, long ones don't blow up
     memory. 0: sequence count only. The loss and its denominator do not change."""
+    logprob_chunk_tokens: int = 1024
+    """Response tokens whose logits the learner builds at once: a micro-batch of more
+    than 2x this many positions (rows x longest row) gets its log-probs and entropy
+    from the final hidden states chunk by chunk (srpo_ray/learner/logprob_head.py),
+    never holding its [tokens, vocab] logits (10 GB at 16k tokens x Qwen2.5's 152k
+    vocabulary); a smaller one takes the model's full logits, as before (bit for bit).
+    0: always the full logits. One micro-batch of 16,384 response tokens x 151,936
+    vocabulary, float32 CPU, log-probs + entropy + backward (bench/bench_learner_head.py,
+    2026-12-07): chunked 1.27 GB peak; full logits 3.0 MB a token, 50 GB."""
     gradient_checkpointing: bool = False
     host_heap: str = "auto"
     """What a CPU step's freed host memory does (glibc; srpo_ray/host_heap.py).
@@ -393,6 +426,12 @@ class TrainerConfig:
     """Checkpoint every this many steps (0 = only at the end)."""
     keep_checkpoints: int = 2
     """Older checkpoints beyond this many are deleted (the newest is never deleted)."""
+    preempt_grace_s: float = 300.0
+    """After a SIGTERM (what Kubernetes and Slurm send before they kill a job) the driver
+    finishes the current step, saves a checkpoint and exits 0; if that takes longer than
+    this many seconds, or a second SIGTERM comes, it exits 1 without the checkpoint. Our
+    choice: 5 minutes, a step's time at most plus a save; keep it under the scheduler's
+    own grace (Kubernetes terminationGracePeriodSeconds, Slurm's --signal lead time)."""
 
 
 @dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -78,7 +79,8 @@ def run_eval(cfg, out: Path, logs: Optional[Path] = None, config_file: Optional[
     checked = preflight(cfg, train=False)
     model_path, prompts = checked.model_path, checked.eval_prompts
     with build_eval_roles(cfg, model_path, str(logs) if logs else None) as (rollout, rewards):
-        evaluator = Evaluator(cfg.eval, prompts, rollout, rewards, max_new_tokens=longest_response(cfg))
+        evaluator = Evaluator(cfg.eval, prompts, rollout, rewards, max_new_tokens=longest_response(cfg),
+                              fetch_texts=partial(rollout.fetch, tokens=False))
         with tqdm(total=len(evaluator.prompts), desc="eval", unit="problem", file=sys.stderr) as bar:
             report = evaluator.run(progress=lambda done, total: bar.update(done - bar.n))
     header = {"model": cfg.model.path, "data": list(cfg.eval.files)}

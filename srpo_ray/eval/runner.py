@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Protocol
 
 from srpo_ray.config.schema import EvalConfig
 from srpo_ray.eval.scores import ProblemResult, aggregate
-from srpo_ray.records import Prompt, RolloutGroup, Sampling, ScoredGroup, rollout_seed
+from srpo_ray.records import Prompt, RolloutGroup, Sampling, ScoredGroup, here, rollout_seed
 from srpo_ray.telemetry.metrics import timed
 
 ALL = "all"
@@ -66,10 +66,13 @@ class EvalReport:
 
 class Evaluator:
     def __init__(self, cfg: EvalConfig, prompts: list[Prompt], rollout: Generator, rewards: Scorer,
-                 max_new_tokens: int):
+                 max_new_tokens: int,
+                 fetch_texts: Callable[[list[RolloutGroup]], list[RolloutGroup]] = here):
         """prompts: every eval problem (eval.max_problems_per_source applied here);
-        max_new_tokens: the response cap when eval.max_new_tokens is 0."""
-        self.cfg, self.rollout, self.rewards = cfg, rollout, rewards
+        max_new_tokens: the response cap when eval.max_new_tokens is 0; fetch_texts:
+        returns the groups with their texts here (the report keeps them; the rollout
+        fleet's fetch without tokens when they stay in Ray's object store)."""
+        self.cfg, self.rollout, self.rewards, self.fetch_texts = cfg, rollout, rewards, fetch_texts
         self.prompts = first_per_source(prompts, cfg.max_problems_per_source)
         self.max_new_tokens = cfg.max_new_tokens or max_new_tokens
         # temperature 0 draws the same sample k times: one greedy decode says it all
@@ -124,6 +127,7 @@ class Evaluator:
                greedy_groups: list[RolloutGroup]) -> list[ProblemResult]:
         scored = self.rewards.score(groups + greedy_groups)
         sampled, greedy = scored[:len(groups)], scored[len(groups):]
+        texts = [g.texts for g in self.fetch_texts([sg.group for sg in sampled])]  # the report keeps them
         results = []
         for i, (prompt, sg) in enumerate(zip(batch, sampled)):
             if sg.group.prompt.prompt_id != prompt.prompt_id:
@@ -135,10 +139,10 @@ class Evaluator:
                 domain="custom" if custom else prompt.domain,
                 correct=[r.correct for r in sg.results],
                 answers=[_answer(prompt.domain, r.info) for r in sg.results],
-                lengths=[len(s.token_ids) for s in sg.group.samples],
+                lengths=[s.num_tokens for s in sg.group.samples],
                 truncated=[s.finish_reason == "length" for s in sg.group.samples],
                 greedy_correct=greedy[i].results[0].correct if greedy else None,
-                texts=[s.text for s in sg.group.samples]))
+                texts=list(texts[i])))
         return results
 
 

@@ -222,6 +222,8 @@ class VLLMEngine:
         requests; prefix caching shares the prefill)."""
         from vllm import SamplingParams
 
+        # plain ints: the ids may come as int32 arrays (records.Sample)
+        prompt_token_ids, response_token_ids = [int(t) for t in prompt_token_ids], [int(t) for t in response_token_ids]
         if not prompt_token_ids or not response_token_ids:
             raise ValueError("token_logprobs needs a non-empty prompt and response")
         if temperature <= 0:
@@ -270,11 +272,16 @@ class VLLMEngine:
                 "weights_iterator": weights, "is_checkpoint_format": True})
         else:
             # Worker processes cannot receive tensors through RPC: hand them a file (the
-            # fallback; GPU learners reach them through nccl / cuda_ipc instead).
+            # fallback; GPU learners reach them through nccl / cuda_ipc instead). Removed
+            # as soon as they have read it: a killed actor (ray.kill: no atexit) leaves
+            # nothing behind between updates, and RAM-backed /dev/shm holds no model copy.
             if self._reload_folder is None:
                 self._reload_folder = ReloadFolder()
-            self._llm.collective_rpc("reload_weights", kwargs={
-                "weights_path": self._reload_folder.write(weights), "is_checkpoint_format": True})
+            try:
+                self._llm.collective_rpc("reload_weights", kwargs={
+                    "weights_path": self._reload_folder.write(weights), "is_checkpoint_format": True})
+            finally:
+                self._reload_folder.close()
         self._llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
 
     def _check_names(self, names: set[str], expected: set[str]) -> None:
@@ -320,7 +327,13 @@ class VLLMEngine:
         self._llm.sleep(level=1)
 
     def wake_up(self, tags: list[str] | None = None) -> bool:
-        """Bring back "weights" (before an update), "kv_cache" (before sampling), or all."""
+        """Bring back "weights" (before an update), "kv_cache" (before sampling), or all.
+        This process's cached but unused GPU blocks go back to the driver first: vLLM's
+        wake-up allocates through the driver, not through PyTorch's cache."""
+        if self.on_gpu:
+            import torch
+
+            torch.cuda.empty_cache()  # a no-op where CUDA was never initialised here
         return self._llm.wake_up(tags)
 
     def close(self) -> None:

@@ -1,5 +1,5 @@
-"""Training batches: scored rollout groups -> padded tensors, split over learner ranks
-and into micro-batches. Pure torch; no Ray.
+"""Training batches: padded tensors, split over learner ranks and into micro-batches
+(the rows come from srpo_ray/learner/plan.py). Pure torch; no Ray.
 
 Token alignment (every [B, T] tensor of a TrainBatch follows it):
     row b is `prompt_token_ids + response token_ids`, right-padded to T with pad_token_id.
@@ -13,11 +13,10 @@ Token alignment (every [B, T] tensor of a TrainBatch follows it):
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, fields
 
 import torch
-
-from srpo_ray.records import ScoredGroup
 
 
 @dataclass
@@ -82,56 +81,21 @@ def empty_batch() -> TrainBatch:
     )
 
 
-def build_train_batch(groups: list[ScoredGroup], advantages: list[list[float]], pad_token_id: int,
-                      drop_zero_advantage_groups: bool = True) -> TrainBatch:
-    """Pack scored groups into one right-padded TrainBatch, one row per sample.
-
-    `advantages[g][i]` is the advantage of sample i of group g. With
-    `drop_zero_advantage_groups`, groups whose advantages are all zero (e.g. every
-    rollout got the same reward) are left out: they give no policy gradient, so
-    training on them only costs compute. The token-mean denominator (the batch's
-    `num_response_tokens`) then counts the tokens of the kept groups only.
-    Samples with an empty response carry nothing to train on and are skipped.
-    """
-    if len(groups) != len(advantages):
-        raise ValueError(f"build_train_batch: got {len(groups)} groups but {len(advantages)} "
-                         f"advantage lists; pass one list per group")
-    rows: list[tuple[list[int], int, list[float], float]] = []
-    for g, (scored, adv) in enumerate(zip(groups, advantages)):
-        samples = scored.group.samples
-        if len(adv) != len(samples):
-            raise ValueError(f"build_train_batch: group {g} (prompt {scored.group.prompt.prompt_id!r}) "
-                             f"has {len(samples)} samples but {len(adv)} advantages")
-        if drop_zero_advantage_groups and all(a == 0 for a in adv):
-            continue
-        prompt_ids = list(scored.group.prompt_token_ids)
-        if not prompt_ids:
-            raise ValueError(f"build_train_batch: group {g} (prompt {scored.group.prompt.prompt_id!r}) "
-                             f"has no prompt tokens; the first response token needs a context")
-        for i, (sample, a) in enumerate(zip(samples, adv)):
-            if len(sample.logprobs) != len(sample.token_ids):
-                raise ValueError(f"build_train_batch: group {g} sample {i} has {len(sample.token_ids)} "
-                                 f"tokens but {len(sample.logprobs)} log-probs; request one log-prob "
-                                 f"per sampled token from the generator")
-            if sample.token_ids:
-                rows.append((prompt_ids + list(sample.token_ids), len(prompt_ids),
-                             list(sample.logprobs), float(a)))
-    if not rows:
-        return empty_batch()
-    length = max(len(ids) for ids, *_ in rows)
-    n = len(rows)
-    input_ids = torch.full((n, length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros(n, length, dtype=torch.long)
-    response_mask = torch.zeros(n, length)
-    rollout_logprobs = torch.zeros(n, length)
-    for b, (ids, prompt_len, logprobs, _) in enumerate(rows):
-        input_ids[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[b, :len(ids)] = 1
-        response_mask[b, prompt_len:len(ids)] = 1
-        rollout_logprobs[b, prompt_len:len(ids)] = torch.tensor(logprobs, dtype=torch.float32)
-    return TrainBatch(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
-                      advantages=torch.tensor([a for *_, a in rows], dtype=torch.float32),
-                      rollout_logprobs=rollout_logprobs)
+def partition_by_length(lengths: list[int], world_size: int) -> list[list[int]]:
+    """Indices of `lengths` for each of `world_size` ranks, balanced by total length
+    (longest first onto the least-loaded rank, as verl's balance_batch), each in index
+    order. With fewer items than ranks some ranks get none: they still join every
+    collective (the learner runs dummy passes)."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    assigned: list[list[int]] = [[] for _ in range(world_size)]
+    ranks = [(0, 0, r) for r in range(world_size)]  # (load, rows, rank): the heap's least is the target
+    for i in order:
+        load, rows, rank = heapq.heappop(ranks)
+        assigned[rank].append(i)
+        heapq.heappush(ranks, (load + lengths[i], rows + 1, rank))
+    return [sorted(idx) for idx in assigned]
 
 
 def split_for_ranks(batch: TrainBatch, world_size: int) -> list[TrainBatch]:
@@ -140,17 +104,8 @@ def split_for_ranks(batch: TrainBatch, world_size: int) -> list[TrainBatch]:
     fewer sequences than ranks some shards are empty (`num_sequences == 0`), and those
     ranks must still take part in every collective (the learner runs dummy passes).
     Each shard keeps its sequences in batch order and is trimmed to its own length."""
-    if world_size < 1:
-        raise ValueError(f"split_for_ranks: world_size must be >= 1, got {world_size}")
     lengths = batch.attention_mask.sum(dim=1).tolist() if batch.num_sequences else []
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    load = [0] * world_size
-    assigned: list[list[int]] = [[] for _ in range(world_size)]
-    for i in order:
-        rank = min(range(world_size), key=lambda r: (load[r], len(assigned[r]), r))
-        assigned[rank].append(i)
-        load[rank] += lengths[i]
-    return [batch.select(sorted(idx)) if idx else empty_batch() for idx in assigned]
+    return [batch.select(idx) if idx else empty_batch() for idx in partition_by_length(lengths, world_size)]
 
 
 def split_into_chunks(batch: TrainBatch, num_chunks: int) -> list[TrainBatch]:

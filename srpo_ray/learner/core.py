@@ -24,6 +24,11 @@ keeps the same reference) and is never checkpointed. A training pass runs the re
 forward first (no grad, so its activations are freed before the policy's are built);
 a dummy pass does too, so the ranks' all-gathers stay in step.
 
+Log-probs (response_logprobs). A micro-batch of more than 2 x learner.logprob_chunk_tokens
+positions gets them from the final hidden states and the head, chunk by chunk
+(srpo_ray/learner/logprob_head.py), never building its [B, T, V] logits; a smaller one
+from model(...).logits and token_logprobs, bit for bit as before.
+
 Loading. Only rank 0 reads the model files; the other ranks build the model on the
 meta device, shard it and receive their shards (srpo_ray/learner/sharded_weights.py, which also
 holds full_state_dict and the checkpoints). Host memory: one full fp32 copy on rank 0
@@ -43,6 +48,7 @@ from srpo_ray.algo.loss import count_denominator, policy_loss
 from srpo_ray.config.schema import SRPOConfig, resolve_dtype
 from srpo_ray.host_heap import release_free_memory, resolve_heap_policy, set_heap_policy
 from srpo_ray.learner.batch import TrainBatch, micro_batches, split_into_chunks
+from srpo_ray.learner.logprob_head import chunked_token_logprobs, final_hidden_and_head, uses_full_logits
 from srpo_ray.learner.sharded_weights import ShardedWeightsIO, build_sharded_model, load_full_weights
 
 
@@ -89,6 +95,21 @@ def _entropy_no_grad(rows: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         chunk, chunk_lse = rows[start:start + ENTROPY_CHUNK_ROWS], lse[start:start + ENTROPY_CHUNK_ROWS]
         out[start:start + chunk.shape[0]] = chunk_lse - (torch.softmax(chunk, dim=-1) * chunk).sum(-1)
     return out
+
+
+def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      response_mask: torch.Tensor, temperature: float, with_entropy: bool = False,
+                      entropy_grad: bool = False, chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """token_logprobs of `model` on one micro-batch. Small ones (learner.logprob_chunk_tokens,
+    logprob_head.uses_full_logits): from model(...).logits, exactly as before; larger ones
+    from the final hidden states, `chunk_tokens` response tokens at a time, never
+    building the [B, T, V] logits nor [N, V] float32 rows (srpo_ray/learner/logprob_head.py)."""
+    if uses_full_logits(input_ids.numel(), chunk_tokens):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return token_logprobs(logits, input_ids, response_mask, temperature, with_entropy, entropy_grad)
+    hidden, weight, bias = final_hidden_and_head(model, input_ids, attention_mask)
+    return chunked_token_logprobs(hidden, weight, bias, input_ids, response_mask, temperature,
+                                  with_entropy, entropy_grad, chunk_tokens)
 
 
 class FSDPLearner(ShardedWeightsIO):
@@ -212,6 +233,7 @@ class FSDPLearner(ShardedWeightsIO):
                 steps["skipped_steps"] += 1
         metrics = self._reduce_metrics(shard, steps, sums, weights, maxima)
         release_free_memory()  # the step's activations and logits, gigabytes at 135M params
+        release_gpu_cache(self.device, self.cfg.cluster.colocate)
         return metrics
 
     def _optimizer_step(self, chunk: TrainBatch, denominator: float, old: list[torch.Tensor] | None,
@@ -274,8 +296,8 @@ class FSDPLearner(ShardedWeightsIO):
 
     def _forward_logprobs(self, mb: TrainBatch, temperature: float, with_entropy: bool = False,
                           entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
-        return token_logprobs(logits, mb.input_ids, mb.response_mask, temperature, with_entropy, entropy_grad)
+        return response_logprobs(self.model, mb.input_ids, mb.attention_mask, mb.response_mask, temperature,
+                                 with_entropy, entropy_grad, self.cfg.learner.logprob_chunk_tokens)
 
     @torch.no_grad()
     def _ref_logprobs(self, mb: TrainBatch, temperature: float) -> torch.Tensor | None:
@@ -283,8 +305,8 @@ class FSDPLearner(ShardedWeightsIO):
         when there is none (algo.kl_coef == 0)."""
         if self.ref_model is None:
             return None
-        logits = self.ref_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
-        return token_logprobs(logits, mb.input_ids, mb.response_mask, temperature)[0]
+        return response_logprobs(self.ref_model, mb.input_ids, mb.attention_mask, mb.response_mask, temperature,
+                                 chunk_tokens=self.cfg.learner.logprob_chunk_tokens)[0]
 
     def _dummy_loss(self, with_reference: bool = False) -> torch.Tensor:
         """A zero loss through the whole model: one 2-token forward, so this rank joins
@@ -336,8 +358,8 @@ class FSDPLearner(ShardedWeightsIO):
         am = torch.ones_like(ids) if attention_mask is None else attention_mask.to(self.device)
         mask = am.clone().float()
         mask[:, 0] = 0
-        logits = self.model(input_ids=ids, attention_mask=am, use_cache=False).logits
-        return token_logprobs(logits, ids, mask, temperature)[0].cpu()
+        return response_logprobs(self.model, ids, am, mask, temperature,
+                                 chunk_tokens=self.cfg.learner.logprob_chunk_tokens)[0].cpu()
 
     # ------------------------------------------------------------------ helpers
 
@@ -381,6 +403,17 @@ def _accumulate(metrics: dict, sums: dict, weights: dict, maxima: dict) -> None:
         else:
             sums[name] = sums.get(name, 0.0) + float(value) * tokens
             weights[name] = weights.get(name, 0.0) + tokens
+
+
+def release_gpu_cache(device: torch.device, colocated: bool) -> bool:
+    """Hand the step's cached GPU blocks back to the driver when vLLM shares this GPU:
+    PyTorch's caching allocator keeps what the step reserved while the engine slept, and
+    the engine's wake-up (weights, then KV cache) would not find room (an OOM). Separate
+    GPUs keep the cache: the next step reuses it."""
+    if not colocated or device.type != "cuda":
+        return False
+    torch.cuda.empty_cache()
+    return True
 
 
 def _pick_backend(backend: str, gpus_per_rank: float) -> str:

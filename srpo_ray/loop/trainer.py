@@ -20,7 +20,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -32,11 +32,12 @@ from srpo_ray.algo.source_mix import check_source_weights, stage_source_weights
 from srpo_ray.algo.stages import StageSchedule, effective_sampling, prompts_per_step
 from srpo_ray.config.load import SRPOConfig, to_yaml
 from srpo_ray.eval.report import headline, write_json
-from srpo_ray.learner.batch import build_train_batch
+from srpo_ray.learner.plan import TrainRows, select_train_rows
 from srpo_ray.loop.checkpoint import CheckpointManager
 from srpo_ray.loop.collect import Collected, make_collector
 from srpo_ray.loop.pipeline import RolloutPipeline
-from srpo_ray.records import Prompt, RolloutGroup, Sampling, ScoredGroup, rollout_seed
+from srpo_ray.loop.stop import StopRequest
+from srpo_ray.records import Prompt, RolloutGroup, Sampling, ScoredGroup, here, rollout_seed
 from srpo_ray.telemetry.metrics import MetricsLogger, summarize_rollouts, timed
 
 STATE_FILE = "trainer_state.pt"
@@ -54,7 +55,7 @@ class RewardFleet(Protocol):
 
 
 class Learner(Protocol):
-    def train(self, batch: Any, temperature: float) -> dict: ...
+    def train(self, rows: TrainRows, temperature: float) -> dict: ...
     def publish_weights(self) -> Any: ...
     def save(self, directory: str) -> None: ...
     def load(self, directory: str) -> None: ...
@@ -89,9 +90,13 @@ class StepUpdate:
 
 @dataclass
 class Roles:
+    """fetch returns groups with their tokens and texts here in the driver, for the few
+    it writes to rollouts.jsonl (the fleet's fetch, when they stay in Ray's object store)."""
+
     rollout: RolloutFleet
     rewards: RewardFleet
     learner: Learner
+    fetch: Callable[[list[RolloutGroup]], list[RolloutGroup]] = here
 
 
 class Evaluation(Protocol):
@@ -115,12 +120,14 @@ class SRPOTrainer:
         self.version = 0  # number of weight updates the generators have received
         self._saved_step = -1
         self._weighted_sources: list[str] = []  # the current stage's, when it draws by source weight
+        self.stop_request = StopRequest()  # set by the driver's SIGTERM handler (srpo_ray/loop/stop.py)
+        self.stopped = False  # fit returned early on stop_request, after saving a checkpoint
 
     # ---- the loop -------------------------------------------------------------------
     def fit(self) -> None:
         if self.step == 0:
             self._enter_stage(first=True)
-            if self.cfg.eval.at_start:
+            if self.cfg.eval.at_start and not self.stop_request.requested:
                 self.evaluate()
         # What may run while the learner trains: only the next step's collection, with
         # rollout.one_step_off. The step settles it before the weight push (weights never
@@ -130,6 +137,9 @@ class SRPOTrainer:
                                    may_prefetch=self._may_collect_ahead)
         try:
             while self.step < self.cfg.trainer.total_steps:
+                if self._stop_now(pipeline):
+                    self.stopped = True
+                    break
                 started = time.perf_counter()
                 rollouts = pipeline.take(self.step + 1)  # collect (or collected ahead; starts the next)
                 if rollouts is None:
@@ -141,13 +151,13 @@ class SRPOTrainer:
                     pipeline.settle()  # the collection running ahead, if any, ends here
                 self.push_weights(update)  # the generators get the new weights
                 self.metrics.log(self.step, self._step_metrics(update, started))
-                if self._eval_due(self.step):  # nothing is collecting now: the pipeline settled
+                if self._eval_due(self.step) and not self.stop_request.requested:  # the pipeline settled
                     self.evaluate()
                 if self._save_due(self.step):
                     self.save()
         finally:
             pipeline.close()  # a step that failed may leave a collection running ahead
-        if self.cfg.eval.at_end and not self._evaluated_now():  # the pool ran out before total_steps
+        if self.cfg.eval.at_end and not self._evaluated_now() and not self.stop_request.requested:
             self.evaluate()
         if self._saved_step != self.step:  # never re-write (and briefly lose) the newest checkpoint
             self.save()
@@ -211,18 +221,21 @@ class SRPOTrainer:
         # [G, n]; G is 0 when dynamic sampling kept no group
         rewards = torch.tensor(shaped, dtype=torch.float32).reshape(len(shaped), sampling.n)
         advantages, adv_metrics = group_advantages(rewards, self.cfg.algo.normalize_adv_by_std)
-        batch = build_train_batch(scored, advantages.tolist(), self.pad_token_id)
-        staleness = [self.version - sg.group.policy_version for sg in rollouts.collected.generated]
-        self.metrics.rollouts(self.step, rollouts.collected.generated, self.cfg.metrics.rollouts_per_step,
+        rows = select_train_rows(scored, advantages.tolist(), self.pad_token_id)  # lengths only: no tokens here
+        generated = rollouts.collected.generated
+        staleness = [self.version - sg.group.policy_version for sg in generated]
+        logged = generated[:max(0, self.cfg.metrics.rollouts_per_step)]
+        fetched = self.roles.fetch([sg.group for sg in logged])
+        self.metrics.rollouts(self.step, [ScoredGroup(g, sg.results) for g, sg in zip(fetched, logged)],
                               learner_version=self.version)
         train_metrics: dict[str, Any] = {"train/skipped": 1.0}
-        learned = batch.input_ids.shape[0] > 0  # all groups zero-variance: nothing to learn from
+        learned = rows.num_sequences > 0  # all groups zero-variance: nothing to learn from
         if learned:
             with timed(timings, "train"):
-                train_metrics = self.roles.learner.train(batch, temperature=sampling.temperature)
+                train_metrics = self.roles.learner.train(rows, temperature=sampling.temperature)
         metrics = {**rollouts.metrics, **{f"adv/{k}": v for k, v in adv_metrics.items()}, **overlong_metrics,
                    **train_metrics}
-        return StepUpdate(rollouts, learned, int(batch.input_ids.shape[0]), staleness, metrics, timings)
+        return StepUpdate(rollouts, learned, rows.num_sequences, staleness, metrics, timings)
 
     def push_weights(self, update: StepUpdate) -> None:
         """The updated weights to every generator (nothing changed when nothing was learned)."""
@@ -261,8 +274,23 @@ class SRPOTrainer:
 
     def _may_collect_ahead(self, step: int) -> bool:
         """Collect step `step` while the one before trains, unless there is no such step
-        or the one before saves a checkpoint (which must not hold untrained rollouts)."""
-        return step <= self.cfg.trainer.total_steps and not self._save_due(step - 1)
+        or the one before saves a checkpoint (which must not hold untrained rollouts), as
+        it does once a stop is requested."""
+        return (step <= self.cfg.trainer.total_steps and not self._save_due(step - 1)
+                and not self.stop_request.requested)
+
+    def _stop_now(self, pipeline: RolloutPipeline) -> bool:
+        """Whether a requested stop ends the loop here, at a step's end. A step collected
+        ahead before the request came is trained first: its prompts and outcomes are in the
+        ledger already, and a checkpoint must not hold rollouts no step trained on (nor can
+        it drop them: the ledger has no undo). So with rollout.one_step_off the checkpoint
+        may come one step later; it is then the one a save_every step there would write,
+        and --resume continues from it exactly as from that one. Evaluations due while
+        stopping are skipped: they would spend the grace period."""
+        if not self.stop_request.requested or pipeline.collecting_ahead:
+            return False
+        self.metrics.event(f"step {self.step}: stopping ({self.stop_request.reason}): saving a checkpoint")
+        return True
 
     def _save_due(self, step: int) -> bool:
         return bool(self.cfg.trainer.save_every) and step % self.cfg.trainer.save_every == 0

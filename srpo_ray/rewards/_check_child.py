@@ -22,6 +22,11 @@ to stderr (which the pool discards), so code that reads input or prints cannot b
 When the pool goes away, the protocol input reaches EOF and this process exits. (No
 PR_SET_PDEATHSIG: it fires when the spawning *thread* exits, which in a threaded host is
 not the parent dying.)
+Processes a request starts end with it: this process is a child subreaper, and before
+each reply every process below it that the request left behind is killed and reaped
+(_process_tree.py; those started while the checker loaded are left alone). A forked
+child would otherwise spin for the life of the reward worker: it does not inherit the
+alarm, and the pool kills the process group only on a timeout, a death or close.
 """
 import importlib.util
 import json
@@ -30,6 +35,8 @@ import os
 import resource
 import signal
 import sys
+
+from _process_tree import become_subreaper, descendants, end_descendants  # beside this script
 
 MAX_METRICS = 16  # extra numeric entries kept from a plug-in's dict
 MAX_NAME = 64
@@ -55,6 +62,7 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(2, 1)
+    become_subreaper()  # before loading: what an import starts is below this process too
     try:
         handle = math_checker() if kind == "math" else plugin_caller(json.loads(sys.argv[4]))
     except CannotStart as e:
@@ -65,6 +73,7 @@ def main() -> None:
         raise CheckTimedOut()
 
     signal.signal(signal.SIGALRM, on_alarm)
+    started_by_loading = frozenset(descendants(os.getpid()))
     _send(out, {"ready": True})
     for line in requests:
         request = json.loads(line)
@@ -82,6 +91,7 @@ def main() -> None:
             reply = {"correct": False, "error": "recursion too deep"}
         except BaseException as e:  # noqa: BLE001 - any failure scores 0 (SystemExit included)
             reply = {"correct": False, "error": _describe(e, detail=kind != "math")}
+        end_descendants(keep=started_by_loading)  # before the reply: the call is over when it is read
         reply["id"] = request["id"]
         _send(out, reply)
 

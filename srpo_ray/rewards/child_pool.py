@@ -6,7 +6,9 @@ Each child is a single-threaded process of its own session whose memory is cappe
 RLIMIT_AS (the child sets it). The pool hands a child one request at a time and kills
 (its whole process group) and replaces a child that has not answered `deadline_s` after
 the request, or that died: the request then gets {"timeout": True} or {"error": "checker
-process died"}. Nothing here uses signals, so the pool works from any thread.
+process died"}. Processes a request starts end with it: the child kills them before it
+replies, and a killed child's die with it (_process_tree.py). Nothing here uses
+signals, so the pool works from any thread.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import subprocess
 import sys
 import time
 from collections import deque
+
+from srpo_ray.rewards._process_tree import end_descendants
 
 START_TIMEOUT_S = 120.0
 DIED = "checker process died"
@@ -59,6 +63,11 @@ class _Child:
         return messages
 
     def kill(self) -> None:
+        if self.proc.poll() is None:  # (once reaped, its pid may be another process's)
+            os.kill(self.proc.pid, signal.SIGSTOP)  # frozen, it starts nothing while its tree is ended
+            # what a plug-in started, escapees from the group (setsid) included: found below
+            # the child (a subreaper) before its death hands them to init
+            end_descendants(self.proc.pid)
         try:  # the whole group: a plug-in may have started processes of its own
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

@@ -11,7 +11,8 @@ configured file once at start: custom_timeout_s per call, RLIMIT_AS custom_memor
 call that times out, runs out of memory, raises, kills its process or returns anything
 but a finite number or a dict with a numeric `score` scores 0 and is flagged (metrics
 reward/custom_errors, reward/custom_timeouts); the next call runs in a fresh process if
-needed. Verdict for the ledger: correct = score >= custom_correct_threshold. Reward:
+needed. Processes a call starts end with it, whatever they do (_process_tree.py): a
+process pool meant to outlive one call has to be started when the file is imported. Verdict for the ledger: correct = score >= custom_correct_threshold. Reward:
 the score as it is, or 1/0 at custom_binarize when set. Answered (eval's answered_frac):
 the dict's `answered` when it has one, else the response has a final answer by the
 format rule (reward.format_pattern if set, else answer_forms.well_formed: one non-empty

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Iterator
 
 import ray
@@ -23,6 +24,7 @@ from srpo_ray.loop.trainer import Roles, SRPOTrainer
 from srpo_ray.models import resolve_model_path
 from srpo_ray.rewards.plugins import check_plugins_load, plugin_key
 from srpo_ray.rewards.scorer import check_answer_modes
+from srpo_ray.runtime.deadlines import generation_chunk_seconds, reward_chunk_seconds
 from srpo_ray.runtime.fleets import RayRewardFleet, RayRolloutFleet, WorkerPool
 from srpo_ray.telemetry.console import log_dir, with_actor_log
 from srpo_ray.telemetry.metrics import MetricsLogger
@@ -155,7 +157,8 @@ def build_trainer(cfg: SRPOConfig, resume: bool = False) -> Iterator[SRPOTrainer
         checkpoints = CheckpointManager(cfg.trainer.run_dir, keep=cfg.trainer.keep_checkpoints)
         roles.learner.last_checkpoint = checkpoints.latest  # named when a learner rank dies
         evaluator = Evaluator(cfg.eval, eval_prompts, roles.rollout, roles.rewards,
-                              max_new_tokens=longest_response(cfg)) if eval_prompts else None
+                              max_new_tokens=longest_response(cfg),
+                              fetch_texts=partial(roles.rollout.fetch, tokens=False)) if eval_prompts else None
         yield SRPOTrainer(cfg, prompts, roles, int(pad_token_id), metrics, checkpoints, evaluator)
     except BaseException:
         failed = True
@@ -187,7 +190,7 @@ def _create_roles(cfg: SRPOConfig, model_path: str, placement) -> Roles:
     rollout, rewards = _create_fleets(cfg, model_path, placement, logs=logs)
     if not shares_gpus:
         learner.setup()  # meanwhile the generators start
-    return Roles(rollout=rollout, rewards=rewards, learner=learner)
+    return Roles(rollout=rollout, rewards=rewards, learner=learner, fetch=rollout.fetch)
 
 
 @contextmanager
@@ -270,8 +273,11 @@ def _create_fleets(cfg: SRPOConfig, model_path: str, placement, control_dir: str
         options = {**placement.actor_options("reward", i), "runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
         return RewardWorker.options(**with_actor_log(options, logs, "reward", i)).remote(cfg.reward)
 
-    rollout = RayRolloutFleet(WorkerPool("generation", new_generator, cfg.rollout.num_workers, log_dir=logs),
+    # a worker that stops answering (not only one that dies) is replaced: deadlines.py
+    rollout = RayRolloutFleet(WorkerPool("generation", new_generator, cfg.rollout.num_workers, log_dir=logs,
+                                         chunk_seconds=generation_chunk_seconds(cfg)),
                               max_staleness=cfg.rollout.max_staleness, sleep=gen_kwargs["sleep_mode"],
                               control_dir=cfg.trainer.run_dir if control_dir == "" else control_dir)
-    rewards = RayRewardFleet(WorkerPool("reward", new_scorer, cfg.reward.num_workers, log_dir=logs))
+    rewards = RayRewardFleet(WorkerPool("reward", new_scorer, cfg.reward.num_workers, log_dir=logs,
+                                        chunk_seconds=reward_chunk_seconds(cfg)))
     return rollout, rewards

@@ -18,7 +18,7 @@ from typing import Any
 from ray.exceptions import RayActorError
 
 from actors.ray_ops import RayOps
-from srpo_ray.records import Prompt, RolloutGroup, Sampling, ScoredGroup, ScoreRequest, join_scores
+from srpo_ray.records import GroupTokens, Prompt, RolloutGroup, Sampling, ScoredGroup, ScoreRequest, join_scores
 from srpo_ray.runtime.scale_request import ScaleRequestError, read_scale_request
 from srpo_ray.runtime.worker_pool import MAX_REPLACEMENTS_PER_CALL, RETRY, Member, WorkerPool, split
 from srpo_ray.weights.transport import (
@@ -68,10 +68,16 @@ class RayRolloutFleet:
         self.pool.poll()
         chunks = split(prompts, chunk_count(self.pool.target, self.chunks_per_worker))
         starts = [sum(len(c) for c in chunks[:i]) for i in range(len(chunks))]
+        payloads: dict[int, list[Any]] = {}  # chunk -> its groups' token and text refs (the latest try's)
 
         def submit(m: Member, i: int, chunk: list[Prompt]) -> Any:
             self._bring_up_to_date(m)  # queued ahead of the chunk on the same actor: runs first
-            return m.handle.generate.remote(chunk, sampling.for_prompt(starts[i]), m.version)
+            # tokens and texts stay in the object store, one object each per group: the
+            # driver gets the summaries (the first return) and holds references to the rest
+            refs = m.handle.generate_apart.options(num_returns=1 + 2 * len(chunk)).remote(
+                chunk, sampling.for_prompt(starts[i]), m.version)
+            payloads[i] = refs[1:]
+            return refs[0]
 
         def receive(m: Member, i: int, ref: Any) -> Any:
             self._finish_sync(m)
@@ -84,7 +90,8 @@ class RayRolloutFleet:
             if oldest < self.version - self.max_staleness:
                 m.version = oldest
                 return self._discard(len(groups))
-            return groups
+            refs = payloads[i]
+            return [g.by_reference(refs[2 * k], refs[2 * k + 1]) for k, g in enumerate(groups)]
 
         if self.sleep:
             self._wake(("weights", "kv_cache"))
@@ -92,6 +99,22 @@ class RayRolloutFleet:
         if self.sleep:
             self._put_to_sleep()
         return [group for chunk in results for group in chunk]
+
+    def fetch(self, groups: list[RolloutGroup], tokens: bool = True) -> list[RolloutGroup]:
+        """The groups with their texts (and, with `tokens`, their tokens) brought here
+        from the object store: only for the few a reader needs here (rollouts.jsonl, an
+        evaluation report's texts)."""
+        def wanted(g: RolloutGroup) -> list[Any]:
+            refs = [] if isinstance(g.texts, tuple) else [g.texts]
+            return refs + ([g.tokens] if tokens and not isinstance(g.tokens, GroupTokens) else [])
+        refs = [r for g in groups for r in wanted(g)]
+        fetched = iter(self.ops.get(refs) if refs else [])
+        out = []
+        for g in groups:
+            texts = g.texts if isinstance(g.texts, tuple) else next(fetched)
+            held = g.tokens if not tokens or isinstance(g.tokens, GroupTokens) else next(fetched)
+            out.append(g.by_reference(held, tuple(texts)))
+        return out
 
     def wake(self) -> None:
         """Every engine fully awake (before calling workers directly, e.g. token_logprobs)."""
@@ -145,8 +168,14 @@ class RayRolloutFleet:
                     log.warning("generation worker %d: %s; replacing it", m.index, out)
                     self.ops.kill(m.handle)
                 self.pool.lost(m, out)
-            if lost:  # a group transfer breaks for everyone when one receiver dies: send again
+            if lost:  # a group transfer breaks for everyone when one receiver dies: send the same
+                # publish again, to the replacements too (still starting now: a retry without
+                # them would deliver to nobody and pass, and they would catch up later from a
+                # copy the aborted send never completed)
+                self.pool.wait_ready()
                 continue
+            if not members and not self.pool.members:  # (workers still starting catch up later)
+                raise RuntimeError(f"weight sync to version {version}: no generation worker to deliver to")
             errors = [out for out in answers if isinstance(out, BaseException)]
             if errors:
                 raise errors[0]
@@ -249,7 +278,11 @@ class RayRolloutFleet:
 
     def _delivery_for(self, weights: PublishedWeights) -> "_Published":
         if weights.transport not in self._transports:
-            self._transports[weights.transport] = transport_class(weights.transport)(self.ops)
+            transport = transport_class(weights.transport)(self.ops)
+            # rollouts may be generated while the learner trains: a replacement then can
+            # only load a copy made before the step, so have it made at each push
+            transport.prepare_catch_up = self.max_staleness > 0
+            self._transports[weights.transport] = transport
         return _Published(weights, self._transports[weights.transport])
 
 
@@ -278,15 +311,17 @@ def chunk_count(workers: int, chunks_per_worker: int) -> int:
 
 class RayRewardFleet:
     """Reward workers: RolloutGroups in, ScoredGroups out. The workers get only what they
-    score (ScoreRequest: answer key and texts) and return only RewardResults; the groups
-    stay here and the results are joined back to them."""
+    score: the answer key (ScoreRequest without texts) and the groups' texts by
+    reference, fetched from the object store by the worker itself (no token arrays, and
+    nothing through the driver); they return only RewardResults, joined back here."""
 
     def __init__(self, pool: WorkerPool, chunks_per_worker: int = 2):
         self.pool, self.chunks_per_worker = pool, chunks_per_worker
 
     def score(self, groups: list[RolloutGroup]) -> list[ScoredGroup]:
         self.pool.poll()
-        requests = [ScoreRequest.of(g) for g in groups]
-        chunks = split(requests, chunk_count(self.pool.target, self.chunks_per_worker))
-        results = self.pool.map_chunks(chunks, lambda m, i, chunk: m.handle.score.remote(chunk))
+        work = [(ScoreRequest.key_of(g), g.texts) for g in groups]
+        chunks = split(work, chunk_count(self.pool.target, self.chunks_per_worker))
+        results = self.pool.map_chunks(chunks, lambda m, i, chunk: m.handle.score_texts.remote(
+            [key for key, _ in chunk], [t for _, t in chunk]))
         return join_scores(groups, [r for chunk in results for r in chunk])

@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Sequence
 
-from srpo_ray.algo.loss import count_denominator
 from srpo_ray.config.schema import SRPOConfig
-from srpo_ray.learner.batch import TrainBatch, split_for_ranks
+from srpo_ray.learner.plan import TrainRows, token_imbalance
 from srpo_ray.telemetry.console import actor_log_file
+from srpo_ray.weights.common import to_every_rank
 from srpo_ray.weights.transport import with_every_rank
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ class LearnerGroup:
         return len(self.handles)
 
     def _all(self, method: str, *args: Any) -> list[Any]:
-        return self._get(method, [getattr(h, method).remote(*args) for h in self.handles])
+        # under the lock every collective call of the driver takes (weights/common.py LEARNER_CALLS)
+        return self._get(method, to_every_rank(lambda h: getattr(h, method).remote(*args), self.handles))
 
     def _get(self, method: str, refs: list[Any], ranks: Sequence[int] | None = None) -> list[Any]:
         """Wait for the results of `ranks` (default: all, in order); if a rank's actor
@@ -118,26 +119,28 @@ class LearnerGroup:
     def setup(self) -> None:
         self._all("setup")
 
-    def train(self, batch: TrainBatch, temperature: float) -> dict:
-        """One update on `batch`. The token-mean denominator is the response-token count
-        of the whole batch (seq-mean modes: its sequence count), passed to every rank so
-        the ranks' summed gradients are the gradient of the batch loss. A batch with
-        nothing to train on (no response tokens) changes nothing and reports
+    def train(self, rows: TrainRows, temperature: float) -> dict:
+        """One update on the step's `rows`. Each rank gets its shard (rows balanced by
+        real tokens; their tokens by reference, fetched by the rank) and the denominator
+        of the whole batch (response tokens, or sequences for the seq-mean modes), so the
+        ranks' summed gradients are the gradient of the batch loss. Rows with nothing to
+        train on (no response tokens) change nothing and report
         `learner/skipped_empty_batch`. Returns rank 0's metrics (all ranks return the
-        same, all-reduced dict)."""
-        if batch.num_response_tokens == 0:
+        same, all-reduced dict) and `learner/rank_token_imbalance` (most-loaded rank's
+        tokens over the mean)."""
+        if rows.num_response_tokens == 0:
             return {"learner/skipped_empty_batch": 1.0, "learner/response_tokens": 0.0}
-        denominator = count_denominator(batch.response_mask, self.loss_agg)
-        shards = split_for_ranks(batch, self.world_size)
-        refs = [h.train_step.remote(shard, denominator, temperature)
-                for h, shard in zip(self.handles, shards)]
-        return self._get("train", refs)[0]
+        denominator = rows.denominator(self.loss_agg)
+        shards = rows.shards(self.world_size)
+        by_rank = dict(zip(map(id, self.handles), shards))
+        refs = to_every_rank(lambda h: h.train_step.remote(by_rank[id(h)], denominator, temperature), self.handles)
+        return {**self._get("train", refs)[0], "learner/rank_token_imbalance": token_imbalance(shards)}
 
     def publish_weights(self, transport: str | None = None) -> Any:
         """The new weights in the transport the ranks were set up with (or `transport`):
         every rank joins the gather; rank 0's record, carrying every rank where the
         transport's sends need them all, goes to the rollout fleet's push_weights."""
-        refs = [h.publish_weights.remote(transport) for h in self.handles]
+        refs = to_every_rank(lambda h: h.publish_weights.remote(transport), self.handles)
         return with_every_rank(self._get("publish_weights", refs)[0], self.handles)
 
     def save(self, directory: str) -> None:

@@ -3,22 +3,24 @@
 Work is handed out in chunks as workers become free (`ray.wait`), so a fast worker is
 not left idle while a slow one has a queue. A worker that dies mid-call (its actor is
 gone) is replaced by a fresh one from its factory and the chunk is re-issued: the call
-completes with every chunk done exactly once. The pool can be resized while it works
-(`scale_to`): a new worker takes work once it has started (the others keep working
-meanwhile); a retired worker finishes the chunk it is serving before it is stopped.
-Runtime glue: talks to Ray.
+completes with every chunk done exactly once. A worker that is alive but stops answering
+(stuck in a native call, a wedged engine, a stopped process) is noticed by a deadline
+per chunk, counted from when the chunk was submitted and as long as its `chunk_seconds`
+says that chunk may take: it is then killed and handled as a dead one. The pool can be
+resized while it works (`scale_to`): a new worker takes work once it has started (the
+others keep working meanwhile); a retired worker finishes the chunk it is serving before
+it is stopped. Runtime glue: its Ray calls go through `ops` (actors/ray_ops.py RayOps),
+so tests drive it with fakes.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import math
+import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
-
-import ray
-from ray.exceptions import RayActorError
+from typing import Any, Callable, Protocol, Sequence
 
 from srpo_ray.telemetry.console import actor_log_file
 
@@ -26,6 +28,17 @@ log = logging.getLogger(__name__)
 MAX_REPLACEMENTS_PER_CALL = 3
 MAX_RETRIES_PER_CHUNK = 3
 RETRY = object()  # a chunk's result was refused (e.g. stale): issue the chunk again
+ChunkSeconds = Callable[[Any], float]  # a chunk -> how long a worker may take to answer it
+
+
+class PoolOps(Protocol):
+    """The Ray calls the pool makes (actors/ray_ops.py RayOps)."""
+
+    def get(self, refs: Any, timeout: float | None = None) -> Any: ...
+
+    def wait(self, refs: list[Any], num_returns: int, timeout: float | None, fetch_local: bool = True) -> tuple: ...
+
+    def kill(self, handle: Any) -> None: ...
 
 
 @dataclass(eq=False)
@@ -47,10 +60,15 @@ class Member:
 class WorkerPool:
     """Actor handles of one role, resizable while work is running."""
 
-    def __init__(self, role: str, factory: Callable[[int], Any], size: int, log_dir: str | None = None):
+    def __init__(self, role: str, factory: Callable[[int], Any], size: int, log_dir: str | None = None,
+                 chunk_seconds: ChunkSeconds | None = None, ops: PoolOps | None = None):
         """log_dir: where the workers' output goes (<role>-<index>.log), named when one
-        dies; None: Ray's worker logs."""
+        dies; None: Ray's worker logs. chunk_seconds: how long a worker may take to
+        answer a chunk (map_chunks' default); None: no deadline, only a dead worker is
+        noticed. ops: the Ray calls (default RayOps)."""
         self.role, self.factory, self.log_dir = role, factory, log_dir
+        self.chunk_seconds = chunk_seconds
+        self.ops = ops if ops is not None else _ray_ops()
         self.members: list[Member] = []
         self.target = 0
         self.replacements = 0  # workers lost and replaced since the pool was made
@@ -88,7 +106,7 @@ class WorkerPool:
         """Take in the workers that have started since the last look (no waiting)."""
         starting = {m.starting: m for m in self.members if m.starting is not None}
         if starting:
-            done, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0)
+            done, _ = self.ops.wait(list(starting), num_returns=len(starting), timeout=0)
             for ref in done:
                 self._started(starting[ref])
 
@@ -98,20 +116,24 @@ class WorkerPool:
             starting = {m.starting: m for m in self.members if m.starting is not None}
             if not starting:
                 return
-            done, _ = ray.wait(list(starting), num_returns=len(starting), timeout=timeout_s)
+            done, _ = self.ops.wait(list(starting), num_returns=len(starting), timeout=timeout_s)
             if not done:
                 raise TimeoutError(f"{len(starting)} {self.role} worker(s) did not start within {timeout_s} s")
             for ref in done:
                 self._started(starting[ref])
 
     def map_chunks(self, chunks: Sequence[Any], submit: Callable[[Member, int, Any], Any],
-                   receive: Callable[[Member, int, Any], Any] | None = None) -> list[Any]:
+                   receive: Callable[[Member, int, Any], Any] | None = None,
+                   chunk_seconds: ChunkSeconds | None = None) -> list[Any]:
         """Run `submit(member, chunk_index, chunk) -> ref` for every chunk on whichever
         started worker is free; `receive(member, chunk_index, ref)` turns a finished ref
-        into the chunk's result (default: ray.get) or RETRY. Results in chunk order.
+        into the chunk's result (default: ops.get) or RETRY. Results in chunk order.
+        A worker that has not answered `chunk_seconds(chunk)` (default: the pool's)
+        after the chunk was submitted is killed and replaced, and the chunk re-issued.
         The pool's first call waits until all its workers have started; later, workers
         still starting join in when ready."""
-        receive = receive or (lambda member, index, ref: ray.get(ref))
+        receive = receive or (lambda member, index, ref: self.ops.get(ref))
+        limit = chunk_seconds or self.chunk_seconds
         self._losses_this_call = 0
         if self._cold:  # a run starts at its configured size: the first call is start-up anyway
             self._cold = False
@@ -119,6 +141,7 @@ class WorkerPool:
         results: list[Any] = [None] * len(chunks)
         pending = deque(range(len(chunks)))
         running: dict[Any, tuple[int, Member]] = {}
+        deadlines: dict[Any, tuple[float, float]] = {}  # ref -> (when its worker is taken as hung, seconds)
         retries: Counter = Counter()
         while pending or running:
             for m in self.ready():
@@ -127,19 +150,35 @@ class WorkerPool:
                 if not m.busy:
                     index = pending.popleft()
                     m.busy = True
-                    running[submit(m, index, chunks[index])] = (index, m)
+                    ref = submit(m, index, chunks[index])
+                    running[ref] = (index, m)
+                    seconds = limit(chunks[index]) if limit else math.inf
+                    deadlines[ref] = (time.monotonic() + seconds, seconds)
             starting = {m.starting: m for m in self.members if m.starting is not None}
             if not running and not starting:
                 raise RuntimeError(f"no {self.role} workers left to run {len(pending)} chunk(s)")
-            done, _ = ray.wait(list(running) + list(starting), num_returns=1)
+            first_deadline = min((t for t, _ in deadlines.values()), default=math.inf)
+            wait_s = None if first_deadline == math.inf else max(0.0, first_deadline - time.monotonic())
+            done, _ = self.ops.wait(list(running) + list(starting), num_returns=1, timeout=wait_s)
+            if not done:
+                for ref in [r for r, (t, _) in deadlines.items() if t <= time.monotonic()]:
+                    index, m = running.pop(ref)
+                    self._hung(m, index, chunks[index], deadlines.pop(ref)[1])
+                    pending.appendleft(index)
+                continue
             if done[0] in starting:
                 self._started(starting[done[0]])
                 continue
             index, m = running.pop(done[0])
+            del deadlines[done[0]]
             m.busy = False
             try:
                 result = receive(m, index, done[0])
-            except RayActorError as e:
+            except Exception as e:
+                if not is_lost_worker(e):
+                    raise
+                if not _actor_died(e):
+                    self.ops.kill(m.handle)  # a dead engine's actor is still alive (and holds its resources)
                 self._lost(m, e)
                 pending.appendleft(index)
                 continue
@@ -169,8 +208,12 @@ class WorkerPool:
 
     def _started(self, member: Member) -> None:
         try:
-            ray.get(member.starting)
-        except RayActorError as e:
+            self.ops.get(member.starting)
+        except Exception as e:
+            if not is_lost_worker(e):
+                raise
+            if not _actor_died(e):
+                self.ops.kill(member.handle)
             self._lost(member, e)
             return
         member.starting = None
@@ -178,10 +221,18 @@ class WorkerPool:
 
     def _stop(self, member: Member) -> None:
         self.members.remove(member)
-        ray.kill(member.handle, no_restart=True)
+        self.ops.kill(member.handle)
         log.info("%s worker %d retired", self.role, member.index)
 
-    def _lost(self, member: Member, error: BaseException | None = None) -> None:
+    def _hung(self, member: Member, index: int, chunk: Any, seconds: float) -> None:
+        """`member` has not answered chunk `index` within its deadline: alive but stuck
+        (a dead actor's call fails at once). Kill it; it is then lost like a dead one."""
+        size = f" ({len(chunk)} items)" if hasattr(chunk, "__len__") else ""
+        self.ops.kill(member.handle)
+        self._lost(member, TimeoutError(f"no answer to chunk {index}{size} in {seconds:.1f} s, its deadline: "
+                                        f"killed, the chunk re-issued"), hung=True)
+
+    def _lost(self, member: Member, error: BaseException | None = None, hung: bool = False) -> None:
         if member in self.members:
             self.members.remove(member)
         self.replacements += 1
@@ -193,10 +244,41 @@ class WorkerPool:
         if self._losses_this_call > MAX_REPLACEMENTS_PER_CALL:
             raise RuntimeError(f"{self.role} workers keep dying ({self._losses_this_call} replacements in one "
                                f"call); the last one ({output}) died of:\n{error}") from None
-        log.warning("%s worker %d died; starting a replacement (%s): %s", self.role, member.index, output,
-                    _last_line(error))
+        log.warning("%s worker %d %s; starting a replacement (%s): %s", self.role, member.index,
+                    "hung" if hung else "died", output, _last_line(error))
         if len([m for m in self.members if not m.draining]) < self.target:
             self._start()
+
+
+def _ray_ops() -> PoolOps:
+    from actors.ray_ops import RayOps  # here: the pool itself runs without Ray in unit tests
+
+    return RayOps()
+
+
+# Errors of a worker that will never serve again, by (module, class name), so that this
+# module imports neither Ray nor vLLM: Ray's dead actor, and vLLM's dead engine
+# (vllm/v1/engine/exceptions.py in 0.33: the EngineCore process is gone; the actor still
+# answers, but its engine never will again).
+LOST_WORKER_ERRORS = (("ray.exceptions", "RayActorError"), ("vllm.v1.engine.exceptions", "EngineDeadError"))
+
+
+def is_lost_worker(error: BaseException) -> bool:
+    """A worker that will never serve again: its actor died (RayActorError and its
+    subclasses) or its vLLM engine did (EngineDeadError; through Ray it arrives as a
+    RayTaskError that is also an instance of the cause's class, and carries it in
+    `.cause`). The caller kills the actor of a dead engine (it is still alive) and
+    replaces it."""
+    for err in (error, getattr(error, "cause", None)):
+        if isinstance(err, BaseException) and any((c.__module__, c.__name__) in LOST_WORKER_ERRORS
+                                                  for c in type(err).__mro__):
+            return True
+    return False
+
+
+def _actor_died(error: BaseException) -> bool:
+    """The actor itself is gone (not only its engine): nothing is left to kill."""
+    return any((c.__module__, c.__name__) == LOST_WORKER_ERRORS[0] for c in type(error).__mro__)
 
 
 def _last_line(error: BaseException | None) -> str:

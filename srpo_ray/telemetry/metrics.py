@@ -121,27 +121,28 @@ class MetricsLogger:
                 self._bar.set_postfix({**self._postfix, **self._eval_postfix}, refresh=True)
             self._event(f"step {step}: eval {summary}")
 
-    def rollouts(self, step: int, scored: list, limit: int, learner_version: int) -> None:
-        """Append up to `limit` scored groups to rollouts.jsonl, for reading what the
-        policy writes (and for checking weight sync: each sample keeps its log-probs),
-        and send their samples to the trackers' generations table.
-        staleness: how many weight versions the learner that trains on the group is
-        ahead of the policy that sampled it."""
-        if limit <= 0:
+    def rollouts(self, step: int, scored: list, learner_version: int) -> None:
+        """Append scored groups, whose tokens and texts are here (records.here), to
+        rollouts.jsonl, for reading what the policy writes (and for checking weight sync:
+        each sample keeps its log-probs), and send their samples to the trackers'
+        generations table. staleness: how many weight versions the learner that trains on
+        the group is ahead of the policy that sampled it."""
+        if not scored:
             return
         with self._lock, open(self.path.with_name("rollouts.jsonl"), "a") as f:
-            for sg in scored[:limit]:
-                g = sg.group
+            for sg in scored:
+                g, t = sg.group, sg.group.tokens
+                responses = [t.response(i) for i in range(len(g.samples))]
                 f.write(json.dumps({
                     "step": step, "prompt_id": g.prompt.prompt_id, "domain": g.prompt.domain,
                     "policy_version": g.policy_version, "staleness": learner_version - g.policy_version,
-                    "prompt_token_ids": g.prompt_token_ids,
-                    "samples": [{"text": s.text, "token_ids": s.token_ids, "logprobs": s.logprobs,
+                    "prompt_token_ids": t.prompt_token_ids.tolist(),
+                    "samples": [{"text": text, "token_ids": ids.tolist(), "logprobs": lps.tolist(),
                                  "finish_reason": s.finish_reason, "reward": r.reward, "correct": r.correct}
-                                for s, r in zip(g.samples, sg.results)],
+                                for s, r, text, (ids, lps) in zip(g.samples, sg.results, g.texts, responses)],
                 }) + "\n")
-            if self.trackers and scored:
-                self._to_trackers("table", step, generation_rows(step, scored[:limit]))
+            if self.trackers:
+                self._to_trackers("table", step, generation_rows(step, scored))
 
     def event(self, message: str) -> None:
         """A one-off line (stage switch, epoch end, resume) above the progress bar."""
@@ -215,7 +216,7 @@ def summarize_rollouts(scored: list) -> dict[str, float]:
         rows = by_domain.setdefault(domain, [])
         source_rows = by_source.setdefault(source_metric_name(sg.group.prompt.data_source or domain), [])
         for sample, result in zip(sg.group.samples, sg.results):
-            rows.append((result.reward, result.correct, len(sample.token_ids), sample.finish_reason == "length"))
+            rows.append((result.reward, result.correct, sample.num_tokens, sample.finish_reason == "length"))
             source_rows.append((result.reward, result.correct))
             if result.info.get("custom"):  # scored by a reward plug-in
                 seen_custom = True

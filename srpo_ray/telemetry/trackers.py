@@ -86,14 +86,14 @@ def make_trackers(cfg: SRPOConfig, resume: bool = False) -> list[Tracker]:
 def generation_rows(step: int, scored: list) -> list[dict[str, Any]]:
     """One row per sample of `scored` (srpo_ray.telemetry.trackers.TABLE_COLUMNS): the prompt's last
     message, the response, its reward and verdict (correct, wrong, truncated, timeout or
-    the reward's error)."""
+    the reward's error). The groups' texts are here (records.here)."""
     rows = []
     for sg in scored:
         prompt = sg.group.prompt
-        for sample, result in zip(sg.group.samples, sg.results):
+        for sample, result, text in zip(sg.group.samples, sg.results, sg.group.texts):
             rows.append({"step": step, "prompt_id": prompt.prompt_id, "domain": prompt.domain,
                          "prompt": prompt.messages[-1]["content"] if prompt.messages else "",
-                         "response": sample.text, "reward": float(result.reward),
+                         "response": text, "reward": float(result.reward),
                          "verdict": _verdict(sample, result)})
     return rows
 

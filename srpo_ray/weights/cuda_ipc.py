@@ -22,14 +22,15 @@ Every learner rank serves the generators on its own GPU, and all ranks gather to
 handles of all ranks ({GPU UUID: handle}) and sends the merged dict to every generator,
 which picks its GPU's. A generator that dies costs nothing to the others (no group).
 A generator on no learner rank's GPU (added later, or a replacement placed elsewhere)
-loads an object-store copy of rank 0's host copy instead, as late joiners do.
+loads an object-store copy gathered on demand from the live model instead, as late
+joiners do (common.LiveCopy).
 """
 from __future__ import annotations
 
 import itertools
 from typing import TYPE_CHECKING, Any, Iterator
 
-from srpo_ray.weights.common import CatchUpCopy, HostCopy, check_slot
+from srpo_ray.weights.common import GatheredCatchUp, LiveCopy, check_slot, to_every_rank
 from srpo_ray.weights.layout import BucketMeta, as_bytes, distinct_slots, plan_stream
 from srpo_ray.weights.transport import PublishedWeights, WeightTransport, outcomes
 
@@ -80,12 +81,11 @@ class CudaIpcTransport(WeightTransport):
         self._tensors: Iterator[tuple[str, "torch.Tensor"]] | None = None
         self._buffer: "torch.Tensor | None" = None
         self._handle: dict[str, tuple] | None = None
-        self._host = HostCopy()
+        self._live = LiveCopy()  # a late joiner's copy, gathered when one asks
         self._publishes = itertools.count(1)
         self._publish_id = 0
         self._next_chunk = 0
-        self._copy: PublishedWeights | None = None
-        self._fleet_copy = CatchUpCopy(ops, self.name)
+        self._fleet_copy = GatheredCatchUp(ops, self.name)
         self._joined = False
 
     # ------------------------------------------------------------------ learner side (every rank)
@@ -93,7 +93,8 @@ class CudaIpcTransport(WeightTransport):
         self._source, self._tensors = source, None
         self._buckets = plan_stream(source.specs, self.settings.bucket_bytes, rule="vllm_packed")
         check_back_to_back(self._buckets)
-        self._publish_id, self._next_chunk, self._handle, self._copy = next(self._publishes), 0, None, None
+        self._publish_id, self._next_chunk, self._handle = next(self._publishes), 0, None
+        self._live.drop()
         if self.settings.rank != 0:
             return None
         return PublishedWeights(self.name, self._buckets, source=self.ops.current_actor(),
@@ -122,8 +123,6 @@ class CudaIpcTransport(WeightTransport):
             name, tensor = next(self._tensors)
             check_slot(name, tensor, slot)
             self._buffer[slot.offset:slot.offset + slot.nbytes].copy_(as_bytes(tensor))
-        if self.settings.rank == 0:
-            self._host.slot(index, meta.nbytes).copy_(self._buffer[:meta.nbytes], non_blocking=True)
         torch.cuda.current_stream().synchronize()  # the generators read it from another process
         self._next_chunk += 1
         if self._next_chunk == len(self._buckets):
@@ -135,21 +134,25 @@ class CudaIpcTransport(WeightTransport):
         return gpu_uuid()
 
     def serve_done(self) -> None:
-        """After the update: the generators released their mappings (finish)."""
+        """After the update: the generators released their mappings (finish). The buffer
+        goes back to the driver, not just to PyTorch's cache: the engine on this GPU wakes
+        its KV cache next, and a cached block here is memory it cannot have."""
         import torch
 
-        torch.cuda.ipc_collect()
+        self._buffer, self._handle, self._tensors = None, None, None
+        torch.cuda.ipc_collect()  # drops the exported block once no importer holds it
+        torch.cuda.empty_cache()
 
-    def serve_catch_up(self) -> PublishedWeights:
-        """The last version filled completely, as object-store buckets (from the host copy)."""
-        if self._copy is None:
-            if self._next_chunk != len(self._buckets):
-                raise RuntimeError(f"cuda_ipc publish {self._publish_id} has not been sent completely yet: "
-                                   "nothing to catch up from")
-            record = PublishedWeights(self.name, self._buckets, source=self.ops.current_actor(),
-                                      timeout_s=self.settings.timeout_s, publish_id=self._publish_id)
-            self._copy = self._host.put(self.ops, record)
-        return self._copy
+    def serve_catch_up(self, publish_id: int) -> PublishedWeights | None:
+        """Every rank: the published version gathered from the live model into the object
+        store (rank 0's record), for a generator on no learner rank's GPU or a late joiner."""
+        if publish_id != self._publish_id:
+            from srpo_ray.weights.transport import WeightsSupersededError
+
+            raise WeightsSupersededError(f"catch-up of publish {publish_id} asked, {self._publish_id} is the last one")
+        record = PublishedWeights(self.name, self._buckets, source=self.ops.current_actor(),
+                                  timeout_s=self.settings.timeout_s, publish_id=self._publish_id)
+        return self._live.get(self.ops, self.settings.rank, self._source, record)
 
     def close(self) -> None:
         self._buffer, self._handle, self._tensors = None, None, None
@@ -175,7 +178,7 @@ class CudaIpcTransport(WeightTransport):
     # ------------------------------------------------------------------ fleet side
     def deliver(self, published: PublishedWeights, members: list[Any], version: int) -> list[Any]:
         """Members on a learner rank's GPU read the chunks in place; any other (added
-        later, or a replacement placed elsewhere) loads the host copy afterwards."""
+        later, or a replacement placed elsewhere) loads an on-demand copy afterwards."""
         if not members:
             return []
         ranks = published.sources or [published.source]
@@ -191,8 +194,8 @@ class CudaIpcTransport(WeightTransport):
                 results[i] = g
         for index, meta in enumerate(published.buckets):
             handles: dict[str, tuple] = {}
-            for h in self.ops.get([r.weights_call.remote(self.name, "fill", published.publish_id, index)
-                                   for r in ranks]):
+            for h in self.ops.get(to_every_rank(
+                    lambda r: r.weights_call.remote(self.name, "fill", published.publish_id, index), ranks)):
                 handles.update(h)
             live = [i for i, r in enumerate(results) if not isinstance(r, BaseException) and i not in away]
             update = chunk_update_info(meta, handles)
@@ -210,8 +213,10 @@ class CudaIpcTransport(WeightTransport):
         caught_up = outcomes(self.ops, [self.catch_up(published, members[i].handle, version) for i in away])
         for i, out in zip(away, caught_up):
             results[i] = out
+        if self.prepare_catch_up:  # queued on every rank ahead of the learner's next step
+            self._fleet_copy.prepare(published)
         return results
 
     def catch_up(self, published: PublishedWeights, handle: Any, version: int) -> Any:
-        """A generator on no learner rank's GPU, a late joiner: rank 0's host copy."""
+        """A generator on no learner rank's GPU, a late joiner: a copy gathered on demand."""
         return self._fleet_copy.load(published, handle, version)

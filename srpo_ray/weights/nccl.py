@@ -29,17 +29,27 @@ reports a receiver dead. Rank 0 then aborts the communicator (ncclCommAbort), ke
 iterating the gathers so the other learner ranks are not left in a collective, and
 raises. The receivers still alive are stuck inside NCCL for good: the fleet replaces
 them (WeightDeliveryError) and sends again to a new group. A late joiner or a
-replacement loads an object-store copy of rank 0's host copy of the last version.
+replacement loads an object-store copy of the last version, gathered from the live model
+when one asks (common.LiveCopy): no copy is kept per send.
 """
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from srpo_ray.weights.common import CatchUpCopy, HostCopy, ServedStore, StoreConnection, check_slot, free_port
+from srpo_ray.weights.common import (
+    GatheredCatchUp,
+    LiveCopy,
+    ServedStore,
+    StoreConnection,
+    check_slot,
+    free_port,
+    to_every_rank,
+)
 from srpo_ray.weights.layout import BucketMeta, as_bytes, distinct_slots, plan_stream, streaming_peak_bytes
 from srpo_ray.weights.transport import PublishedWeights, WeightDeliveryError, WeightTransport, outcomes
 
@@ -51,6 +61,23 @@ if TYPE_CHECKING:
 
 BUFFERS = 2  # one bucket being sent while the next fills
 POLL_S = 0.001
+# Rank 0 waits on one bucket at most this share of learner.collective_timeout_s: meanwhile
+# the other ranks sit in the next FSDP all-gather under NCCL's watchdog (the same timeout),
+# and after giving up rank 0 must still join that gather before the watchdog fires.
+STALL_FRACTION = 0.25
+# Forming a group (every engine's TP workers and rank 0 meet) gets the same share: a
+# worker that never joins must not leave the others (and rank 0) waiting for good.
+JOIN_FRACTION = 0.25
+
+
+def stall_limit_s(collective_timeout_s: float) -> float:
+    """How long rank 0 waits on one bucket's broadcast before it gives up the send."""
+    return collective_timeout_s * STALL_FRACTION
+
+
+def join_limit_s(collective_timeout_s: float) -> float:
+    """How long forming a weight group may take before the half-formed group is dropped."""
+    return collective_timeout_s * JOIN_FRACTION
 
 
 class TransferAborted(RuntimeError):
@@ -67,8 +94,38 @@ def wait_until(done: Callable[[], bool], deadline: float, aborted: Callable[[], 
         if aborted():
             raise TransferAborted(f"{what}: aborted (a receiver is gone)")
         if clock() > deadline:
-            raise TransferAborted(f"{what}: not complete by its deadline (learner.collective_timeout_s)")
+            raise TransferAborted(f"{what}: not complete by its deadline ({STALL_FRACTION:g} of "
+                                  "learner.collective_timeout_s)")
         sleep(poll_s)
+
+
+def open_with_deadline(open_group: Callable[[], Any], limit_s: float, what: str) -> Any:
+    """`open_group()` (rank 0's side of a rendezvous: it waits in NCCL's init until every
+    rank has joined) in a thread, given up after `limit_s`: the actor answers instead of
+    hanging. A group that forms after all is aborted at once (the fleet has moved on)."""
+    box: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def run() -> None:
+        try:
+            comm = open_group()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            comm, box["error"] = None, e
+        with lock:
+            if box.get("abandoned") and comm is not None:
+                comm.destroy()  # the half-formed group, completed too late: nobody uses it
+            box["comm"] = comm
+
+    thread = threading.Thread(target=run, name="nccl-weight-group-open", daemon=True)
+    thread.start()
+    thread.join(limit_s)
+    with lock:
+        if "comm" not in box:
+            box["abandoned"] = True
+            raise TimeoutError(f"{what}: not every rank joined within {limit_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["comm"]
 
 
 @dataclass(frozen=True)
@@ -112,26 +169,25 @@ class NcclTransport(WeightTransport):
         self._comm: Any = None  # vLLM PyNcclCommunicator, rank 0 only
         self._buffers: list["torch.Tensor"] = []
         self._streams: list[Any] = []
-        self._host = HostCopy()
-        self._host_publish = 0  # the publish whose send completed: the host copy holds it whole
+        self._live = LiveCopy()  # a late joiner's copy, gathered when one asks (never kept per send)
         self._control = ServedStore(ops, self.settings.timeout_s)  # rank 0's TCPStore for abort keys
         self._publishes = itertools.count(1)
         self._publish_id = 0
-        self._copy: PublishedWeights | None = None
         # generation side
         self._joined = False
         # fleet side
         self._prefix = uuid.uuid4().hex[:8]
         self._group_key: tuple = ()
         self._fleet_control = StoreConnection()
-        self._fleet_copy = CatchUpCopy(ops, self.name)
+        self._fleet_copy = GatheredCatchUp(ops, self.name)
 
     # ------------------------------------------------------------------ learner side
     def publish(self, source: "WeightSource") -> PublishedWeights | None:
         """Declare the next version (nothing moves until the fleet's `send`)."""
         self._source = source
         self._buckets = plan_stream(source.specs, self.settings.bucket_bytes, rule="vllm_packed")
-        self._publish_id, self._copy = next(self._publishes), None
+        self._publish_id = next(self._publishes)
+        self._live.drop()
         if self.settings.rank != 0:
             return None
         detail = NcclDetail(self._control.serve(), self.settings.tensor_parallel_size, self.settings.bucket_bytes)
@@ -148,14 +204,21 @@ class NcclTransport(WeightTransport):
         from vllm.distributed.weight_transfer.nccl_common import trainer_init
 
         self._close_comm()
-        self._comm = trainer_init({"master_address": endpoint[0], "master_port": int(endpoint[1]),
-                                   "world_size": int(world_size)})
+        import torch
+
+        info = {"master_address": endpoint[0], "master_port": int(endpoint[1]), "world_size": int(world_size)}
+        device = torch.cuda.current_device()  # per thread: trainer_init reads it in the opening thread
+
+        def open_group() -> Any:
+            torch.cuda.set_device(device)
+            return trainer_init(info)
+
+        self._comm = open_with_deadline(open_group, join_limit_s(self.settings.timeout_s),
+                                        f"NCCL weight group at {endpoint[0]}:{endpoint[1]} ({world_size} ranks)")
 
     def serve_send(self, publish_id: int, key: str) -> int:
         """Stream the published version: every rank iterates (gathers); rank 0 fills the
         buckets and broadcasts them. `key`: the abort key the fleet may set. Returns bytes sent."""
-        import torch
-
         if publish_id != self._publish_id or self._source is None:
             raise RuntimeError(f"weight send {publish_id} asked, publish {self._publish_id} is the last one here")
         if self.settings.rank != 0:
@@ -166,7 +229,15 @@ class NcclTransport(WeightTransport):
             for _ in self._source.tensors():
                 pass  # the other ranks are gathering: keep them company, then fail
             raise RuntimeError("no NCCL weight group open here: the fleet opens one before sending")
-        deadline = time.monotonic() + self.settings.timeout_s
+        try:
+            return self._stream(publish_id, key)
+        finally:
+            self._buffers = []  # back to the allocator: 2 buckets (GBs at 32B) are not kept between updates
+
+    def _stream(self, publish_id: int, key: str) -> int:
+        import torch
+
+        stall_s = stall_limit_s(self.settings.timeout_s)
         aborted = (lambda: self._control.store.check([key])) if key else (lambda: False)
         peak = streaming_peak_bytes(self._buckets, BUFFERS) // BUFFERS
         if not self._buffers or self._buffers[0].numel() < peak:
@@ -185,7 +256,8 @@ class NcclTransport(WeightTransport):
             k = index % BUFFERS
             try:
                 if first and events[k] is not None:  # the buffer's previous bucket must be out
-                    wait_until(events[k].query, deadline, aborted, f"weight bucket {index - BUFFERS}")
+                    wait_until(events[k].query, time.monotonic() + stall_s, aborted,
+                               f"weight bucket {index - BUFFERS}")
                 self._buffers[k][slot.offset:slot.offset + slot.nbytes].copy_(as_bytes(tensor))
                 if last:
                     events[k] = self._send_bucket(index, streams[k])
@@ -196,13 +268,12 @@ class NcclTransport(WeightTransport):
             try:
                 for event in events:
                     if event is not None:
-                        wait_until(event.query, deadline, aborted, "the last weight buckets")
+                        wait_until(event.query, time.monotonic() + stall_s, aborted, "the last weight buckets")
             except TransferAborted as e:
                 failure = e
                 self._close_comm()
         if failure is not None:
             raise failure
-        self._host_publish = publish_id
         return sum(b.nbytes for b in self._buckets)
 
     def _send_bucket(self, index: int, stream: "torch.cuda.Stream") -> Any:
@@ -211,23 +282,25 @@ class NcclTransport(WeightTransport):
         meta = self._buckets[index]
         flat = self._buffers[index % BUFFERS][:meta.nbytes]
         stream.wait_stream(torch.cuda.current_stream())  # the bucket was filled there
+        flat.record_stream(stream)  # freed after the send: not reused while the broadcast may still read it
         with torch.cuda.stream(stream):
             self._comm.broadcast(flat, src=0, stream=stream)
-            self._host.slot(index, meta.nbytes).copy_(flat, non_blocking=True)
             event = torch.cuda.Event()
             event.record(stream)
         return event
 
-    def serve_catch_up(self) -> PublishedWeights:
-        """The last version sent, as object-store buckets (from the host copy)."""
-        if self._copy is None or self._copy.publish_id != self._publish_id:
-            if self._host_publish != self._publish_id:
-                raise RuntimeError(f"weight publish {self._publish_id} has not been sent completely yet: "
-                                   "nothing to catch up from")
-            record = PublishedWeights(self.name, self._buckets, source=self.ops.current_actor(),
-                                      timeout_s=self.settings.timeout_s, publish_id=self._publish_id)
-            self._copy = self._host.put(self.ops, record)
-        return self._copy
+    def serve_catch_up(self, publish_id: int) -> PublishedWeights | None:
+        """Every rank: the published version gathered from the live model into the object
+        store (rank 0's record; None elsewhere), kept until the next publish. Built when
+        a late joiner or replacement asks, not on every send: most updates have none, and
+        a pinned host copy was the model's size (65 GB at 32B) on rank 0's node."""
+        if publish_id != self._publish_id:
+            from srpo_ray.weights.transport import WeightsSupersededError
+
+            raise WeightsSupersededError(f"catch-up of publish {publish_id} asked, {self._publish_id} is the last one")
+        record = PublishedWeights(self.name, self._buckets, source=self.ops.current_actor(),
+                                  timeout_s=self.settings.timeout_s, publish_id=self._publish_id)
+        return self._live.get(self.ops, self.settings.rank, self._source, record)
 
     def _close_comm(self) -> None:
         if self._comm is not None:
@@ -267,12 +340,14 @@ class NcclTransport(WeightTransport):
                 return joined
             self._group_key = key
         abort_key = f"abort/{uuid.uuid4().hex}"
-        sends = [h.weights_call.remote(self.name, "send", published.publish_id, abort_key)
-                 for h in published.sources or [published.source]]
+        sends = to_every_rank(lambda h: h.weights_call.remote(self.name, "send", published.publish_id, abort_key),
+                              published.sources or [published.source])
         loads = [m.handle.weights_call.remote(self.name, "load", published, version) for m in members]
         results = self._collect(loads, sends, detail, abort_key, published.timeout_s)
         if any(isinstance(r, BaseException) for r in results):
             self._group_key = ()  # the group is broken for everyone: form a new one next time
+        if self.prepare_catch_up:  # queued on every rank ahead of the learner's next step
+            self._fleet_copy.prepare(published)
         return results
 
     def _form_group(self, published: PublishedWeights, members: list[Any]) -> list[Any] | None:
@@ -286,14 +361,19 @@ class NcclTransport(WeightTransport):
                                               worker_init_info(endpoint, 1 + tp * i, world, detail.bucket_bytes))
                  for i, m in enumerate(members)]
         opened = published.source.weights_call.remote(self.name, "open", endpoint, world)
-        joined = outcomes(self.ops, joins)
-        if any(isinstance(out, BaseException) for out in joined):
-            self._group_key = ()
-            self.ops.wait([opened], num_returns=1, timeout=published.timeout_s)
-            return [out if isinstance(out, BaseException) else WeightDeliveryError("its NCCL group did not form")
-                    for out in joined]
-        self.ops.get(opened)
-        return None
+        limit_s = join_limit_s(published.timeout_s)
+        # rank 0 gives up on its own after limit_s; the fleet waits a little longer for its answer
+        ready, _ = self.ops.wait(joins + [opened], num_returns=len(joins) + 1, timeout=limit_s + 30)
+        joined = [outcomes(self.ops, [ref])[0] if ref in ready else None for ref in joins]
+        failed = [i for i, out in enumerate(joined) if isinstance(out, BaseException)]
+        open_error = outcomes(self.ops, [opened])[0] if opened in ready else TimeoutError("no answer")
+        if not failed and not isinstance(open_error, BaseException) and all(ref in ready for ref in joins):
+            return None
+        self._group_key = ()
+        stuck = WeightDeliveryError(f"its NCCL weight group did not form within {limit_s:g} s: "
+                                    f"{_culprits(members, joins, joined, ready, open_error)}")
+        # the members that joined (or are still joining) sit in a half-formed group: replaced
+        return [joined[i] if i in failed else stuck for i in range(len(members))]
 
     def _collect(self, loads: list[Any], sends: list[Any], detail: NcclDetail, abort_key: str,
                  timeout_s: float) -> list[Any]:
@@ -326,5 +406,17 @@ class NcclTransport(WeightTransport):
         return [results[i] for i in range(len(loads))]
 
     def catch_up(self, published: PublishedWeights, handle: Any, version: int) -> Any:
-        """A late joiner or replacement: an object-store copy of rank 0's host copy."""
+        """A late joiner or replacement: an object-store copy gathered on demand."""
         return self._fleet_copy.load(published, handle, version)
+
+
+def _culprits(members: list[Any], joins: list[Any], joined: list[Any], ready: list[Any], open_error: Any) -> str:
+    """Who kept a weight group from forming: the workers whose join failed, else those
+    that never answered, else rank 0's open."""
+    def name(i: int) -> str:
+        return f"generation worker {getattr(members[i], 'index', i)}"
+
+    failed = [f"{name(i)} failed ({type(out).__name__}: {(str(out).strip().splitlines() or [''])[-1][:200]})"
+              for i, out in enumerate(joined) if isinstance(out, BaseException)]
+    silent = [f"{name(i)} did not join" for i, ref in enumerate(joins) if ref not in ready]
+    return "; ".join(failed or silent) or f"rank 0 could not open it ({open_error})"

@@ -40,6 +40,28 @@ def put_buckets(ops: Any, published: PublishedWeights, flats: list["torch.Tensor
                             timeout_s=published.timeout_s, detail=refs, publish_id=published.publish_id)
 
 
+def put_stream(ops: Any, source: "WeightSource", buckets: list[BucketMeta], rank: int,
+               staging: "torch.Tensor | None" = None) -> tuple[list[Any] | None, "torch.Tensor | None"]:
+    """Gather one tensor at a time (every rank iterates), copy it to a reused host
+    bucket, put each full bucket: host memory of one bucket, not the model. Returns
+    (the buckets' refs on rank 0, None elsewhere; the staging bucket, for reuse)."""
+    import torch
+
+    owners = [(i, s, s is distinct_slots(meta)[-1]) for i, meta in enumerate(buckets) for s in distinct_slots(meta)]
+    size = max((b.nbytes for b in buckets), default=0)
+    if rank == 0 and (staging is None or staging.numel() < size):
+        staging = torch.empty(size, dtype=torch.uint8)
+    refs: list[Any] = []
+    for (index, slot, last), (_, tensor) in zip(owners, source.tensors()):
+        if rank != 0:
+            continue  # this rank only joins the gathers
+        staging[slot.offset:slot.offset + slot.nbytes].copy_(as_bytes(tensor))
+        if last:
+            meta = buckets[index]
+            refs.append(ops.put([p.numpy() for p in packed_parts(staging[:meta.nbytes], meta)]))
+    return (refs if rank == 0 else None), staging
+
+
 class ObjectStoreTransport(WeightTransport):
     name = "object_store"
     takes_full_state_on_cpu = True
@@ -63,24 +85,8 @@ class ObjectStoreTransport(WeightTransport):
                                 timeout_s=self.settings.timeout_s, detail=refs, publish_id=self._count)
 
     def _put_streamed(self, source: "WeightSource", buckets: list[BucketMeta]) -> list[Any] | None:
-        """Gather one tensor at a time (every rank iterates), copy it to a reused host
-        bucket, put each full bucket: host memory of one bucket, not the model."""
-        import torch
-
-        owners = [(i, s, s is distinct_slots(meta)[-1]) for i, meta in enumerate(buckets)
-                  for s in distinct_slots(meta)]
-        size = max((b.nbytes for b in buckets), default=0)
-        if self.settings.rank == 0 and (self._staging is None or self._staging.numel() < size):
-            self._staging = torch.empty(size, dtype=torch.uint8)
-        refs: list[Any] = []
-        for (index, slot, last), (_, tensor) in zip(owners, source.tensors()):
-            if self.settings.rank != 0:
-                continue  # this rank only joins the gathers
-            self._staging[slot.offset:slot.offset + slot.nbytes].copy_(as_bytes(tensor))
-            if last:
-                meta = buckets[index]
-                refs.append(self.ops.put([p.numpy() for p in packed_parts(self._staging[:meta.nbytes], meta)]))
-        return refs if self.settings.rank == 0 else None
+        refs, self._staging = put_stream(self.ops, source, buckets, self.settings.rank, self._staging)
+        return refs
 
     def load(self, published: PublishedWeights, version: int, receiver: "Receiver", *extra: Any) -> int:
         """Fetch the buckets one at a time and load them. Fetching all of them starts at

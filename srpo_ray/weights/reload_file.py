@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
 FOLDER_PREFIX = "srpo_reload_"
+DIR_ENV = "SRPO_RELOAD_DIR"  # where the folder goes instead of /dev/shm
 FILE_NAME = "model.safetensors"
 # safetensors' dtype codes (https://github.com/huggingface/safetensors, format spec)
 SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
@@ -39,9 +40,28 @@ SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfl
                       "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
 
 
+class ReloadSpaceError(RuntimeError):
+    """The reload file does not fit where it is written (Docker's default /dev/shm is 64 MB)."""
+
+
+def check_room(folder: str, nbytes: int, replacing: str | None = None) -> None:
+    """Raise ReloadSpaceError, before any byte is written, when `nbytes` do not fit in
+    `folder` (the file `replacing` is about to be overwritten: its bytes count as free)."""
+    free = shutil.disk_usage(folder).free
+    if replacing is not None and os.path.exists(replacing):
+        free += os.path.getsize(replacing)
+    if nbytes > free:
+        raise ReloadSpaceError(
+            f"the weights of a tensor-parallel engine reload from a {nbytes / 2**30:.2f} GiB file in {folder}, which "
+            f"has {free / 2**30:.2f} GiB free. Give it room (Docker: --shm-size=<model size + 10%>; Kubernetes: an "
+            f"emptyDir with medium Memory on /dev/shm) or set {DIR_ENV} to a folder with room; or feed the engine "
+            "over rollout.weight_transport=nccl (GPU learner), which needs no file")
+
+
 def write_safetensors(path: str, tensors: Iterable[tuple[str, "torch.Tensor"]]) -> int:
     """Write (name, tensor) pairs as one safetensors file at `path`; bytes written.
-    CUDA tensors are copied to the CPU one at a time; tensors sharing memory are fine."""
+    CUDA tensors are copied to the CPU one at a time; tensors sharing memory are fine.
+    Refused with ReloadSpaceError before writing when the file would not fit."""
     items = list(tensors)
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -55,6 +75,7 @@ def write_safetensors(path: str, tensors: Iterable[tuple[str, "torch.Tensor"]]) 
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    check_room(os.path.dirname(path) or ".", 8 + len(blob) + offset, replacing=path)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
@@ -67,15 +88,16 @@ class ReloadFolder:
     """The folder an engine reloads from, made on first use and reused."""
 
     def __init__(self, directory: str | None = None):
-        self.root = directory or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+        self.root = directory or os.environ.get(DIR_ENV) or (
+            "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
         self.path: str | None = None
-        atexit.register(self.close)
 
     def write(self, tensors: Iterable[tuple[str, "torch.Tensor"]]) -> str:
         """Write the weights; returns the folder to pass as `weights_path`."""
         if self.path is None:
             remove_stale_folders(self.root)
             self.path = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}_", dir=self.root)
+            atexit.register(self.close)
         write_safetensors(os.path.join(self.path, FILE_NAME), tensors)
         return self.path
 

@@ -4,15 +4,16 @@ gathered (pure torch, no Ray).
 
 `StateDictSource` holds a full state dict already in hand (a one-rank CPU learner's own
 parameters, a WeightSource actor's dict, a test's). `ModelSource` streams a (possibly
-FSDP2-sharded) model one parameter at a time: gather it (a collective: every rank iterates
-the same specs in the same order), cast it to the engine's dtype, hand it out, drop it.
+FSDP2-sharded) model one parameter at a time: cast the local shard to the engine's dtype,
+gather it (a collective: every rank iterates the same specs in the same order), hand it
+out, drop it.
 A transport that streams never holds more than its buckets plus the one parameter in
 flight; `state_dict()` materialises everything on the CPU for transports that keep the
 whole version (shared memory's background copy, the gloo broadcast's packed buffers).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Mapping, Protocol
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Protocol
 
 from srpo_ray.weights.layout import TensorSpec, dtype_name, specs_of
 
@@ -35,6 +36,16 @@ class WeightSource(Protocol):
     def state_dict(self) -> dict[str, "torch.Tensor"] | None:
         """The whole state on the CPU, aliases included (rank 0; None elsewhere)."""
 
+    def unchanged(self) -> bool:
+        """The tensors still hold what they held when this source was made (no optimizer
+        step, no checkpoint load since): a copy read now is the published version."""
+
+
+def _versions(tensors: Iterable["torch.Tensor"]) -> list[int]:
+    """Autograd's in-place counters: every in-place write (an optimizer step on a
+    parameter or on FSDP2's sharded DTensor, a load_state_dict copy) bumps them."""
+    return [t._version for t in tensors]
+
 
 class StateDictSource:
     """A full state dict in hand. Floating tensors are cast to `dtype` (None: as they are)."""
@@ -53,6 +64,10 @@ class StateDictSource:
             state = cast
         self._state = dict(state)
         self.specs = specs_of(self._state)
+        self._held = _versions(self._state.values())
+
+    def unchanged(self) -> bool:
+        return _versions(self._state.values()) == self._held
 
     def tensors(self) -> Iterator[tuple[str, "torch.Tensor"]]:
         for spec in self.specs:
@@ -67,8 +82,8 @@ class ModelSource:
     """A live model's weights, streamed one parameter at a time.
 
     model: the learner's module (plain or FSDP2: its state dict holds DTensors whose
-    `full_tensor()` all-gathers). dtype: the engine's dtype (floating tensors are cast
-    on the device, after the gather, so the wire carries engine bytes). tied: (input
+    `full_tensor()` all-gathers). dtype: the engine's dtype (floating shards are cast
+    on the device before the gather, so the gather and the wire carry engine bytes). tied: (input
     embedding name, output embedding name) when they are one tensor: the output name is
     an alias, or left out (`send_tied=False`: vLLM's GPU loaders re-tie it from the
     embedding, as they do for a checkpoint saved by save_pretrained)."""
@@ -93,15 +108,20 @@ class ModelSource:
             emb = next(s for s in self.specs if s.name == tied[0])
             self.specs.append(TensorSpec(tied[1], emb.dtype, emb.shape, alias_of=tied[0]))
         self._torch = torch
+        self._params = [state[n] for n in self._names]  # the sharded tensors themselves (DTensors)
+        self._held = _versions(self._params)
+
+    def unchanged(self) -> bool:
+        return _versions(self._params) == self._held
 
     def tensors(self) -> Iterator[tuple[str, "torch.Tensor"]]:
         state = self.model.state_dict()
         for name in self._names:
-            t = state[name]
+            t = state[name].detach()
+            if t.is_floating_point() and t.dtype != self.dtype:
+                t = t.to(self.dtype)  # this rank's shard: the gather then moves wire bytes (half of fp32)
             full = t.full_tensor() if hasattr(t, "full_tensor") else t  # collective on DTensors
-            full = full.detach()
-            if full.is_floating_point() and full.dtype != self.dtype:
-                full = full.to(self.dtype)
+            del t
             yield name, full
             del full
 

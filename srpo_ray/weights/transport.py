@@ -155,6 +155,11 @@ class WeightTransport:
     vllm_weight_transfer_backend: ClassVar[str | None] = None
     """The weight-transfer engine a vLLM generator must be created with ("nccl", "ipc"),
     or None: weights arrive through load_weight_stream."""
+    prepare_catch_up: bool = False
+    """Fleet side, set by the fleet: build each version's catch-up copy right after
+    delivering it, while the learner still holds that version (rollouts may be generated
+    while the learner trains, rollout.max_staleness > 0). Transports whose copy is made
+    on demand from the live model (nccl, cuda_ipc) act on it."""
 
     def __init__(self, ops: Any, settings: SenderSettings | None = None):
         self.ops = ops
@@ -269,19 +274,30 @@ def whole_gpus(gpus: float) -> bool:
     return gpus >= 1 and float(gpus).is_integer()
 
 
+def shares_one_gpu(learner_gpus: float, rollout_gpus: float, colocated: bool, generators_per_rank: int = 1) -> bool:
+    """Each learner rank and its colocated generators on ONE GPU: their bundle (placement's
+    `_colocated_group`: the rank plus generators j % num_ranks == i) adds up to at most one
+    GPU. A bigger bundle (e.g. 1 + 1, or 0.5 + 3 x 0.5) puts them on different GPUs,
+    where a CUDA IPC handle of the learner's GPU is nothing to the generator."""
+    return (colocated and 0 < learner_gpus < 1 and 0 < rollout_gpus < 1
+            and learner_gpus + generators_per_rank * rollout_gpus <= 1 + 1e-9)
+
+
 def resolve_transport(transport: str, learner_gpus: float, rollout_gpus: float, colocated: bool,
-                      tensor_parallel_size: int = 1) -> str:
+                      tensor_parallel_size: int = 1, generators_per_rank: int = 1) -> str:
     """The transport `transport` stands for (`auto` resolved, `broadcast` between GPUs
     made `nccl`), or a ValueError naming rollout.weight_transport and the fix.
 
-    learner_gpus / rollout_gpus: learner.gpus_per_rank / rollout.gpus_per_worker.
+    learner_gpus / rollout_gpus: learner.gpus_per_rank / rollout.gpus_per_worker;
+    generators_per_rank: the most generators colocated with one learner rank.
     auto ->
       shared_memory  all on CPU (bench/bench_weight_sync.py, 338 MB, one receiver: about
                      2x a plain memory copy; object_store 4-5x, gloo broadcast 15x)
       nccl           learner and generators on whole GPUs of their own (vLLM's NCCL
                      weight transfer: each tensor-parallel worker receives its shard of
                      every bucket straight into its GPU)
-      cuda_ipc       colocated on GPUs with tensor_parallel_size 1 (a generator reads its
+      cuda_ipc       colocated on ONE shared GPU (`shares_one_gpu`) with
+                     tensor_parallel_size 1 (a generator reads its
                      learner rank's bucket in place on the shared GPU, as verl and
                      OpenRLHF colocate)
       object_store   everything else (a GPU role with a CPU one; fractional GPUs not
@@ -292,12 +308,13 @@ def resolve_transport(transport: str, learner_gpus: float, rollout_gpus: float, 
         raise ValueError(f"rollout.weight_transport={transport!r}: must be one of {', '.join(names)}")
     learner_gpu, rollout_gpu = learner_gpus > 0, rollout_gpus > 0
     separate_whole = not colocated and whole_gpus(learner_gpus) and whole_gpus(rollout_gpus)
+    shared = shares_one_gpu(learner_gpus, rollout_gpus, colocated, generators_per_rank)
     if transport == "auto":
         if not learner_gpu and not rollout_gpu:
             return "shared_memory"
         if learner_gpu and rollout_gpu and separate_whole:
             return "nccl"
-        if learner_gpu and rollout_gpu and colocated and tensor_parallel_size == 1:
+        if shared and tensor_parallel_size == 1:
             return "cuda_ipc"
         return "object_store"
     if transport == "broadcast" and learner_gpu and rollout_gpu:
@@ -308,16 +325,18 @@ def resolve_transport(transport: str, learner_gpus: float, rollout_gpus: float, 
             f"their own (learner.gpus_per_rank={learner_gpus:g}, rollout.gpus_per_worker={rollout_gpus:g}, "
             f"cluster.colocate={colocated}); two ranks of one NCCL group on one GPU fail (\"Duplicate GPU "
             "detected\"). Use rollout.weight_transport=auto (cuda_ipc when colocated, else object_store)")
-    if transport == "cuda_ipc" and not (colocated and learner_gpu and rollout_gpu and tensor_parallel_size == 1):
+    if transport == "cuda_ipc" and not (shared and tensor_parallel_size == 1):
         raise ValueError(
-            "rollout.weight_transport=cuda_ipc: needs cluster.colocate=true with learner and generators on "
-            f"GPUs and rollout.tensor_parallel_size=1 (got colocate={colocated}, learner.gpus_per_rank="
-            f"{learner_gpus:g}, rollout.gpus_per_worker={rollout_gpus:g}, tensor_parallel_size="
-            f"{tensor_parallel_size}); use rollout.weight_transport=auto")
+            "rollout.weight_transport=cuda_ipc: needs cluster.colocate=true with each learner rank and its "
+            "generators sharing ONE GPU (learner.gpus_per_rank + generators per rank x rollout.gpus_per_worker "
+            f"<= 1) and rollout.tensor_parallel_size=1 (got colocate={colocated}, learner.gpus_per_rank="
+            f"{learner_gpus:g}, rollout.gpus_per_worker={rollout_gpus:g}, {generators_per_rank} generator(s) per "
+            f"rank, tensor_parallel_size={tensor_parallel_size}); use rollout.weight_transport=auto")
     return transport
 
 
 def resolve_for(cfg: Any) -> str:
     """resolve_transport for an SRPOConfig."""
+    per_rank = -(-cfg.rollout.num_workers // max(1, cfg.learner.num_ranks))  # placement: j % num_ranks
     return resolve_transport(cfg.rollout.weight_transport, cfg.learner.gpus_per_rank, cfg.rollout.gpus_per_worker,
-                             cfg.cluster.colocate, cfg.rollout.tensor_parallel_size)
+                             cfg.cluster.colocate, cfg.rollout.tensor_parallel_size, per_rank)

@@ -2,7 +2,8 @@
 model of tests/scripted_model.py):
 
 - a generation or reward worker that dies mid-call is replaced and its chunk re-issued:
-  the step completes with every prompt scored exactly once;
+  the step completes with every prompt scored exactly once; so is one that stops
+  answering (SIGSTOP), once its chunk's deadline has passed;
 - a learner rank that dies stops the run with an error naming the rank, and `--resume`
   continues from the last checkpoint;
 - a run killed while writing a checkpoint keeps the previous one intact;
@@ -72,7 +73,7 @@ def test_generation_worker_killed_mid_step_is_replaced_and_synced(
     the lost chunk; nothing is lost or scored twice."""
     hook = hook_actor_class(
         monkeypatch, "actors.generation", "GenerationWorker",
-        fault=lambda h: KillDuringCall(h, "generate", when=lambda prompts, sampling, version=None: version == 1))
+        fault=lambda h: KillDuringCall(h, "generate_apart", when=lambda prompts, sampling, version=None: version == 1))
     run_dir = tmp_path / "run"
     assert main(mixed_run_args(scripted_model_dir, data_file, run_dir, "trainer.total_steps=2",
                                "rollout.num_workers=2")) == 0
@@ -90,10 +91,70 @@ def test_generation_worker_killed_mid_step_is_replaced_and_synced(
 @pytest.mark.slow  # a full driver run
 def test_reward_worker_killed_mid_step_is_replaced(ray_local, monkeypatch, scripted_model_dir, data_file, tmp_path):
     hook = hook_actor_class(monkeypatch, "actors.reward", "RewardWorker",
-                            fault=lambda h: KillDuringCall(h, "score"))
+                            fault=lambda h: KillDuringCall(h, "score_texts"))
     run_dir = tmp_path / "run"
     assert main(run_args(scripted_model_dir, data_file, run_dir, "trainer.total_steps=1")) == 0
     assert hook.wrapped.killed and len(hook.handles) == 2  # one worker + one replacement
+    assert [r["step"] for r in metrics(run_dir)] == [1]
+    assert_each_prompt_scored_once(run_dir, 1)
+
+
+class StopBeforeFirstCall(ray.actor.ActorHandle):
+    """An actor handle whose first call of a method other than `ping` finds the actor's
+    process stopped (SIGSTOP), so the call is never answered: a hung worker, not a dead
+    one. An ActorHandle to `ray.kill` (what the pool does to a hung worker); everything
+    else is the real handle's (ActorHandle.__init__ never runs: no state of its own)."""
+
+    def __init__(self, handle: Any):
+        self._handle = handle
+        self.pid: int | None = None
+
+    def __del__(self) -> None:
+        pass  # the real handle holds the actor's reference, and drops it when it goes
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._handle, name)
+        if name.startswith("_") or name == "ping" or self.pid is not None:
+            return attr
+        proxy = self
+
+        class _Method:
+            def remote(self, *args: Any, **kwargs: Any) -> Any:
+                if proxy.pid is None:
+                    proxy.pid = ray.get(proxy._handle.__ray_call__.remote(lambda actor: os.getpid()), timeout=60)
+                    os.kill(proxy.pid, signal.SIGSTOP)
+                return attr.remote(*args, **kwargs)
+
+        return _Method()
+
+    def release(self) -> None:
+        """End the process this test stopped if it is still there, stopped."""
+        try:
+            state = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except (OSError, TypeError):
+            return
+        if state == "T":
+            os.kill(self.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow  # a full driver run
+def test_reward_worker_that_stops_answering_is_killed_replaced_and_its_chunk_reissued(
+        ray_local, monkeypatch, caplog, scripted_model_dir, data_file, tmp_path):
+    hook = hook_actor_class(monkeypatch, "actors.reward", "RewardWorker", fault=StopBeforeFirstCall)
+    run_dir = tmp_path / "run"
+    try:
+        # a deadline short enough for a test, long enough for the replacement's scoring call
+        # on 2 cores shared with other test runs (it must not be taken for hung too)
+        assert main(run_args(scripted_model_dir, data_file, run_dir, "trainer.total_steps=1",
+                             "reward.hung_after_s=40", "reward.hung_after_s_per_response=0.5")) == 0
+        assert hook.wrapped.pid is not None and len(hook.handles) == 2  # one worker + one replacement
+        stopped = Path(f"/proc/{hook.wrapped.pid}/stat")
+        assert not stopped.exists() or stopped.read_text().rpartition(")")[2].split()[0] == "Z", \
+            "the hung worker was not killed"
+    finally:
+        if hook.wrapped is not None:
+            hook.wrapped.release()
+    assert "reward worker 0 hung; starting a replacement" in caplog.text
     assert [r["step"] for r in metrics(run_dir)] == [1]
     assert_each_prompt_scored_once(run_dir, 1)
 

@@ -10,6 +10,7 @@ import math
 import time
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -50,7 +51,8 @@ def test_generate_returns_n_consistent_samples(engine, tiny_model_dir):
             assert len(sample.token_ids) == 8
         else:
             assert sample.finish_reason == "stop" and sample.token_ids[-1] == tok.eos_token_id
-        assert sample.text == tok.decode(sample.token_ids, skip_special_tokens=True)
+        assert sample.text == tok.decode(sample.token_ids.tolist(), skip_special_tokens=True)
+        assert sample.token_ids.dtype == np.int32 and sample.logprobs.dtype == np.float32  # compact, not lists
     assert len({tuple(s.token_ids) for s in groups[1]}) > 1  # n distinct draws, not one copy
 
 
@@ -58,7 +60,7 @@ def test_seeded_generation_is_reproducible(engine):
     sampling = Sampling(n=2, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=11)
     run = lambda: engine.generate(PROMPTS, sampling)  # noqa: E731
     first, second = run(), run()
-    assert [[s.token_ids for s in g] for g in first] == [[s.token_ids for s in g] for g in second]
+    assert [[s.token_ids.tolist() for s in g] for g in first] == [[s.token_ids.tolist() for s in g] for g in second]
 
 
 def test_generation_without_logprobs_draws_the_same_samples(engine):
@@ -67,9 +69,9 @@ def test_generation_without_logprobs_draws_the_same_samples(engine):
     run = lambda **kw: engine.generate(PROMPTS, Sampling(n=3, temperature=0.9, top_p=0.95,  # noqa: E731
                                        max_new_tokens=7, seed=5, **kw))
     with_lp, without = run(), run(logprobs=False)
-    assert [[(s.token_ids, s.text, s.finish_reason) for s in g] for g in with_lp] == \
-        [[(s.token_ids, s.text, s.finish_reason) for s in g] for g in without]
-    assert all(s.logprobs == [] for g in without for s in g)
+    assert [[(s.token_ids.tolist(), s.text, s.finish_reason) for s in g] for g in with_lp] == \
+        [[(s.token_ids.tolist(), s.text, s.finish_reason) for s in g] for g in without]
+    assert all(len(s.logprobs) == 0 for g in without for s in g)
     assert all(len(s.logprobs) == len(s.token_ids) for g in with_lp for s in g)
 
 
@@ -87,7 +89,7 @@ def test_top_p_logprobs_are_renormalised_over_the_nucleus(engine, hf_model):
     prompt = PROMPTS[1]
     sample = engine.generate([prompt], Sampling(n=1, temperature=temperature, top_p=top_p, max_new_tokens=12,
                              seed=4))[0][0]
-    ids = torch.tensor([prompt + sample.token_ids])
+    ids = torch.tensor([prompt + sample.token_ids.tolist()])
     with torch.no_grad():
         logits = hf_model(ids).logits[0, len(prompt) - 1:-1] / temperature
     # the nucleus: drop the least likely tokens whose total probability is <= 1 - top_p
@@ -96,7 +98,7 @@ def test_top_p_logprobs_are_renormalised_over_the_nucleus(engine, hf_model):
     outside[:, -1] = False
     kept = sorted_logits.masked_fill(outside, float("-inf"))
     masked = torch.empty_like(logits).scatter(1, order, kept)  # back to vocabulary order
-    ref = torch.log_softmax(masked, -1).gather(1, torch.tensor(sample.token_ids)[:, None])[:, 0]
+    ref = torch.log_softmax(masked, -1).gather(1, torch.tensor(sample.token_ids.tolist())[:, None])[:, 0]
     assert torch.allclose(torch.tensor(sample.logprobs), ref, atol=TOL)
 
 
@@ -162,11 +164,17 @@ def test_worker_generates_and_syncs_tied_weights_inside_ray(ray_local, tiny_tied
 
         groups = ray.get(worker.generate.remote(prompts, sampling))
         assert [g.prompt.prompt_id for g in groups] == ["p0", "p1"]
-        assert all(s.logprobs for g in groups for s in g.samples)
+        assert all(len(g.tokens.logprobs) == len(g.tokens.token_ids) > 0 for g in groups)
         unscored = ray.get(worker.generate.remote(prompts, replace(sampling, seed=3, logprobs=False)))
-        assert all(s.logprobs == [] and s.token_ids for g in unscored for s in g.samples)
+        assert all(len(g.tokens.logprobs) == 0 and all(s.num_tokens for s in g.samples) for g in unscored)
         assert all(g.policy_version == 0 and len(g.samples) == 3 for g in groups)
-        assert groups[0].prompt_token_ids == chat_prompt_ids(tok, prompts[0].messages)
+        assert groups[0].tokens.prompt_token_ids.tolist() == chat_prompt_ids(tok, prompts[0].messages)
+        # apart: the summaries first, then one GroupTokens per group (the fleet keeps those by reference)
+        summaries, tokens0, texts0, tokens1, texts1 = ray.get(
+            worker.generate_apart.options(num_returns=5).remote(prompts, sampling))
+        assert [(g.tokens, g.texts) for g in summaries] == [(None, None), (None, None)]
+        assert [t.num_samples for t in (tokens0, tokens1)] == [3, 3] and len(texts0) == len(texts1) == 3
+        assert [s.num_tokens for s in summaries[0].samples] == [len(tokens0.response(i)[0]) for i in range(3)]
 
         model = AutoModelForCausalLM.from_pretrained(tiny_tied_model_dir, dtype=torch.float32).eval()
         new_weights = perturbed_state_dict(model, seed=5)
@@ -175,8 +183,9 @@ def test_worker_generates_and_syncs_tied_weights_inside_ray(ray_local, tiny_tied
         assert ray.get(worker.version.remote()) == 7
         groups = ray.get(worker.generate.remote(prompts, sampling, policy_version_expected=7))
         assert all(g.policy_version == 7 for g in groups)
-        ids, sample = groups[0].prompt_token_ids, groups[0].samples[0]
-        assert torch.allclose(torch.tensor(sample.logprobs), hf_logprobs(model, ids, sample.token_ids), atol=TOL)
+        ids = groups[0].tokens.prompt_token_ids.tolist()
+        sample_ids, sample_logprobs = groups[0].tokens.response(0)
+        assert torch.allclose(torch.tensor(sample_logprobs), hf_logprobs(model, ids, sample_ids.tolist()), atol=TOL)
         got = ray.get(worker.token_logprobs.remote(ids, [11, 22, 33]))
         assert torch.allclose(torch.tensor(got), hf_logprobs(model, ids, [11, 22, 33]), atol=TOL)
 

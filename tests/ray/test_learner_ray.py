@@ -10,6 +10,7 @@ import pytest
 import torch
 from learner_cases import TEMPERATURE, assert_same_weights, learner_cfg, scored_batch
 
+from srpo_ray.learner.plan import TrainRows
 from srpo_ray.runtime.learner_group import LearnerGroup
 
 
@@ -62,8 +63,8 @@ def test_two_ranks_update_equals_one_rank_update(ray_groups, tiny_tied_model_dir
     two.load(initial)
     one.load(initial)
     for _ in range(2):
-        m2 = two.train(batch, TEMPERATURE)
-        m1 = one.train(batch, TEMPERATURE)
+        m2 = two.train(TrainRows.of_batch(batch), TEMPERATURE)
+        m1 = one.train(TrainRows.of_batch(batch), TEMPERATURE)
         assert m2["learner/loss"] == pytest.approx(m1["learner/loss"], rel=1e-5, abs=1e-6)
         assert m2["learner/grad_norm"] == pytest.approx(m1["learner/grad_norm"], rel=1e-4)
         assert m2["learner/response_tokens"] == m1["learner/response_tokens"] == batch.num_response_tokens
@@ -77,11 +78,11 @@ def test_training_raises_logprobs_of_rewarded_tokens(ray_groups, tiny_tied_model
     batch = scored_batch(tiny_tied_model_dir, [5, 4, 6, 3], [1.0, 1.0, 1.0, 1.0], seed=2)
     before = two.logprobs_of(batch.input_ids, batch.attention_mask, TEMPERATURE)
     w0 = _weights(two)
-    first = two.train(batch, TEMPERATURE)
+    first = two.train(TrainRows.of_batch(batch), TEMPERATURE)
     # the rollout log-probs came from these very weights, so learner and "sampler" agree
     assert first["learner/logprob_mismatch"] < 1e-4
     for _ in range(2):
-        two.train(batch, TEMPERATURE)
+        two.train(TrainRows.of_batch(batch), TEMPERATURE)
     after = two.logprobs_of(batch.input_ids, batch.attention_mask, TEMPERATURE)
     mask = batch.response_mask.bool()
     assert after[mask].mean() > before[mask].mean() + 0.1
@@ -93,7 +94,7 @@ def test_full_state_dict_matches_saved_hf_model(ray_groups, tiny_tied_model_dir,
 
     two, _, initial = ray_groups
     two.load(initial)
-    two.train(scored_batch(tiny_tied_model_dir, [3, 4], [1.0, -1.0], seed=4), TEMPERATURE)
+    two.train(TrainRows.of_batch(scored_batch(tiny_tied_model_dir, [3, 4], [1.0, -1.0], seed=4)), TEMPERATURE)
     two.save(str(tmp_path))
     state = _weights(two)
     assert "lm_head.weight" in state  # tied: generators need the name anyway
@@ -115,15 +116,15 @@ def test_checkpoint_round_trip_restores_optimizer(ray_groups, tiny_tied_model_di
     first = scored_batch(tiny_tied_model_dir, [4, 5, 3], [1.0, -1.0, 1.0], seed=6)
     second = scored_batch(tiny_tied_model_dir, [3, 6, 2], [-1.0, 1.0, 1.0], seed=7)
     two.load(initial)
-    two.train(first, TEMPERATURE)
+    two.train(TrainRows.of_batch(first), TEMPERATURE)
     two.save(str(tmp_path))
-    two.train(second, TEMPERATURE)
+    two.train(TrainRows.of_batch(second), TEMPERATURE)
     uninterrupted = _weights(two)
     two.load(str(tmp_path))
-    two.train(second, TEMPERATURE)
+    two.train(TrainRows.of_batch(second), TEMPERATURE)
     assert_same_weights(_weights(two), uninterrupted, atol=0)
     one.load(str(tmp_path))  # written by 2 ranks, read by 1: DCP reshards
-    one.train(second, TEMPERATURE)
+    one.train(TrainRows.of_batch(second), TEMPERATURE)
     assert_same_weights(_weights(one), uninterrupted)
 
 
@@ -132,8 +133,8 @@ def test_rank_with_empty_shard_does_not_hang(ray_groups, tiny_tied_model_dir):
     batch = scored_batch(tiny_tied_model_dir, [5], [1.0], seed=8)  # one sequence for two ranks
     two.load(initial)
     one.load(initial)
-    m2 = two.train(batch, TEMPERATURE)  # fails after collective_timeout_s if a rank hangs
-    m1 = one.train(batch, TEMPERATURE)
+    m2 = two.train(TrainRows.of_batch(batch), TEMPERATURE)  # fails after collective_timeout_s if a rank hangs
+    m1 = one.train(TrainRows.of_batch(batch), TEMPERATURE)
     assert m2["learner/sequences"] == 1 and m2["learner/optimizer_steps"] >= 1
     assert m2["learner/grad_norm"] == pytest.approx(m1["learner/grad_norm"], rel=1e-4)
     assert_same_weights(_weights(two), _weights(one))

@@ -10,7 +10,7 @@ ray = pytest.importorskip("ray")
 
 
 def group(prompt: Prompt, texts: list[str]) -> RolloutGroup:
-    return RolloutGroup(prompt=prompt, prompt_token_ids=[1, 2], policy_version=0,
+    return RolloutGroup.of(prompt=prompt, prompt_token_ids=[1, 2], policy_version=0,
                         samples=[Sample(token_ids=[3], logprobs=[-0.1], text=t, finish_reason="stop")
                                  for t in texts])
 

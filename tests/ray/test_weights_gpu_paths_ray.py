@@ -55,7 +55,7 @@ def test_a_dead_nccl_receiver_aborts_the_send_and_the_stuck_ones_are_replaced(mo
 
     ops = RefOps()
     send = Ref(ready=False)
-    stuck = Ref(ready=False)
+    stuck, also_stuck = Ref(ready=False), Ref(ready=False)  # once rank 0 aborts, no receiver completes
 
     class Store:
         def set(self, key, value):  # rank 0 sees the key, aborts, keeps gathering, fails
@@ -63,13 +63,13 @@ def test_a_dead_nccl_receiver_aborts_the_send_and_the_stuck_ones_are_replaced(mo
             send.error, send.ready = TransferAborted("weight bucket 3: aborted (a receiver is gone)"), True
     monkeypatch.setattr(common, "open_store", lambda *a, **k: Store())
     t = NcclTransport(ops)
-    members = [Member(Ref(error=RayActorError())), Member(stuck), Member(Ref(value=3))]
+    members = [Member(Ref(error=RayActorError())), Member(stuck), Member(also_stuck)]
     t._group_key = ("learner", tuple(members))  # a formed group: deliver goes straight to the send
     published = PublishedWeights("nccl", [], source="learner", sources=[Handle(send)], publish_id=1,
                                  detail=NcclDetail(("h", 1), 1, MB), timeout_s=30)
     out = t.deliver(published, members, 3)
-    assert isinstance(out[0], RayActorError) and out[2] == 3
-    assert isinstance(out[1], WeightDeliveryError) and "aborted" in str(out[1])
+    assert isinstance(out[0], RayActorError)
+    assert all(isinstance(o, WeightDeliveryError) and "aborted" in str(o) for o in out[1:])
     assert t._group_key == ()  # the next delivery forms a new group
 
 
@@ -91,6 +91,9 @@ def test_the_fleet_replaces_stuck_workers_and_sends_again(monkeypatch):
 
         def lost(self, m, error=None):
             lost.append(m.index)
+
+        def wait_ready(self, timeout_s=None):  # the fleet waits for replacements before sending again
+            pass
 
     class Delivery:
         def deliver(self, members, version):

@@ -8,13 +8,13 @@ import torch
 from srpo_ray.algo.loss import count_denominator
 from srpo_ray.learner.batch import (
     TrainBatch,
-    build_train_batch,
     empty_batch,
     micro_batches,
     padding_fraction,
     split_for_ranks,
     split_into_chunks,
 )
+from srpo_ray.learner.plan import build_train_batch
 from srpo_ray.records import Prompt, RewardResult, RolloutGroup, Sample, ScoredGroup
 
 PAD = 0
@@ -25,7 +25,7 @@ def scored_group(prompt_ids: list[int], responses: list[list[int]], pid: str = "
     see exactly where every value lands."""
     samples = [Sample(token_ids=r, logprobs=[-(100 * i + j + 1) / 1000 for j in range(len(r))],
                       text="", finish_reason="stop") for i, r in enumerate(responses)]
-    group = RolloutGroup(prompt=Prompt(pid, "math", [{"role": "user", "content": "q"}], "1"),
+    group = RolloutGroup.of(prompt=Prompt(pid, "math", [{"role": "user", "content": "q"}], "1"),
                          prompt_token_ids=prompt_ids, samples=samples, policy_version=0)
     return ScoredGroup(group=group, results=[RewardResult(1.0, True) for _ in responses])
 
@@ -70,9 +70,8 @@ def test_bad_inputs_raise_with_names():
         build_train_batch([g], [[1.0, 0.0], [1.0]], pad_token_id=PAD)
     with pytest.raises(ValueError, match="no prompt tokens"):
         build_train_batch([scored_group([], [[2], [3]])], [[1.0, -1.0]], pad_token_id=PAD)
-    g.group.samples[0].logprobs.append(-1.0)
-    with pytest.raises(ValueError, match="log-probs"):
-        build_train_batch([g], [[1.0, -1.0]], pad_token_id=PAD)
+    with pytest.raises(ValueError, match="1 tokens but 2 log-probs"):
+        RolloutGroup.of(g.group.prompt, [1], [Sample([2], [-1.0, -1.0], "", "stop")], 0)
     with pytest.raises(ValueError, match="loss_agg"):
         count_denominator(build_train_batch([scored_group([1], [[2], [3]])], [[1.0, -1.0]], PAD).response_mask, "sum")
 

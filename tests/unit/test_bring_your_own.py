@@ -167,7 +167,7 @@ def test_training_metrics_per_data_source():
     def group(source: str, domain: str, rewards: list[float]) -> ScoredGroup:
         prompt = Prompt(source, domain, [], "7", data_source=source)
         samples = [Sample([1, 2], [0.0, 0.0], "t", "stop") for _ in rewards]
-        return ScoredGroup(RolloutGroup(prompt, [1], samples, 0), [RewardResult(r, r == 1.0, {}) for r in rewards])
+        return ScoredGroup(RolloutGroup.of(prompt, [1], samples, 0), [RewardResult(r, r == 1.0, {}) for r in rewards])
 
     out = summarize_rollouts([group("builtin/arithmetic", "math", [1.0, 0.0]), group("gsm 8k", "math", [1.0, 1.0])])
     assert out["reward/source/builtin/arithmetic/mean"] == 0.5 and out["correct/source/builtin/arithmetic/mean"] == 0.5

@@ -12,7 +12,7 @@ from srpo_ray.records import Prompt, RewardResult, RolloutGroup, Sample, ScoredG
 
 def group(prompt_id: str, rewards: list[float]) -> ScoredGroup:
     samples = [Sample([1], [-0.1], "", "stop") for _ in rewards]
-    rollout = RolloutGroup(Prompt(prompt_id, "math", [], "1"), [1], samples, 0)
+    rollout = RolloutGroup.of(Prompt(prompt_id, "math", [], "1"), [1], samples, 0)
     return ScoredGroup(rollout, [RewardResult(r, r > 0) for r in rewards])
 
 
@@ -111,7 +111,7 @@ def test_trainer_with_dynamic_sampling_trains_only_varied_groups_and_records_all
         assert r["collect/groups_kept"] <= 4 and 1 <= r["collect/rounds"] <= 3
         assert r["collect/prompts_drawn"] == r["groups/count"]
     assert any(r["collect/rounds"] > 1 for r in rows)
-    for batch in roles.learner.batches:  # n=4 samples per kept group, all with variance
+    for batch in (rows.build() for rows in roles.learner.batches):  # n=4 samples per kept group, all varied
         assert batch.input_ids.shape[0] % 4 == 0
         assert (batch.advantages.view(-1, 4).abs().sum(dim=1) > 0).all()
     # the easy prompts were only ever dropped from batches, yet the ledger saw them

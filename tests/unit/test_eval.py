@@ -163,8 +163,8 @@ def test_evaluation_leaves_training_unchanged(tmp_path):
     assert str(plain.ledger.state_dict()) == str(evaluated.ledger.state_dict())
     assert plain.stages.state_dict() == evaluated.stages.state_dict()
     assert str(plain.state_dict()["rng"]) == str(evaluated.state_dict()["rng"])
-    assert [b.input_ids.tolist() for b in plain_roles.learner.batches] == \
-        [b.input_ids.tolist() for b in eval_roles.learner.batches]
+    assert [b.build().input_ids.tolist() for b in plain_roles.learner.batches] == \
+        [b.build().input_ids.tolist() for b in eval_roles.learner.batches]
     assert plain_roles.rollout.pushes == eval_roles.rollout.pushes
     train_rows = lambda d: [{k: v for k, v in r.items() if not k.startswith(("time/", "eval/"))}
                             for r in read_metrics(d) if "eval/a/avg@4" not in r]
@@ -200,7 +200,7 @@ def test_sampled_and_greedy_groups_are_told_apart():
     class Split(FakeRollout):
         def generate(self, prompts, sampling):
             text = "right" if sampling.temperature == 0 else "wrong"
-            return [RolloutGroup(p, [1], [Sample([5], [-0.1], text, "stop")] * sampling.n, self.version)
+            return [RolloutGroup.of(p, [1], [Sample([5], [-0.1], text, "stop")] * sampling.n, self.version)
                     for p in prompts]
     report = Evaluator(EvalConfig(k=2), eval_prompts(), Split(), FakeRewards(), 8).run()
     assert report.scores["all"]["avg@2"] == 0.0 and report.scores["all"]["greedy"] == 1.0

@@ -7,8 +7,8 @@ import pytest
 import torch
 from learner_cases import TEMPERATURE, assert_same_weights, free_port, learner_cfg, scored_batch
 
-from srpo_ray.learner.batch import TrainBatch, build_train_batch, empty_batch
 from srpo_ray.learner.core import FSDPLearner, token_logprobs
+from srpo_ray.learner.plan import TrainRows, select_train_rows
 from srpo_ray.records import Prompt, RewardResult, RolloutGroup, Sample, ScoredGroup
 from srpo_ray.runtime.learner_group import LearnerGroup, LearnerRankDiedError
 from srpo_ray.weights.transport import PublishedWeights
@@ -51,33 +51,34 @@ class FakeRank:
         self.setup = _Call(log, rank, "setup", None)
 
 
-def _batch(lengths: list[int], prompt_len: int = 2) -> TrainBatch:
+def _rows(lengths: list[int], prompt_len: int = 2) -> TrainRows:
     samples = [Sample(token_ids=[5] * n, logprobs=[-1.0] * n, text="", finish_reason="stop") for n in lengths]
-    group = RolloutGroup(Prompt("p", "math", [{"role": "user", "content": "q"}], "1"),
+    group = RolloutGroup.of(Prompt("p", "math", [{"role": "user", "content": "q"}], "1"),
                          list(range(1, prompt_len + 1)), samples, 0)
     scored = ScoredGroup(group, [RewardResult(float(i % 2), bool(i % 2)) for i in range(len(lengths))])
-    return build_train_batch([scored], [[1.0 if i % 2 else -1.0 for i in range(len(lengths))]], pad_token_id=0)
+    return select_train_rows([scored], [[1.0 if i % 2 else -1.0 for i in range(len(lengths))]], pad_token_id=0)
 
 
 def test_group_sends_global_denominator_and_one_shard_per_rank():
     log: list = []
     group = LearnerGroup([FakeRank(r, log) for r in range(3)], "token-mean", get=lambda refs: refs)
-    batch = _batch([3, 5, 1, 4])
-    metrics = group.train(batch, temperature=0.9)
+    rows = _rows([3, 5, 1, 4])
+    metrics = group.train(rows, temperature=0.9)
     calls = [c for c in log if c[1] == "train_step"]
     assert [c[0] for c in calls] == [0, 1, 2]
     assert {c[2][1] for c in calls} == {13.0}  # response tokens of the WHOLE batch
-    assert sum(c[2][0].num_sequences for c in calls) == 4
-    assert metrics == {"rank": 0, "d": 13.0}
+    assert sorted(len(c[2][0].rows) for c in calls) == [1, 1, 2]
+    # real tokens per rank (prompt 2 + response): 7 | 6 | 5 + 3 = 8; mean 7
+    assert metrics == {"rank": 0, "d": 13.0, "learner/rank_token_imbalance": pytest.approx(8 / 7)}
     seq = LearnerGroup([FakeRank(0, log)], "seq-mean-token-mean", get=lambda refs: refs)
-    assert seq.train(batch, 1.0)["d"] == 4.0
+    assert seq.train(rows, 1.0)["d"] == 4.0
 
 
 def test_group_skips_empty_batch_and_publishes_rank0s_record():
     log: list = []
     ranks = [FakeRank(r, log) for r in range(2)]
     group = LearnerGroup(ranks, "token-mean", get=lambda refs: refs)
-    assert group.train(empty_batch(), 1.0)["learner/skipped_empty_batch"] == 1.0
+    assert group.train(TrainRows([], {}, 0), 1.0)["learner/skipped_empty_batch"] == 1.0
     assert not log
     published = group.publish_weights("object_store")
     assert published.transport == "object_store" and published.sources == []  # rank 0 sends alone

@@ -198,7 +198,7 @@ def test_a_non_numeric_truth_under_the_number_rule_is_refused_before_the_run():
 def test_not_number_metric_counts_rewarded_expressions():
     from srpo_ray.records import RewardResult, RolloutGroup, Sample, ScoredGroup
     from srpo_ray.telemetry.metrics import summarize_rollouts
-    group = RolloutGroup(math_prompt("145"), [1], [Sample([1], [0.0], "t", "stop")] * 3, 0)
+    group = RolloutGroup.of(math_prompt("145"), [1], [Sample([1], [0.0], "t", "stop")] * 3, 0)
     results = [RewardResult(1.0, True, {"answer": "29\\cdot 5"}), RewardResult(1.0, True, {"answer": "145"}),
                RewardResult(0.0, False, {"answer": "3 + 4"})]
     assert summarize_rollouts([ScoredGroup(group, results)])["correct/math/not_number_frac"] == 0.5
@@ -209,7 +209,7 @@ def test_a_score_request_scores_as_its_prompt_does(scorer):
     the verdicts are the same."""
     prompt = Prompt("m", "math", [{"role": "user", "content": "q"}], "2", data_source="s")
     texts = ["so \\boxed{2}", "\\boxed{3}", "no answer", "<think>x</think> \\boxed{2}"]
-    group = RolloutGroup(prompt, [1], [Sample([5], [-0.1], t, "length") for t in texts], 0)
+    group = RolloutGroup.of(prompt, [1], [Sample([5], [-0.1], t, "length") for t in texts], 0)
     assert scorer.score_requests([ScoreRequest.of(group)]) == [scorer.score(prompt, texts)]
 
 

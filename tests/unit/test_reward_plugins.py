@@ -145,7 +145,7 @@ def test_a_hostile_batch_is_bounded_by_the_timeouts(hostile_pool):
 
 def scored_group(p: Prompt, results: list[RewardResult]) -> ScoredGroup:
     samples = [Sample([1], [0.0], "t", "stop") for _ in results]
-    return ScoredGroup(RolloutGroup(p, [1], samples, 0), results)
+    return ScoredGroup(RolloutGroup.of(p, [1], samples, 0), results)
 
 
 def test_plugin_metrics_are_step_means_and_correct_uses_the_threshold(tmp_path):

@@ -82,7 +82,7 @@ def test_no_seed_stays_unseeded_and_settings_are_kept():
 
 # -- what a reward worker gets and gives back ---------------------------------------------
 def _group(prompt: Prompt, texts: list[str], finish: str = "stop") -> RolloutGroup:
-    return RolloutGroup(prompt, [1, 2, 3], [Sample([7, 8], [-0.1, -0.2], t, finish) for t in texts], 3)
+    return RolloutGroup.of(prompt, [1, 2, 3], [Sample([7, 8], [-0.1, -0.2], t, finish) for t in texts], 3)
 
 
 def test_score_request_carries_what_the_scorer_reads_and_no_tokens():

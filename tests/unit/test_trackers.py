@@ -47,7 +47,7 @@ def _scored(step_texts=("right", "wrong")):
     samples = [Sample([5], [-0.1], t, "length" if t == "cut" else "stop") for t in step_texts]
     results = [RewardResult(float(t == "right"), t == "right", {"timeout": True} if t == "slow" else {})
                for t in step_texts]
-    return [ScoredGroup(RolloutGroup(prompt, [1, 2], samples, 0), results)]
+    return [ScoredGroup(RolloutGroup.of(prompt, [1, 2], samples, 0), results)]
 
 
 def _log_a_run(metrics: MetricsLogger) -> None:
@@ -55,7 +55,7 @@ def _log_a_run(metrics: MetricsLogger) -> None:
     metrics.event("from step 1: stage 0 (math)")
     metrics.log_eval(0, {"eval/arith/avg@4": 0.25, "time/eval": 1.0}, "arith avg@4=0.250")
     for step in (1, 2, 3):
-        metrics.rollouts(step, _scored(("right", "wrong", "cut", "slow")), limit=1, learner_version=step)
+        metrics.rollouts(step, _scored(("right", "wrong", "cut", "slow")), learner_version=step)
         metrics.log(step, {"reward/mean": step / 10, "pool/size": 12 - step, "note": "text is skipped"})
     metrics.event("before step 4: epoch end, History Resampling: dropped=2")
 

@@ -24,7 +24,7 @@ class FakeRollout:
             texts = ["right" if (p.prompt_id.endswith("easy") or (not p.prompt_id.endswith("hard") and i % 2))
                      else "wrong" for i in range(sampling.n)]
             samples = [Sample(token_ids=[5, 6], logprobs=[-0.1, -0.2], text=t, finish_reason="stop") for t in texts]
-            groups.append(RolloutGroup(prompt=p, prompt_token_ids=[1, 2, 3], samples=samples,
+            groups.append(RolloutGroup.of(prompt=p, prompt_token_ids=[1, 2, 3], samples=samples,
                                        policy_version=self.version))
         return groups
 
@@ -38,7 +38,7 @@ class FakeRollout:
 
 class FakeRewards:
     def score(self, groups):
-        return [ScoredGroup(g, [RewardResult(float(s.text == "right"), s.text == "right") for s in g.samples])
+        return [ScoredGroup(g, [RewardResult(float(t == "right"), t == "right") for t in g.texts])
                 for g in groups]
 
 
@@ -107,8 +107,8 @@ def test_versions_advance_only_when_something_was_learned(tmp_path):
     # a sync's time is split: the learner's publish is part of the whole
     assert all(0 <= r["time/weight_publish"] <= r["time/weight_sync"] for r in trained)
     # zero-variance groups never reach the learner
-    for batch in roles.learner.batches:
-        assert batch.advantages.abs().sum() > 0
+    for rows in roles.learner.batches:
+        assert sum(abs(a) for a in rows.advantages) > 0
 
 
 def test_resume_continues_at_the_next_step_with_the_same_ledger(tmp_path):
