@@ -21,7 +21,7 @@ fetches, tokens fetched for rollouts.jsonl included, plus its file I/O other tha
 logs), seconds outside generate/score/train, reward throughput and the learner ranks'
 token imbalance.
 
-    .venv/bin/python bench/bench_scale.py [--steps 3] [--prompts 256] [--n 32]
+    .venv/bin/python bench/bench_scale.py [--steps 4] [--prompts 256] [--n 32]
 """
 from __future__ import annotations
 
@@ -258,7 +258,7 @@ def make_prompts(count: int, prompt_tokens: int, seed: int) -> tuple[list[Prompt
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--min-len", type=int, default=500)

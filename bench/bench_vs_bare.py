@@ -97,7 +97,8 @@ def differences(cfg: SRPOConfig) -> list[str]:
         f"processes: srpo-ray = a driver + Ray actors ({cfg.rollout.num_workers} vLLM generation worker(s), "
         f"{cfg.reward.num_workers} reward worker(s), {ranks} learner rank(s)); bare = one Python process",
         f"learner: srpo-ray = {learner_kind(cfg)} x {threads} torch thread(s) in Ray actor(s) at niceness 0, "
-        "the batch pickled to them through Ray, per-token entropy (a metric, no graph) and "
+        "each rank sent its rows (lengths and object refs) and fetching their tokens from Ray's object store, "
+        "per-token entropy (a metric, no graph) and "
         f"gathered metrics each step, gc.collect() after each step, {heap_kind(cfg)}; "
         f"bare = a plain HF module, {cores()} torch threads, glibc's default heap (blocks over 32 MiB freshly "
         "mapped, page-faulted in every step), only the loss's own metrics",

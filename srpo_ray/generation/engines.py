@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from srpo_ray.config.schema import RolloutConfig
+    from srpo_ray.weights.layout import TensorSpec
 
 TIED_LM_HEAD = "lm_head.weight"
 TIED_EMBEDDING = "model.embed_tokens.weight"
@@ -259,6 +261,7 @@ class VLLMEngine:
         one without complaint (a silent half-sync). For tied embeddings the lm_head entry
         is filled from the embedding if absent, because vLLM's CPU backend keeps a
         separate processed copy of the output layer that only an lm_head entry refreshes."""
+        specs = getattr(names, "specs", None)  # layout.LaidOutNames: each tensor's dtype and shape
         names = set(names)
         fill_lm_head = (TIED_LM_HEAD in self._expected_names and TIED_LM_HEAD not in names
                         and TIED_EMBEDDING in names)
@@ -267,6 +270,7 @@ class VLLMEngine:
         self._check_names(names, self._expected_names)
         if fill_lm_head:
             weights = _with_tied_lm_head(weights)
+            specs = None if specs is None else _with_tied_lm_head_spec(specs)
         if self.in_process:
             self._llm.collective_rpc("reload_weights", kwargs={
                 "weights_iterator": weights, "is_checkpoint_format": True})
@@ -277,9 +281,9 @@ class VLLMEngine:
             # nothing behind between updates, and RAM-backed /dev/shm holds no model copy.
             if self._reload_folder is None:
                 self._reload_folder = ReloadFolder()
-            try:
+            try:  # with the layout known, written bucket by bucket as they arrive
                 self._llm.collective_rpc("reload_weights", kwargs={
-                    "weights_path": self._reload_folder.write(weights), "is_checkpoint_format": True})
+                    "weights_path": self._reload_folder.write(weights, specs), "is_checkpoint_format": True})
             finally:
                 self._reload_folder.close()
         self._llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
@@ -352,6 +356,17 @@ def _with_tied_lm_head(weights: Iterator[tuple[str, "torch.Tensor"]]) -> Iterato
         yield name, tensor
         if name == TIED_EMBEDDING:
             yield TIED_LM_HEAD, tensor
+        del tensor  # the bucket it views can go before the next one is fetched
+
+
+def _with_tied_lm_head_spec(specs: list["TensorSpec"]) -> list["TensorSpec"]:
+    """The layout of `_with_tied_lm_head`'s stream."""
+    out = []
+    for spec in specs:
+        out.append(spec)
+        if spec.name == TIED_EMBEDDING:
+            out.append(replace(spec, name=TIED_LM_HEAD, alias_of=None))
+    return out
 
 
 def _to_sample(completion: Any, text: str) -> Sample:

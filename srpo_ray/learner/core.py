@@ -31,8 +31,9 @@ from model(...).logits and token_logprobs, bit for bit as before.
 
 Loading. Only rank 0 reads the model files; the other ranks build the model on the
 meta device, shard it and receive their shards (srpo_ray/learner/sharded_weights.py, which also
-holds full_state_dict and the checkpoints). Host memory: one full fp32 copy on rank 0
-during setup, a shard elsewhere. What a step's freed heap does: learner.host_heap.
+holds full_state_dict and the checkpoints). Host memory at setup: rank 0 reads the files
+a piece at a time (learner/weight_files.py), every rank holds its shard. What a step's
+freed heap does: learner.host_heap.
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ from srpo_ray.config.schema import SRPOConfig, resolve_dtype
 from srpo_ray.host_heap import release_free_memory, resolve_heap_policy, set_heap_policy
 from srpo_ray.learner.batch import TrainBatch, micro_batches, split_into_chunks
 from srpo_ray.learner.logprob_head import chunked_token_logprobs, final_hidden_and_head, uses_full_logits
-from srpo_ray.learner.sharded_weights import ShardedWeightsIO, build_sharded_model, load_full_weights
+from srpo_ray.learner.sharded_weights import ShardedWeightsIO, build_sharded_model
+from srpo_ray.learner.weight_files import open_full_weights
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
@@ -155,7 +157,7 @@ class FSDPLearner(ShardedWeightsIO):
         # FSDP2 casts the gathered parameters for compute and reduces gradients in fp32.
         self.compute_dtype = getattr(torch, resolve_dtype(cfg.model.dtype, self.device.type == "cuda"))
         mp_policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
-        full = load_full_weights(self.model_path) if self.rank == 0 else None
+        full = open_full_weights(self.model_path) if self.rank == 0 else None  # read piece by piece
         model, self._tied_names = build_sharded_model(
             self.model_path, mesh, self.device, torch.float32, full, mp_policy=mp_policy,
             gradient_checkpointing=cfg.learner.gradient_checkpointing)

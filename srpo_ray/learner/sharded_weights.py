@@ -1,12 +1,13 @@
 """Weights in and out of the sharded learner (pure torch + torch.distributed, no Ray):
 building a model already sharded, full state dicts, checkpoints, returning freed heap.
 
-Loading. Only rank 0 reads the model files (one full float32 copy, during setup);
-every rank builds the model on the meta device (no memory), shards it with FSDP2,
-allocates just its own shard and receives the weights from rank 0 one tensor at a time
-(torch.distributed.checkpoint's broadcast_from_rank0). Host memory per rank other than 0:
-its shard plus the largest single tensor, instead of a whole model. Buffers that are not
-in the state dict (rotary inv_freq) are broadcast from rank 0's loaded model as well.
+Loading. Only rank 0 reads the model files, a piece at a time (srpo_ray/learner/
+weight_files.py: a file, or a gigabyte of it, never the whole model); every rank builds
+the model on the meta device (no memory), shards it with FSDP2, allocates just its own
+shard and receives the weights from rank 0 one tensor at a time
+(torch.distributed.checkpoint's broadcast_from_rank0, one call per piece). Host memory per
+rank other than 0: its shard plus the largest single tensor, instead of a whole model.
+Buffers that are not in the state dict (rotary inv_freq) are broadcast from rank 0's.
 
 Host memory of a step: srpo_ray/host_heap.py (learner.host_heap).
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
@@ -33,28 +34,28 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json
 
 # ----------------------------------------------------------------------------- loading
 
-def load_full_weights(model_path: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(state dict, every buffer) of the HF model at `model_path` in the dtype its files
-    hold (bf16 for Qwen: half a float32 copy, 65 GB instead of 130 GB at 32B), CPU. Rank 0
-    calls it once and feeds both the policy and the reference model from it; each tensor
-    is broadcast on its own and copied into the float32 shards (an exact widening)."""
-    from transformers import AutoModelForCausalLM
+class FullWeights(Protocol):
+    """Rank 0's weights at set-up (srpo_ray/learner/weight_files.py): the state dict in
+    pieces, HF model names, in the files' dtype (each tensor is copied into the float32
+    shards: an exact widening); pieces() may be called again (the reference model)."""
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
-    return model.state_dict(), dict(model.named_buffers())
+    buffers: dict[str, torch.Tensor]  # at least those not in the state dict (rotary inv_freq)
+
+    def count(self) -> int: ...
+
+    def pieces(self) -> Iterator[dict[str, torch.Tensor]]: ...
 
 
 def build_sharded_model(model_path: str, mesh, device: torch.device, dtype: torch.dtype,
-                        full: tuple[dict, dict] | None, mp_policy: "MixedPrecisionPolicy | None" = None,
+                        full: FullWeights | None, mp_policy: "MixedPrecisionPolicy | None" = None,
                         gradient_checkpointing: bool = False,
                         trainable: bool = True) -> tuple[nn.Module, tuple[str, str] | None]:
     """The HF model at `model_path`, parameters in `dtype`, sharded with FSDP2 (each
     decoder layer, then the root) over `mesh`, weights from rank 0. Collective.
 
-    full: load_full_weights(model_path) on rank 0, None on the other ranks.
+    full: weight_files.open_full_weights(model_path) on rank 0, None on the other ranks.
     trainable=False: parameters without gradients (set before sharding: FSDP2 keeps it).
     Returns (model, tied embedding names or None)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -76,15 +77,35 @@ def build_sharded_model(model_path: str, mesh, device: torch.device, dtype: torc
     model.to_empty(device=device)  # allocates this rank's shards only (uninitialised)
     if not sharded and tied:
         model.tie_weights()  # to_empty gave the shared tensor two storages
-    state = dict(full[0]) if full is not None else {}  # the loader pops from it: keep the caller's whole
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for name, buf in model.named_buffers():  # non-persistent ones (rotary) are not in the state dict
-        if full is not None:
-            buf.copy_(full[1][name])
-        dist.broadcast(buf, src=0)
+    _load_pieces(model, full)
     if tied and _tied_embedding_names(model) != tied:
         raise RuntimeError(f"{type(model).__name__}: sharding untied the embeddings {tied}")
     return model, tied
+
+
+def _load_pieces(model: nn.Module, full: FullWeights | None) -> None:
+    """Rank 0's pieces into every rank's shards. Each set_model_state_dict call broadcasts
+    the keys of rank 0's piece first (the other ranks pass nothing and learn them), so
+    the ranks only need to agree on the number of calls; strict=False since each call
+    holds part of the keys (the others are copied onto themselves). The plan covered
+    every key before the first call (weight_files.plan_pieces)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    count = [full.count() if full is not None else 0]
+    dist.broadcast_object_list(count, src=0)
+    pieces = full.pieces() if full is not None else None
+    for _ in range(count[0]):  # the piece is only referenced by the call: freed when it returns
+        set_model_state_dict(model, next(pieces) if pieces is not None else {}, options=options)
+    if pieces is not None:
+        pieces.close()
+    in_state = set(model.state_dict())
+    for name, buf in model.named_buffers():  # non-persistent ones (rotary) are not in the state dict
+        if name in in_state:
+            continue
+        if full is not None:
+            buf.copy_(full.buffers[name])
+        dist.broadcast(buf, src=0)
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:

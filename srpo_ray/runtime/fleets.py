@@ -20,7 +20,7 @@ from ray.exceptions import RayActorError
 from actors.ray_ops import RayOps
 from srpo_ray.records import GroupTokens, Prompt, RolloutGroup, Sampling, ScoredGroup, ScoreRequest, join_scores
 from srpo_ray.runtime.scale_request import ScaleRequestError, read_scale_request
-from srpo_ray.runtime.worker_pool import MAX_REPLACEMENTS_PER_CALL, RETRY, Member, WorkerPool, split
+from srpo_ray.runtime.worker_pool import MAX_REPLACEMENTS_PER_CALL, RETRY, Member, WorkerPool, is_lost_worker, split
 from srpo_ray.weights.transport import (
     PublishedWeights,
     StalePolicyError,
@@ -124,8 +124,8 @@ class RayRolloutFleet:
     def _put_to_sleep(self) -> None:
         members = [m for m in self.pool.ready() if not m.asleep]
         for m, out in zip(members, outcomes(self.ops, [m.handle.sleep.remote() for m in members])):
-            if isinstance(out, RayActorError):
-                self.pool.lost(m)
+            if is_lost_worker(out):
+                self._replace(m, out)
             elif isinstance(out, BaseException):
                 raise out
             else:
@@ -136,12 +136,20 @@ class RayRolloutFleet:
         members = [m for m in self.pool.ready() if set(m.asleep) & set(tags)]
         refs = [m.handle.wake_up.remote([t for t in m.asleep if t in tags]) for m in members]
         for m, out in zip(members, outcomes(self.ops, refs)):
-            if isinstance(out, RayActorError):
-                self.pool.lost(m)
+            if is_lost_worker(out):
+                self._replace(m, out)
             elif isinstance(out, BaseException):
                 raise out
             else:
                 m.asleep = tuple(t for t in m.asleep if t not in tags)
+
+    def _replace(self, m: Member, error: BaseException) -> None:
+        """`m` will not serve again (is_lost_worker, or a broken transfer): kill its actor
+        if it is still alive (a dead vLLM engine leaves a live actor holding its GPUs) and
+        let the pool start a replacement."""
+        if not isinstance(error, RayActorError):
+            self.ops.kill(m.handle)
+        self.pool.lost(m, error)
 
     def _discard(self, num_groups: int) -> object:
         self._counts["rollout/stale_discarded"] += num_groups
@@ -162,12 +170,11 @@ class RayRolloutFleet:
             members = self.pool.ready()
             answers = self._delivery.deliver(members, version)
             lost = [(m, out) for m, out in zip(members, answers)
-                    if isinstance(out, (RayActorError, WeightDeliveryError))]
+                    if isinstance(out, WeightDeliveryError) or is_lost_worker(out)]
             for m, out in lost:
                 if isinstance(out, WeightDeliveryError):  # alive but stuck in a broken transfer
                     log.warning("generation worker %d: %s; replacing it", m.index, out)
-                    self.ops.kill(m.handle)
-                self.pool.lost(m, out)
+                self._replace(m, out)
             if lost:  # a group transfer breaks for everyone when one receiver dies: send the same
                 # publish again, to the replacements too (still starting now: a retry without
                 # them would deliver to nobody and pass, and they would catch up later from a

@@ -21,7 +21,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from srpo_ray.weights.common import CatchUpCopy, ServedStore, StoreConnection
-from srpo_ray.weights.layout import pack_bucket, plan_stream, unpack_bucket
+from srpo_ray.weights.layout import laid_out_names, pack_bucket, plan_stream, unpack_bucket
 from srpo_ray.weights.transport import PublishedWeights, WeightTransport, outcomes
 
 if TYPE_CHECKING:
@@ -181,7 +181,8 @@ class BroadcastTransport(WeightTransport):
         def stream():
             for meta in published.buckets:
                 yield from unpack_bucket(group.receive(meta.nbytes), meta)
-        return receiver.load_stream(published.names, stream(), version)
+        # with their layout: a TP engine writes its reload file bucket by bucket
+        return receiver.load_stream(laid_out_names(published.buckets), stream(), version)
 
     # ------------------------------------------------------------------ fleet side
     def deliver(self, published: PublishedWeights, members: list[Any], version: int) -> list[Any]:

@@ -221,6 +221,21 @@ def bucket_tensor_names(buckets: Iterable[BucketMeta]) -> list[str]:
     return [slot.name for b in buckets for slot in b.slots]
 
 
+class LaidOutNames(list):
+    """The names of a stream, in its order (a list of str, as every receiver takes
+    them), that also carries each tensor's spec: what a receiver writing a file needs
+    before the first tensor arrives (the reload file's header and free-space check)."""
+
+    def __init__(self, specs: Iterable[TensorSpec]):
+        self.specs = list(specs)
+        super().__init__(spec.name for spec in self.specs)
+
+
+def laid_out_names(buckets: Iterable[BucketMeta]) -> LaidOutNames:
+    """The names of the buckets' stream with their dtypes and shapes (unpack order)."""
+    return LaidOutNames(TensorSpec(slot.name, slot.dtype, slot.shape) for b in buckets for slot in b.slots)
+
+
 def tensor_from_buffer(buffer: Any) -> "torch.Tensor":
     """A uint8 tensor over a read-only array from the object store, without a copy.
     Nothing writes to it: the engine copies the values into its own

@@ -1,8 +1,9 @@
 """The object_store weight transport: learner rank 0 puts each bucket into Ray's object
 store as a list of flat byte views, one per tensor (Ray copies them straight into shared
 memory); every generator fetches them, one bucket at a time (zero-copy on the same
-node, one pull per node otherwise). Also the form every catch-up copy takes (a late
-joiner, a generator on another node than a shared-memory file).
+node, one pull per node otherwise), each once the one before is loaded. Also the form
+every catch-up copy takes (a late joiner, a generator on another node than a
+shared-memory file).
 
 Measured (bench/bench_weight_sync.py, 338 MB, 2 shared cores): 4-12x a plain memory
 copy, because every publish faults in fresh shared memory; shared_memory is the CPU
@@ -17,6 +18,7 @@ from srpo_ray.weights.layout import (
     as_bytes,
     bucket_parts,
     distinct_slots,
+    laid_out_names,
     packed_parts,
     plan_stream,
     tensor_from_buffer,
@@ -89,15 +91,15 @@ class ObjectStoreTransport(WeightTransport):
         return refs
 
     def load(self, published: PublishedWeights, version: int, receiver: "Receiver", *extra: Any) -> int:
-        """Fetch the buckets one at a time and load them. Fetching all of them starts at
-        once (a no-op on the sender's node, a pull from it otherwise) while the first
-        ones load."""
+        """Fetch the buckets one at a time, each when the receiver has taken the one
+        before (nothing fetched ahead: a node never pulls the whole model into its object
+        store), and load them. The names carry every tensor's dtype and shape, so a
+        tensor-parallel engine writes its reload file bucket by bucket as they arrive."""
         refs = published.detail
         if refs is None or len(refs) != len(published.buckets):
             raise ValueError("object_store weights need one object-store ref per bucket")
-        self.ops.wait(list(refs), num_returns=len(refs), timeout=0, fetch_local=True)
 
         def stream():
             for meta, ref in zip(published.buckets, refs):
                 yield from unpack_parts([tensor_from_buffer(part) for part in self.ops.get(ref)], meta)
-        return receiver.load_stream(published.names, stream(), version)
+        return receiver.load_stream(laid_out_names(published.buckets), stream(), version)

@@ -8,7 +8,9 @@ Written by hand, not with `safetensors.torch.save_file`, which (a) makes a bytes
 every tensor first (a second model in host memory) and (b) refuses two names that share
 memory (a tied `lm_head.weight` and `model.embed_tokens.weight` from one buffer): here
 each tensor's bytes go straight from its (CPU) buffer into the file, and a tied tensor
-is simply written under both names.
+is simply written under both names. A stream whose layout is known first (the
+object-store buckets of a catch-up) is written bucket by bucket as it arrives: the
+receiver holds one bucket, not the model, besides the file.
 
 The folder is /dev/shm/srpo_reload_<pid>_<token> (RAM, not disk, when /dev/shm exists): a
 prefix of its own, so the shared-memory transport's cleaner (srpo_weights_ files) never
@@ -24,9 +26,9 @@ import os
 import shutil
 import struct
 import tempfile
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Iterator
 
-from srpo_ray.weights.layout import as_bytes, dtype_name
+from srpo_ray.weights.layout import TensorSpec, as_bytes, dtype_name
 
 if TYPE_CHECKING:
     import torch
@@ -61,26 +63,43 @@ def check_room(folder: str, nbytes: int, replacing: str | None = None) -> None:
 def write_safetensors(path: str, tensors: Iterable[tuple[str, "torch.Tensor"]]) -> int:
     """Write (name, tensor) pairs as one safetensors file at `path`; bytes written.
     CUDA tensors are copied to the CPU one at a time; tensors sharing memory are fine.
-    Refused with ReloadSpaceError before writing when the file would not fit."""
+    Refused with ReloadSpaceError before writing when the file would not fit. Holds
+    every tensor until the header is written: `write_safetensors_stream` where the
+    layout is known before the tensors arrive."""
     items = list(tensors)
+    specs = [TensorSpec(name, dtype_name(t.dtype), tuple(t.shape)) for name, t in items]
+    return write_safetensors_stream(path, specs, iter(items))
+
+
+def write_safetensors_stream(path: str, specs: list[TensorSpec], tensors: Iterator[tuple[str, "torch.Tensor"]]) -> int:
+    """Write the tensors of `specs` as they arrive from `tensors` (in the specs' order),
+    each one dropped once written: a streamed source's buckets can go one by one. The
+    header and the free-space check come from the specs, before any tensor."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name, t in items:
-        dtype = dtype_name(t.dtype)
-        if dtype not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{name}: dtype {dtype} has no safetensors code")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+    for spec in specs:
+        if spec.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{spec.name}: dtype {spec.dtype} has no safetensors code")
+        header[spec.name] = {"dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     check_room(os.path.dirname(path) or ".", 8 + len(blob) + offset, replacing=path)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for _, t in items:
-            f.write(memoryview(as_bytes(t.detach().cpu()).numpy()))
+        expected = iter(specs)
+        for name, tensor in tensors:
+            spec = next(expected, None)
+            if spec is None or (name, dtype_name(tensor.dtype), tuple(tensor.shape)) != (spec.name, spec.dtype,
+                                                                                          tuple(spec.shape)):
+                raise ValueError(f"reload file: {name} {tuple(tensor.shape)} {dtype_name(tensor.dtype)} arrived "
+                                 f"where the layout declared {spec}")
+            f.write(memoryview(as_bytes(tensor.detach().cpu()).numpy()))
+            del tensor  # its bucket is released before the next one is fetched
+        if next(expected, None) is not None:
+            raise ValueError(f"reload file: the stream ended before {len(specs)} tensors")
     return 8 + len(blob) + offset
 
 
@@ -92,13 +111,18 @@ class ReloadFolder:
             "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
         self.path: str | None = None
 
-    def write(self, tensors: Iterable[tuple[str, "torch.Tensor"]]) -> str:
-        """Write the weights; returns the folder to pass as `weights_path`."""
+    def write(self, tensors: Iterable[tuple[str, "torch.Tensor"]], specs: list[TensorSpec] | None = None) -> str:
+        """Write the weights; returns the folder to pass as `weights_path`. With `specs`
+        (the stream's layout) each tensor is written as it arrives, else all are taken first."""
         if self.path is None:
             remove_stale_folders(self.root)
             self.path = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}_", dir=self.root)
             atexit.register(self.close)
-        write_safetensors(os.path.join(self.path, FILE_NAME), tensors)
+        file = os.path.join(self.path, FILE_NAME)
+        if specs is None:
+            write_safetensors(file, tensors)
+        else:
+            write_safetensors_stream(file, specs, iter(tensors))
         return self.path
 
     def close(self) -> None:

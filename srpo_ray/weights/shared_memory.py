@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Mapping
 
 from srpo_ray.weights.common import ask_copy
-from srpo_ray.weights.layout import ALIGN_BYTES, BucketMeta, as_bytes, distinct_slots, plan_buckets
+from srpo_ray.weights.layout import ALIGN_BYTES, BucketMeta, as_bytes, distinct_slots, laid_out_names, plan_buckets
 from srpo_ray.weights.transport import PublishedWeights, WeightsSupersededError, WeightTransport, transport_class
 
 if TYPE_CHECKING:
@@ -435,4 +435,4 @@ class SharedMemoryTransport(WeightTransport):
         if self._reader is None:
             self._reader = SharedWeightReader()  # the mapping, kept across versions
         with self._reader.reading(ref, published.buckets) as stream:  # checks the version first
-            return receiver.load_stream(published.names, stream, version)
+            return receiver.load_stream(laid_out_names(published.buckets), stream, version)

@@ -109,12 +109,12 @@ def test_rank_0_loads_the_files_in_their_own_dtype(tmp_path, tiny_tied_model_dir
     shards then take each tensor, an exact widening)."""
     from transformers import AutoModelForCausalLM
 
-    from srpo_ray.learner.sharded_weights import load_full_weights
+    from srpo_ray.learner.weight_files import open_full_weights
 
     model = AutoModelForCausalLM.from_pretrained(tiny_tied_model_dir, dtype=torch.bfloat16)
     model.save_pretrained(tmp_path / "bf16")
-    state, _ = load_full_weights(str(tmp_path / "bf16"))
-    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.bfloat16}
+    pieces = list(open_full_weights(str(tmp_path / "bf16")).pieces())
+    assert {t.dtype for p in pieces for t in p.values() if t.is_floating_point()} == {torch.bfloat16}
 
 
 def test_a_checkpoints_weights_are_gathered_per_tensor_in_the_compute_dtype(monkeypatch, tiny_tied_model_dir):
