@@ -7,11 +7,14 @@ sequence, broadcast over its tokens) or [B, T].
 
 Per response token, with ratio = exp(logprobs - old_logprobs) and advantage A:
 
-    pg   = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)  (x tis_weight)
+    pg   = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)  x offpolicy weight
     tok  = pg + kl_coef * k3(ref || policy) - entropy_coef * entropy
 
 so with A > 0 the ratio is clipped only above 1 + eps_high, with A < 0 only below
-1 - eps_low; where clipped the token's gradient is zero.
+1 - eps_low; where clipped the token's gradient is zero. The off-policy weight (token
+and sequence importance sampling, IcePop and geometric masks: algo.tis_cap,
+algo.offpolicy; offpolicy.py) is 1 when they are off and 0 on masked tokens, which stay
+in the denominator.
 
 Aggregation (`cfg.loss_agg`) and its denominator D (`loss_denominator`):
 
@@ -27,28 +30,32 @@ gradients accumulate by plain summation. D=None uses this call's own count.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
+from srpo_ray.algo.masked import LOG_RATIO_LIMIT as _LOG_RATIO_LIMIT
+from srpo_ray.algo.masked import masked_mean, masked_sum
+from srpo_ray.algo.offpolicy import any_correction, correct, offpolicy_metrics, token_log_ratio, token_tis_weight
 from srpo_ray.config.schema import AlgoConfig
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 
-# exp() of a log-ratio beyond this overflows to inf in float32 and turns the loss into
-# inf/NaN; a ratio of e^20 is clipped or meaningless anyway.
-_LOG_RATIO_LIMIT = 20.0
+# policy_loss's metrics that are counts, and (their last part) those that are means over
+# sequences rather than tokens; see metric_count_key.
+METRIC_COUNTS = ("num_tokens", "num_seqs")
+_SEQUENCE_MEANS = ("masked_seq_frac", "seq_is_weight_mean")
 
 
-def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Sum of x where mask is true (over `dim`, or everything). Masked-out entries are
-    replaced, not multiplied, so NaN/inf in padding cannot leak in."""
-    kept = torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
-    return kept.sum() if dim is None else kept.sum(dim=dim)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of x where mask is true; 0 where nothing is selected."""
-    count = mask.bool().sum() if dim is None else mask.bool().sum(dim=dim)
-    return masked_sum(x, mask, dim) / count.clamp(min=1).to(x.dtype)
+def metric_count_key(name: str) -> str:
+    """The count that policy_loss's metric `name` is a mean over, also among its metrics:
+    the `num_tokens` beside it (`num_seqs` for per-sequence means such as
+    `*_seq_frac`), i.e. `offpolicy/math/k3_kl` -> `offpolicy/math/num_tokens`, `entropy`
+    -> `num_tokens`. Weighting each call's value by it combines calls (micro-batches,
+    ranks) into exactly the whole batch's mean."""
+    folder, _, last = name.rpartition("/")
+    count = "num_seqs" if last in _SEQUENCE_MEANS else "num_tokens"
+    return f"{folder}/{count}" if folder else count
 
 
 def count_denominator(response_mask: torch.Tensor, loss_agg: str) -> float:
@@ -67,24 +74,29 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
                 loss_denominator: float | None = None,
                 rollout_logprobs: torch.Tensor | None = None,
                 ref_logprobs: torch.Tensor | None = None,
-                entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                entropy: torch.Tensor | None = None,
+                domains: Sequence[str] | None = None) -> tuple[torch.Tensor, dict]:
     """-> (scalar loss to backpropagate, metrics of floats). See the module docstring
     for the formula and the denominator.
 
     logprobs [B, T]: the learner's current log-probs of the response tokens (with grad).
     old_logprobs [B, T]: log-probs of the policy that the advantages belong to (the
       learner's, before this rollout batch's first update); no grad.
-    rollout_logprobs [B, T]: the sampler's (vLLM's) log-probs; needed when cfg.tis_cap>0.
-      Then the pg term is weighted by min(exp(old - rollout), tis_cap), detached, which
-      corrects for sampling from vLLM rather than from the learner's policy.
+    rollout_logprobs [B, T]: the sampler's (vLLM's) log-probs; needed when cfg.tis_cap > 0
+      or an algo.offpolicy correction is on. Then the pg term is weighted and masked by
+      offpolicy.py (e.g. min(exp(old - rollout), tis_cap), detached), which corrects for
+      sampling from vLLM rather than from the learner's policy.
     ref_logprobs [B, T]: reference policy log-probs; needed when cfg.kl_coef > 0
       (k3 estimator exp(ref - lp) - (ref - lp) - 1 per token).
     entropy [B, T]: per-token entropy (with grad); needed when cfg.entropy_coef > 0.
+    domains [B]: each sequence's prompt domain, for per-domain offpolicy/<domain>/ metrics.
 
-    metrics (this call's response tokens; average them across calls weighted by
-    num_tokens): pg_loss, clip_frac_low, clip_frac_high, approx_kl (k3 estimate of
-    KL(old || new)), ratio_mean, ratio_max, num_tokens, and when given: kl_ref,
-    entropy, logprob_mismatch (mean |old - rollout|), tis_weight_mean.
+    metrics (this call's; average them across calls weighted by the count
+    `metric_count_key` names, e.g. num_tokens; ratio maxima by max): pg_loss,
+    clip_frac_low, clip_frac_high, approx_kl (k3 estimate of KL(old || new)), ratio_mean,
+    ratio_max, num_tokens, num_seqs, and when given: kl_ref, entropy, and with
+    rollout_logprobs logprob_mismatch (mean |old - rollout|), tis_weight_mean (tis_cap
+    > 0) and offpolicy/... (offpolicy.offpolicy_metrics).
     """
     _check_agg(cfg.loss_agg)
     mask = _check_mask(response_mask, logprobs)
@@ -104,14 +116,17 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         _check_same_shape("rollout_logprobs", rollout_logprobs, logprobs)
         mismatch = (old - rollout_logprobs.detach().float()).abs()
         metrics["logprob_mismatch"] = masked_mean(mismatch, mask).item()
-    if cfg.tis_cap > 0:
-        if rollout_logprobs is None:
-            raise ValueError("algo.tis_cap > 0 needs rollout_logprobs (the sampler's log-probs); "
-                             "pass them or set algo.tis_cap=0")
-        gap = torch.where(mask, old - rollout_logprobs.detach().float(), zero)
-        tis_weight = torch.exp(gap.clamp(max=_LOG_RATIO_LIMIT)).clamp(max=cfg.tis_cap)
-        pg = pg * tis_weight
-        metrics["tis_weight_mean"] = masked_mean(tis_weight, mask).item()
+        log_w = token_log_ratio(old, rollout_logprobs, mask)
+        correction = correct(log_w, mask, cfg)
+        if correction.weight is not None:
+            pg = pg * correction.weight
+        if cfg.tis_cap > 0:
+            metrics["tis_weight_mean"] = masked_mean(token_tis_weight(log_w, cfg.tis_cap), mask).item()
+        metrics.update(offpolicy_metrics(log_w, mask, correction, domains))
+    elif any_correction(cfg):
+        raise ValueError("algo.tis_cap > 0 or an algo.offpolicy correction needs rollout_logprobs (the "
+                         "sampler's log-probs); pass them or turn the corrections off (algo.tis_cap=0, "
+                         "algo.offpolicy.seq_is=off, token_mask=false, geo_mask=false)")
 
     per_token = pg
     if cfg.kl_coef > 0:
@@ -145,6 +160,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
             "ratio_mean": masked_mean(ratio_d, mask).item(),
             "ratio_max": torch.where(mask, ratio_d, zero).max().item() if num_tokens > 0 else 0.0,
             "num_tokens": float(num_tokens.item()),
+            "num_seqs": float(mask.any(dim=-1).sum().item()),
         })
     return loss, metrics
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from srpo_ray.config.schema import (
     BUILTIN_PREFIX,
+    OFFPOLICY_SEQ_IS_MODES,
     TRACKERS,
     AlgoConfig,
     ClusterConfig,
@@ -27,6 +28,7 @@ from srpo_ray.config.schema import (
     LearnerConfig,
     MetricsConfig,
     ModelConfig,
+    OffPolicyConfig,
     OptimConfig,
     ResampleConfig,
     RewardConfig,
@@ -108,6 +110,7 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] = ()
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {_describe(e)}") from None
     validate(cfg)
+    cfg.rollout.steps_ahead = max(cfg.rollout.steps_ahead, int(cfg.rollout.one_step_off))  # its old spelling
     return cfg
 
 
@@ -284,6 +287,12 @@ def validate(cfg: SRPOConfig) -> None:
     need(cfg.trainer.preempt_grace_s > 0, "trainer.preempt_grace_s", "must be > 0 seconds")
     need(not cfg.rollout.one_step_off or cfg.rollout.max_staleness >= 1, "rollout.one_step_off",
          "trains on rollouts one weight version old: set rollout.max_staleness >= 1 too")
+    need(not cfg.rollout.one_step_off or cfg.rollout.steps_ahead in (0, 1), "rollout.one_step_off",
+         f"is rollout.steps_ahead=1, but rollout.steps_ahead={cfg.rollout.steps_ahead} is set too: keep one")
+    need(cfg.rollout.steps_ahead >= 0, "rollout.steps_ahead", "must be >= 0 (0 = synchronous)")
+    need(cfg.rollout.steps_ahead <= cfg.rollout.max_staleness, "rollout.steps_ahead",
+         f"trains on rollouts up to {cfg.rollout.steps_ahead} weight versions old: set "
+         f"rollout.max_staleness >= {cfg.rollout.steps_ahead} too")
     need(0 <= cfg.algo.eps_low < 1, "algo.eps_low", "must be in [0, 1)")
     need(cfg.algo.eps_high >= 0, "algo.eps_high", "must be >= 0")
     need(cfg.algo.loss_agg in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),
@@ -293,6 +302,8 @@ def validate(cfg: SRPOConfig) -> None:
     need(cfg.algo.minibatches >= 1, "algo.minibatches", "must be >= 1")
     need(cfg.algo.dynamic_sampling_max_rounds >= 1, "algo.dynamic_sampling_max_rounds", "must be >= 1")
     need(cfg.algo.kl_coef >= 0, "algo.kl_coef", "must be >= 0 (0 = no KL term, as in SRPO)")
+    need(cfg.algo.tis_cap >= 0, "algo.tis_cap", "must be >= 0 (0 = no token-level importance sampling)")
+    _validate_offpolicy(cfg.algo.offpolicy, need)
     need(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers, e.g. [0.9, 0.95]")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(cfg.optim.eps > 0, "optim.eps", "must be > 0 (AdamW divides by sqrt(v) + eps)")
@@ -353,6 +364,20 @@ def validate(cfg: SRPOConfig) -> None:
              "(until_steps, until_epochs or until_metric + until_threshold)")
         if st.temperature is not None:
             need(st.temperature > 0, f"{key}.temperature", "must be > 0")
+
+
+def _validate_offpolicy(off: OffPolicyConfig, need: Callable[[bool, str, str], None]) -> None:
+    """algo.offpolicy: a known seq_is mode, positive caps, 0 < low < high for each mask
+    (ratios are compared on the log scale)."""
+    key = "algo.offpolicy"
+    need(off.seq_is in OFFPOLICY_SEQ_IS_MODES, f"{key}.seq_is",
+         f"{off.seq_is!r} is unknown; use one of {', '.join(OFFPOLICY_SEQ_IS_MODES)}")
+    need(off.seq_is_cap > 0, f"{key}.seq_is_cap", f"{off.seq_is_cap}: must be > 0 (the cap on w_seq)")
+    for name in ("seq_is", "token_mask", "geo_mask"):
+        low, high = getattr(off, f"{name}_low"), getattr(off, f"{name}_high")
+        need(0 < low < high, f"{key}.{name}_low",
+             f"[{name}_low, {name}_high] = [{low}, {high}]: need 0 < low < high, e.g. "
+             f"{key}.{name}_low=0.5 {key}.{name}_high=2.0")
 
 
 def validate_eval(ev: EvalConfig) -> None:

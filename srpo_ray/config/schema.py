@@ -100,7 +100,7 @@ class RolloutConfig:
     """GPU, cluster.colocate only: generators release their GPU memory (vLLM sleep
     level 1: KV cache dropped, weights to host memory) after generating, and wake for
     the weight update and the next generation, so the learner trains with that memory.
-    Off with rollout.one_step_off (generation then runs while the learner trains)."""
+    Off with rollout.steps_ahead >= 1 (generation then runs while the learner trains)."""
     kv_cache_memory_bytes: int = 1073741824
     """KV-cache size for vLLM on CPU (bytes), allocated at start. It holds
     bytes / (2 * layers * kv_heads * head_dim * 4) tokens in float32: SmolLM2-135M
@@ -138,19 +138,24 @@ class RolloutConfig:
     time (a larger tensor travels alone). Bigger buckets mean fewer transfers; smaller
     ones bound the extra memory a generator holds while loading (our choice)."""
     max_staleness: int = 0
-    """How many weight versions a rollout may lag the latest update. A rollout from an
-    older version is discarded and regenerated with current weights (never used),
-    counted in rollout/stale_discarded. 0: on-policy, every rollout comes from the
-    latest weights (the loop is synchronous: weights reach every generator before the
-    next step samples)."""
+    """How many weight versions a rollout may lag the learner that trains on it. The
+    fleet regenerates a chunk that a lagging worker (one that missed an update) sampled
+    from an older version (counted in rollout/stale_discarded); rollouts admitted by the
+    pipeline (steps_ahead <= max_staleness) are never discarded. 0: on-policy."""
+    steps_ahead: int = 0
+    """Asynchronous training: how many steps generation may run ahead of the learner
+    (srpo_ray/loop/pipeline.py). 0: synchronous (push the new weights, then generate the
+    next step). 1: one-step-off (step k+1 is generated while step k trains, from the
+    weights step k started from). k >= 2: generation runs continuously; a step is admitted
+    only if it can train within k versions of the weights that sample it (AReaL's rule),
+    new weights are pushed whenever the generators are between two steps' collections and
+    the learner is between two updates, and nothing admitted is discarded. Needs
+    max_staleness >= steps_ahead. Rollouts then lag the learner by up to k versions
+    (rollout/staleness_*); pair it with an off-policy correction (algo.tis_cap). No step
+    is collected past a checkpoint save before the save (a checkpoint never holds
+    untrained rollouts), so save_every bounds how far ahead generation gets."""
     one_step_off: bool = False
-    """One-step-off-policy pipelining: generate and score step k+1's rollouts while step
-    k trains, with the weights step k started from; step k+1 then trains on rollouts one
-    version old (rollout/staleness_max = 1, per rollout in rollouts.jsonl). Hides
-    generation behind training (or the reverse) at the cost of that lag. Needs
-    max_staleness >= 1. Pair it with algo.tis_cap (e.g. 2) to correct the loss for the
-    lag. No step collects ahead across a checkpoint save, so a checkpoint never holds
-    untrained rollouts."""
+    """The same as steps_ahead: 1 (kept for existing configs)."""
     hung_after_s: float = 600.0
     """A generation worker that has not answered a chunk this many seconds after it was
     handed the chunk, plus hung_after_s_per_token for each token the chunk may sample,
@@ -275,6 +280,68 @@ class RewardConfig:
     every response times out is never taken for a hung worker."""
 
 
+OFFPOLICY_SEQ_IS_MODES = ("off", "truncate", "mask")  # algo.offpolicy.seq_is
+
+
+@dataclass
+class OffPolicyConfig:
+    """algo.offpolicy: corrections for training on tokens the learner's policy did not
+    sample (srpo_ray/algo/offpolicy.py). All off by default; they combine freely.
+
+    Per response token t, w_t = exp(old_t - rollout_t): the probability of the sampled
+    token under the policy the advantages belong to (the learner's "old" log-probs), over
+    its probability under the sampler that drew it (vLLM's log-probs). They differ by
+    numerics (bf16, kernels), by stale weights (rollout.steps_ahead) and by truncation:
+    vLLM samples from softmax(logits / T) cut to the top-p nucleus and renormalised, and
+    reports exactly that log-prob (logprobs_mode=processed_logprobs), while the learner's
+    are the full softmax at T. So with top_p < 1, w_t is the importance weight of the full
+    policy against the truncated sampler, at most the nucleus mass even with identical
+    weights; set lower bounds with that in mind.
+
+    Order: every statistic comes from the raw ratios of all the sequence's response
+    tokens (so no correction sees another's output), the masks then intersect (a token
+    keeps its policy gradient only if no mask drops it or its sequence), and on the kept
+    tokens the weights multiply: pg_t x min(w_t, algo.tis_cap) x min(w_seq, seq_is_cap).
+    A masked token stays in the loss denominator and contributes 0, as in IcePop, so
+    masking does not scale up the other tokens' gradients. Only the policy-gradient term
+    is weighted or masked (not algo.kl_coef's or algo.entropy_coef's). Every weight is
+    detached (no gradient through it), float32, from log-ratios clamped before exp.
+
+    Metrics (learner/offpolicy/..., per step, whether or not a correction is on):
+    k3_kl (k3 estimate of KL(sampler || learner-old) per token: w - 1 - log w),
+    ratio_mean, ratio_max (of w_t), masked_token_frac, masked_seq_frac (dropped by a
+    sequence mask), and per prompt domain offpolicy/<domain>/k3_kl, ratio_mean,
+    masked_token_frac, masked_seq_frac."""
+
+    seq_is: str = "off"
+    """Sequence-level importance sampling with w_seq = exp(sum_t log w_t) over the
+    sequence's response tokens: off; truncate (every token of the sequence weighted by
+    min(w_seq, seq_is_cap)); mask (sequences with w_seq outside [seq_is_low,
+    seq_is_high] get no policy gradient). w_seq compounds over long responses: prefer
+    geo_mask there."""
+    seq_is_cap: float = 2.0
+    """seq_is=truncate: the cap on w_seq (our choice)."""
+    seq_is_low: float = 0.5
+    """seq_is=mask: the lowest w_seq kept (our choice)."""
+    seq_is_high: float = 2.0
+    """seq_is=mask: the highest w_seq kept (our choice)."""
+    token_mask: bool = False
+    """IcePop-style token masking: tokens with w_t outside [token_mask_low,
+    token_mask_high] get no policy gradient (their sequence keeps the others')."""
+    token_mask_low: float = 0.5
+    """token_mask: the lowest w_t kept (IcePop's 0.5)."""
+    token_mask_high: float = 2.0
+    """token_mask: the highest w_t kept (IcePop's 2)."""
+    geo_mask: bool = False
+    """Geometric-mean sequence masking: sequences whose geometric-mean token ratio
+    exp(mean_t log w_t) lies outside [geo_mask_low, geo_mask_high] get no policy
+    gradient. Unlike w_seq it does not grow with the length."""
+    geo_mask_low: float = 0.99
+    """geo_mask: the lowest geometric-mean ratio kept (our choice)."""
+    geo_mask_high: float = 1.01
+    """geo_mask: the highest geometric-mean ratio kept (our choice)."""
+
+
 @dataclass
 class AlgoConfig:
     eps_low: float = 0.2
@@ -294,7 +361,9 @@ class AlgoConfig:
     minibatches: int = 1
     """Optimizer steps per rollout batch; >1 makes the old-policy log-probs matter."""
     tis_cap: float = 0.0
-    """Truncated importance sampling between learner and vLLM log-probs (0 = off)."""
+    """Token-level truncated importance sampling between learner and vLLM log-probs:
+    each token's policy gradient weighted by min(w_t, tis_cap), w_t as in algo.offpolicy
+    (0 = off). Combines with the corrections of algo.offpolicy."""
     overlong: str = "truncate"
     """What to do with responses cut at max_new_tokens: truncate (score as is),
     filter (no gradient), or penalty (soft length penalty)."""
@@ -305,6 +374,9 @@ class AlgoConfig:
     dynamic_sampling_max_rounds rounds ran. Dropped groups are still recorded in the ledger."""
     dynamic_sampling_max_rounds: int = 4
     """Most rounds of generate + score per step with dynamic_sampling (our choice)."""
+    offpolicy: OffPolicyConfig = field(default_factory=OffPolicyConfig)
+    """Off-policy corrections beyond tis_cap: sequence-level importance sampling,
+    IcePop token masking, geometric-mean sequence masking (see OffPolicyConfig)."""
 
 
 @dataclass

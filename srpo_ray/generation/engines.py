@@ -59,7 +59,7 @@ def engine_env(rollout_cfg: "RolloutConfig") -> dict[str, str]:
         # Ray no longer hides GPUs from actors that asked for none: a CPU engine on a GPU
         # node would otherwise see (and vLLM pick) the node's GPUs.
         env["CUDA_VISIBLE_DEVICES"] = ""
-        if rollout_cfg.one_step_off:
+        if rollout_cfg.one_step_off or rollout_cfg.steps_ahead > 0:
             # Generation runs while the learner trains on the same cores: threads that
             # spin at OpenMP barriers starve it (a SmolLM2 batch took 20-144 s instead
             # of 11-14 s on 2 shared cores). Otherwise OpenMP's default (spin briefly,

@@ -28,6 +28,8 @@ class TrainBatch:
     response_mask     [B, T] float32 1 on response tokens
     advantages        [B]    float32 one advantage per sequence
     rollout_logprobs  [B, T] float32 the sampler's log-prob of each response token
+    domains           [B]    str     each sequence's prompt domain (math, code, a plug-in's
+                                     ability), for per-domain metrics; () = not known
     """
 
     input_ids: torch.Tensor
@@ -35,6 +37,7 @@ class TrainBatch:
     response_mask: torch.Tensor
     advantages: torch.Tensor
     rollout_logprobs: torch.Tensor
+    domains: tuple[str, ...] = ()
 
     @property
     def num_sequences(self) -> int:
@@ -52,8 +55,9 @@ class TrainBatch:
     def select(self, index: list[int] | torch.Tensor) -> "TrainBatch":
         """The sequences at `index`, trimmed to their own longest length."""
         idx = torch.as_tensor(index, dtype=torch.long)
-        picked = TrainBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
-        return picked.trimmed()
+        tensors = {f.name: getattr(self, f.name)[idx] for f in fields(self) if f.name != "domains"}
+        domains = tuple(self.domains[i] for i in idx.tolist()) if self.domains else ()
+        return TrainBatch(**tensors, domains=domains).trimmed()
 
     def trimmed(self) -> "TrainBatch":
         """Drop trailing columns that are padding in every row (rows are right-padded)."""
@@ -67,6 +71,7 @@ class TrainBatch:
             response_mask=self.response_mask[:, :length],
             advantages=self.advantages,
             rollout_logprobs=self.rollout_logprobs[:, :length],
+            domains=self.domains,
         )
 
 

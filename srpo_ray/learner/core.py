@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from srpo_ray.algo.loss import count_denominator, policy_loss
+from srpo_ray.algo.loss import METRIC_COUNTS, count_denominator, metric_count_key, policy_loss
 from srpo_ray.config.schema import SRPOConfig, resolve_dtype
 from srpo_ray.host_heap import release_free_memory, resolve_heap_policy, set_heap_policy
 from srpo_ray.learner.batch import TrainBatch, micro_batches, split_into_chunks
@@ -205,9 +205,11 @@ class FSDPLearner(ShardedWeightsIO):
         mean over optimizer steps), `grad_norm` (global pre-clip norm, mean over steps),
         `response_tokens`, `sequences`, `skipped_steps` (non-finite gradient norm: the
         step is skipped), `optimizer_steps` (total so far), and the loss's metrics:
-        pg_loss summed like the loss, ratio_max as a max, the rest (clip_frac_low/high,
-        logprob_mismatch vs the sampler, entropy, ratio_mean, approx_kl, ...) as
-        token-weighted means; all prefixed `learner/`.
+        pg_loss summed like the loss, ratio_max and offpolicy/ratio_max as maxima, the
+        rest (clip_frac_low/high, logprob_mismatch vs the sampler, entropy, ratio_mean,
+        approx_kl, offpolicy/... per domain too, ...) as means weighted by their tokens
+        (sequences for the *_seq_frac ones; algo/loss.py metric_count_key); all
+        prefixed `learner/`.
         """
         self._require_setup()
         cfg = self.cfg
@@ -258,7 +260,7 @@ class FSDPLearner(ShardedWeightsIO):
                 loss, metrics = policy_loss(lp, old_lp, mb.advantages, mb.response_mask, cfg.algo,
                                             loss_denominator=denominator,
                                             rollout_logprobs=mb.rollout_logprobs, ref_logprobs=ref_lp,
-                                            entropy=entropy)
+                                            entropy=entropy, domains=mb.domains or None)
                 _accumulate(metrics, sums, weights, maxima)
                 local_loss += loss.item()
             else:
@@ -386,25 +388,26 @@ class FSDPLearner(ShardedWeightsIO):
 
 
 # How policy_loss's per-call metrics combine over micro-batches and ranks: pg_loss is
-# already divided by the global denominator, so it adds up (like the loss); ratio_max
-# is a maximum; every other metric is a mean over the call's tokens.
+# already divided by the global denominator, so it adds up (like the loss); the ratio
+# maxima are maxima; every other metric is a mean over the call's tokens (or sequences,
+# or one domain's: the count metric_count_key names), weighted by that count.
 _ADDITIVE_METRICS = ("pg_loss",)
-_MAX_METRICS = ("ratio_max",)
+_MAX_METRICS = ("ratio_max", "offpolicy/ratio_max")
 
 
 def _accumulate(metrics: dict, sums: dict, weights: dict, maxima: dict) -> None:
     """Fold one micro-batch's loss metrics into the running sums (see above)."""
-    tokens = float(metrics.get("num_tokens", 0.0))
     for name, value in metrics.items():
-        if name == "num_tokens":
+        if name.rpartition("/")[2] in METRIC_COUNTS:
             continue
         if name in _MAX_METRICS:
             maxima[name] = max(maxima.get(name, float("-inf")), float(value))
         elif name in _ADDITIVE_METRICS:
             sums[name] = sums.get(name, 0.0) + float(value)
         else:
-            sums[name] = sums.get(name, 0.0) + float(value) * tokens
-            weights[name] = weights.get(name, 0.0) + tokens
+            count = float(metrics.get(metric_count_key(name), 0.0))
+            sums[name] = sums.get(name, 0.0) + float(value) * count
+            weights[name] = weights.get(name, 0.0) + count
 
 
 def release_gpu_cache(device: torch.device, colocated: bool) -> bool:
@@ -432,4 +435,5 @@ def _pick_backend(backend: str, gpus_per_rank: float) -> str:
 def _to_device(mb: TrainBatch, device: torch.device) -> TrainBatch:
     if device.type == "cpu":
         return mb
-    return TrainBatch(**{k: v.to(device, non_blocking=True) for k, v in vars(mb).items()})
+    return TrainBatch(**{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                         for k, v in vars(mb).items()})

@@ -23,13 +23,14 @@ from srpo_ray.records import GroupTokens, ScoredGroup
 @dataclass(frozen=True)
 class TrainRow:
     """One sequence to train on: sample `sample` of the step's group `group` (its tokens
-    are the shard's `tokens[group]`)."""
+    are the shard's `tokens[group]`); `domain` is its prompt's (per-domain metrics)."""
 
     group: int
     sample: int
     advantage: float
     prompt_len: int
     response_len: int
+    domain: str = ""
 
     @property
     def length(self) -> int:
@@ -74,7 +75,7 @@ class TrainShard:
             rollout_logprobs[b, p:end] = torch.tensor(logprobs, dtype=torch.float32)
         return TrainBatch(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
                           advantages=torch.tensor([row.advantage for row in self.rows], dtype=torch.float32),
-                          rollout_logprobs=rollout_logprobs)
+                          rollout_logprobs=rollout_logprobs, domains=_domains(self.rows))
 
 
 @dataclass
@@ -130,7 +131,8 @@ class TrainRows:
             held[b] = GroupTokens(prompt_token_ids=ids[:prompt_len], token_ids=ids[prompt_len:],
                                   logprobs=batch.rollout_logprobs[b][real][prompt_len:].numpy().copy(),
                                   offsets=torch.tensor([0, len(ids) - prompt_len]).numpy())
-            rows.append(TrainRow(b, 0, float(batch.advantages[b]), prompt_len, len(ids) - prompt_len))
+            domain = batch.domains[b] if batch.domains else ""
+            rows.append(TrainRow(b, 0, float(batch.advantages[b]), prompt_len, len(ids) - prompt_len, domain))
         return cls(rows, held, pad_token_id)
 
 
@@ -154,12 +156,18 @@ def select_train_rows(groups: Sequence[ScoredGroup], advantages: list[list[float
         if not group.prompt_len:
             raise ValueError(f"group {g} (prompt {group.prompt.prompt_id!r}) has no prompt tokens; "
                              "the first response token needs a context")
-        kept = [TrainRow(g, i, float(a), group.prompt_len, s.num_tokens)
+        kept = [TrainRow(g, i, float(a), group.prompt_len, s.num_tokens, group.prompt.domain)
                 for i, (s, a) in enumerate(zip(group.samples, adv)) if s.num_tokens]
         if kept:
             rows += kept
             tokens[g] = group.tokens
     return TrainRows(rows, tokens, pad_token_id)
+
+
+def _domains(rows: list[TrainRow]) -> tuple[str, ...]:
+    """The rows' domains, or () when any is unknown (rows built without one)."""
+    domains = tuple(row.domain for row in rows)
+    return domains if all(domains) else ()
 
 
 def build_train_batch(groups: Sequence[ScoredGroup], advantages: list[list[float]], pad_token_id: int,

@@ -8,10 +8,11 @@ group advantages -> learner update -> weights pushed to the generators. How many
 of rollouts a step runs is the batch collector's business (srpo_ray/loop/collect.py: one
 round, or DAPO-style dynamic sampling), chosen when the trainer is built. When a step's
 rollouts are collected is the pipeline's (srpo_ray/loop/pipeline.py): just before the step
-trains, or, with rollout.one_step_off, while the previous step trains. Everything that
-draws prompts or records rewards (ledger, stage schedule) happens in `collect`;
-`update` turns one step's rollouts into a learner update, `push_weights` hands the new
-weights to the generators. Rollout seeds: records.rollout_seed.
+trains, or, with rollout.steps_ahead = k > 0, up to k steps ahead while earlier steps
+train. Everything that draws prompts or records rewards (ledger, stage schedule) happens
+in `collect`; `update` turns one step's rollouts into a learner update, `_push_latest`
+hands the newest weights to the generators between two collections. Rollout seeds:
+records.rollout_seed.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from srpo_ray.eval.report import headline, write_json
 from srpo_ray.learner.plan import TrainRows, select_train_rows
 from srpo_ray.loop.checkpoint import CheckpointManager
 from srpo_ray.loop.collect import Collected, make_collector
-from srpo_ray.loop.pipeline import RolloutPipeline
+from srpo_ray.loop.pipeline import BLOCKED, RolloutPipeline
 from srpo_ray.loop.stop import StopRequest
 from srpo_ray.records import Prompt, RolloutGroup, Sampling, ScoredGroup, here, rollout_seed
 from srpo_ray.telemetry.metrics import MetricsLogger, summarize_rollouts, timed
@@ -119,6 +120,8 @@ class SRPOTrainer:
         self.step = 0
         self.version = 0  # number of weight updates the generators have received
         self._saved_step = -1
+        self._pushed_version = 0  # the version the generators hold
+        self._push_timings: dict[str, float] = {}  # of pushes since the last step's metrics
         self._weighted_sources: list[str] = []  # the current stage's, when it draws by source weight
         self.stop_request = StopRequest()  # set by the driver's SIGTERM handler (srpo_ray/loop/stop.py)
         self.stopped = False  # fit returned early on stop_request, after saving a checkpoint
@@ -129,34 +132,42 @@ class SRPOTrainer:
             self._enter_stage(first=True)
             if self.cfg.eval.at_start and not self.stop_request.requested:
                 self.evaluate()
-        # What may run while the learner trains: only the next step's collection, with
-        # rollout.one_step_off. The step settles it before the weight push (weights never
-        # change under a running collection), and no step is collected ahead of a
-        # checkpoint (_may_collect_ahead: a checkpoint holds no untrained rollouts).
-        pipeline = RolloutPipeline(self.collect, lookahead=self.cfg.rollout.one_step_off,
-                                   may_prefetch=self._may_collect_ahead)
+        # Collection runs in the pipeline's thread, up to rollout.steps_ahead steps ahead
+        # (0: just before the step trains); it pushes new weights only between collections
+        # and admits a step only if it can train within steps_ahead versions of the
+        # weights that sample it (srpo_ray/loop/pipeline.py).
+        pipeline = RolloutPipeline(self.collect, self._push_latest, self.cfg.rollout.steps_ahead,
+                                   may_start=self._may_collect, version=self.version, trained=self.step)
         try:
             while self.step < self.cfg.trainer.total_steps:
                 if self._stop_now(pipeline):
                     self.stopped = True
                     break
                 started = time.perf_counter()
-                rollouts = pipeline.take(self.step + 1)  # collect (or collected ahead; starts the next)
+                rollouts = pipeline.take(self.step + 1)  # collected ahead, or now
+                if rollouts is BLOCKED:  # a stop came before the step's collection started
+                    if not self.stop_request.requested:
+                        raise RuntimeError(f"step {self.step + 1} cannot be collected, yet no stop was requested")
+                    continue
                 if rollouts is None:
                     self.metrics.event(f"step {self.step}: no prompts left in the pool (all solved); stopping")
                     break
                 self.step += 1
-                update = self.update(rollouts, started)  # the learner trains
-                with timed(update.timings, "wait_collect_ahead"):
-                    pipeline.settle()  # the collection running ahead, if any, ends here
-                self.push_weights(update)  # the generators get the new weights
-                self.metrics.log(self.step, self._step_metrics(update, started))
-                if self._eval_due(self.step) and not self.stop_request.requested:  # the pipeline settled
+                with pipeline.training():
+                    update = self.update(rollouts, started)  # the learner trains
+                self.version += update.learned
+                evaluating = self._eval_due(self.step) and not self.stop_request.requested
+                self._after_training(pipeline, update, hold=evaluating)  # the weight push, when the generators allow
+                self.metrics.log(self.step, self._step_metrics(update, started, pipeline))
+                if evaluating:  # the generators hold this version and nothing collects
                     self.evaluate()
                 if self._save_due(self.step):
                     self.save()
+                pipeline.done(self.step)
         finally:
-            pipeline.close()  # a step that failed may leave a collection running ahead
+            pipeline.close()  # a step that failed may leave a collection running
+        if self._pushed_version != self.version:  # the generators are behind (steps_ahead >= 2)
+            self._push_latest()
         if self.cfg.eval.at_end and not self._evaluated_now() and not self.stop_request.requested:
             self.evaluate()
         if self._saved_step != self.step:  # never re-write (and briefly lose) the newest checkpoint
@@ -192,7 +203,7 @@ class SRPOTrainer:
     def collect(self, step: int) -> StepRollouts | None:
         """Draw step `step`'s prompts, generate, score and record them in the ledger and
         the stage schedule; None when no prompts are left. Runs ahead of the training
-        loop with rollout.one_step_off (srpo_ray/loop/pipeline.py)."""
+        loop with rollout.steps_ahead > 0 (srpo_ray/loop/pipeline.py)."""
         prompt_ids, epoch_metrics = self._next_prompt_ids(step)
         if not prompt_ids:
             return None
@@ -237,21 +248,33 @@ class SRPOTrainer:
                    **train_metrics}
         return StepUpdate(rollouts, learned, rows.num_sequences, staleness, metrics, timings)
 
-    def push_weights(self, update: StepUpdate) -> None:
-        """The updated weights to every generator (nothing changed when nothing was learned)."""
-        if update.learned:
-            with timed(update.timings, "weight_sync"):  # = weight_publish + delivery (of which weight_load)
-                self.version += 1
-                with timed(update.timings, "weight_publish"):
-                    published = self.roles.learner.publish_weights()
-                self.roles.rollout.push_weights(published, self.version)
+    def _after_training(self, pipeline: RolloutPipeline, update: StepUpdate, hold: bool) -> None:
+        """Tell the pipeline the step trained; it pushes the new weights now if the
+        generators are between collections (or will be before the next step could train)."""
+        pushed = self._push_timings.get("weight_sync", 0.0)
+        waited = time.perf_counter()
+        pipeline.trained(self.step, self.version, hold=hold)
+        update.timings["wait_collect_ahead"] = (time.perf_counter() - waited
+                                                - (self._push_timings.get("weight_sync", 0.0) - pushed))
 
-    def _step_metrics(self, update: StepUpdate, started: float) -> dict[str, Any]:
+    def _push_latest(self) -> None:
+        """The learner's weights (version self.version) to every generator. Called by the
+        pipeline while no collection runs, and at the run's end; timings go to the next
+        step's metrics."""
+        with timed(self._push_timings, "weight_sync"):  # = weight_publish + delivery (of which weight_load)
+            with timed(self._push_timings, "weight_publish"):
+                published = self.roles.learner.publish_weights()
+            self.roles.rollout.push_weights(published, self.version)
+        self._pushed_version = self.version
+
+    def _step_metrics(self, update: StepUpdate, started: float, pipeline: RolloutPipeline) -> dict[str, Any]:
+        update.timings.update(self._push_timings)
+        self._push_timings = {}
         update.timings["step"] = time.perf_counter() - started
         staleness = update.staleness
         return {
             **update.metrics, **{f"time/{k}": v for k, v in update.timings.items()},
-            **self.roles.rollout.pop_metrics(),
+            **self.roles.rollout.pop_metrics(), **pipeline.pop_idle(),
             "rollout/staleness_mean": sum(staleness) / max(1, len(staleness)),
             "rollout/staleness_max": max(staleness, default=0),
             "policy/version": self.version, "batch/sequences": update.sequences,
@@ -272,22 +295,25 @@ class SRPOTrainer:
             self.ledger.observe(sg.group.prompt.prompt_id, sg.num_correct, len(sg.results))
         return scored
 
-    def _may_collect_ahead(self, step: int) -> bool:
-        """Collect step `step` while the one before trains, unless there is no such step
-        or the one before saves a checkpoint (which must not hold untrained rollouts), as
-        it does once a stop is requested."""
-        return (step <= self.cfg.trainer.total_steps and not self._save_due(step - 1)
-                and not self.stop_request.requested)
+    def _may_collect(self, step: int, done: int) -> bool:
+        """Whether step `step` may be collected now that steps up to `done` are over: not
+        past the last step; not past a step that saves a checkpoint before it is saved (a
+        checkpoint holds no untrained rollouts); none once a stop is requested."""
+        if step > self.cfg.trainer.total_steps:
+            return False
+        if self.stop_request.requested:
+            return False
+        return not any(self._save_due(s) for s in range(done + 1, step))
 
     def _stop_now(self, pipeline: RolloutPipeline) -> bool:
-        """Whether a requested stop ends the loop here, at a step's end. A step collected
-        ahead before the request came is trained first: its prompts and outcomes are in the
-        ledger already, and a checkpoint must not hold rollouts no step trained on (nor can
-        it drop them: the ledger has no undo). So with rollout.one_step_off the checkpoint
-        may come one step later; it is then the one a save_every step there would write,
-        and --resume continues from it exactly as from that one. Evaluations due while
-        stopping are skipped: they would spend the grace period."""
-        if not self.stop_request.requested or pipeline.collecting_ahead:
+        """Whether a requested stop ends the loop here, at a step's end. Steps collected
+        ahead before the request came are trained first: their prompts and outcomes are in
+        the ledger already, and a checkpoint must not hold rollouts no step trained on (nor
+        can it drop them: the ledger has no undo). So with rollout.steps_ahead the
+        checkpoint may come a step or more later; it is then the one a save_every step there
+        would write, and --resume continues from it exactly as from that one. Evaluations
+        due while stopping are skipped: they would spend the grace period."""
+        if not self.stop_request.requested or pipeline.holds_untrained:
             return False
         self.metrics.event(f"step {self.step}: stopping ({self.stop_request.reason}): saving a checkpoint")
         return True
@@ -401,7 +427,8 @@ class SRPOTrainer:
             return None
         self.roles.learner.load(str(latest))
         self.load_state_dict(torch.load(latest / STATE_FILE, weights_only=False))
-        self.roles.rollout.push_weights(self.roles.learner.publish_weights(), self.version)
+        self._push_latest()
+        self._push_timings = {}
         self.metrics.start_at(self.step)
         self.metrics.event(f"resumed from {latest} at step {self.step} (stage {self.stages.index}, "
                            f"epoch {self.ledger.epoch}, policy version {self.version})")

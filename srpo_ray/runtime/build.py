@@ -234,7 +234,7 @@ def generator_options(cfg: SRPOConfig) -> dict:
     on_gpu = cfg.rollout.gpus_per_worker > 0
     return {"weight_transfer": vllm_weight_transfer(resolve_for(cfg)),
             "sleep_mode": bool(on_gpu and cfg.cluster.colocate and cfg.rollout.sleep_while_training
-                               and not cfg.rollout.one_step_off)}
+                               and not (cfg.rollout.one_step_off or cfg.rollout.steps_ahead > 0))}
 
 
 def _create_fleets(cfg: SRPOConfig, model_path: str, placement, control_dir: str | None = "",

@@ -29,17 +29,21 @@ Metric names (also explained in README.md):
     policy/version                 weights version the learner holds after the step
     rollout/staleness_mean, _max   weight versions between the policy that sampled the step's
                                    rollouts and the learner that trained on them (0 on-policy,
-                                   1 with rollout.one_step_off)
+                                   at most rollout.steps_ahead otherwise)
     time/generate, time/score, time/train, time/weight_sync, time/step   seconds
     time/weight_publish, time/weight_load   parts of time/weight_sync: the learner publishing
                                    the weights, the slowest generation worker loading them
                                    (transport read + the engine's reload; the rest is RPCs;
                                    weight_load only where the worker reads the tensors itself:
                                    shared_memory, object_store, broadcast)
-    time/wait_rollouts             the step waiting for its rollouts (with one_step_off: the
-                                   generation time training did not hide)
-    time/wait_collect_ahead        training done, waiting for the next step's collection to
-                                   finish before the weight push (one_step_off)
+    time/wait_rollouts             the step waiting for its rollouts (with steps_ahead > 0:
+                                   the generation time training did not hide)
+    time/wait_collect_ahead        training done, waiting for a running collection to finish
+                                   before the weight push (steps_ahead > 0; push time excluded)
+    time/generator_idle            seconds no collection ran since the last step's metrics
+                                   (the generators wait for the learner: pushes, admission)
+    time/learner_wait              seconds the trainer waited for rollouts or for a collection
+                                   to end before pushing (the learner waits for the generators)
 """
 from __future__ import annotations
 
@@ -77,7 +81,7 @@ class MetricsLogger:
         self._bar = None
         self._postfix: dict[str, Any] = {}  # the latest step's figures on the progress bar
         self._eval_postfix: dict[str, Any] = {}  # and the latest evaluation's avg@k
-        # the trainer collects the next step's rollouts in a thread (rollout.one_step_off)
+        # the trainer collects rollouts ahead in a thread (rollout.steps_ahead)
         self._lock = threading.Lock()
         if progress_bar:
             from tqdm import tqdm

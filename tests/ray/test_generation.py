@@ -24,6 +24,7 @@ from srpo_ray.models import chat_prompt_ids
 from srpo_ray.records import Prompt, Sampling
 
 TOL = 1e-3
+NUCLEUS_TOL = 1e-4  # float32 on both sides; the same weights
 PROMPTS = [[5, 6, 7, 8], list(range(20, 60)), [300, 301]]
 
 
@@ -84,22 +85,39 @@ def test_sampled_logprobs_are_those_of_the_sampling_distribution(engine, hf_mode
             assert torch.allclose(torch.tensor(sample.logprobs), ref, atol=TOL)
 
 
-def test_top_p_logprobs_are_renormalised_over_the_nucleus(engine, hf_model):
-    temperature, top_p = 0.7, 0.8
-    prompt = PROMPTS[1]
-    sample = engine.generate([prompt], Sampling(n=1, temperature=temperature, top_p=top_p, max_new_tokens=12,
-                             seed=4))[0][0]
-    ids = torch.tensor([prompt + sample.token_ids.tolist()])
-    with torch.no_grad():
-        logits = hf_model(ids).logits[0, len(prompt) - 1:-1] / temperature
-    # the nucleus: drop the least likely tokens whose total probability is <= 1 - top_p
-    sorted_logits, order = logits.sort(dim=-1)
-    outside = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
-    outside[:, -1] = False
-    kept = sorted_logits.masked_fill(outside, float("-inf"))
-    masked = torch.empty_like(logits).scatter(1, order, kept)  # back to vocabulary order
-    ref = torch.log_softmax(masked, -1).gather(1, torch.tensor(sample.token_ids.tolist())[:, None])[:, 0]
-    assert torch.allclose(torch.tensor(sample.logprobs), ref, atol=TOL)
+@pytest.mark.parametrize("top_p", [0.8, 0.5])
+def test_top_p_logprobs_are_renormalised_over_the_nucleus(engine, hf_model, top_p):
+    """vLLM's processed log-probs (engines.py asks for logprobs_mode=processed_logprobs)
+    are those of the distribution it samples from: softmax(logits / T) with the tokens
+    outside the top-p nucleus removed and the rest renormalised (vllm/v1/sample/sampler.py
+    Sampler.sample, ops/topk_topp_sampler.py apply_top_k_top_p_pytorch + log_softmax).
+    So the importance ratio exp(learner's full-softmax log-prob - sampler's) of the same
+    weights is the nucleus mass, which algo.offpolicy's docs rely on."""
+    temperature = 0.7
+    groups = engine.generate(PROMPTS, Sampling(n=4, temperature=temperature, top_p=top_p, max_new_tokens=12,
+                                               seed=4))
+    gaps = []
+    for prompt, group in zip(PROMPTS, groups):
+        for sample in group:
+            ids = torch.tensor([prompt + sample.token_ids.tolist()])
+            with torch.no_grad():
+                logits = hf_model(ids).logits[0, len(prompt) - 1:-1].float() / temperature
+            # the nucleus, as vLLM cuts it: drop the least likely tokens whose total
+            # probability is <= 1 - top_p (the most likely token always stays)
+            sorted_logits, order = logits.sort(dim=-1)
+            outside = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+            outside[:, -1] = False
+            inside = torch.empty_like(outside).scatter(1, order, ~outside)  # back to vocabulary order
+            sampled = torch.tensor(sample.token_ids.tolist())[:, None]
+            assert inside.gather(1, sampled).all()  # never a token outside the nucleus
+            nucleus = torch.log_softmax(logits.masked_fill(~inside, float("-inf")), -1).gather(1, sampled)[:, 0]
+            full = torch.log_softmax(logits, -1).gather(1, sampled)[:, 0]
+            reported = torch.tensor(sample.logprobs)
+            assert torch.allclose(reported, nucleus, atol=NUCLEUS_TOL), (reported - nucleus).abs().max()
+            mass = (torch.softmax(logits, -1) * inside).sum(-1)
+            assert torch.allclose(torch.exp(full - reported), mass, atol=NUCLEUS_TOL)
+            gaps.append((full - nucleus).abs().max().item())
+    assert max(gaps) > 0.1  # the renormalisation is visible: a full-softmax log-prob would fail
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

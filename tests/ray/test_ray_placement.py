@@ -32,13 +32,15 @@ class WhereAmI:
 @pytest.fixture(scope="module")
 def two_nodes():
     """Head = learner pool (with two logical GPUs: Ray hands out GPU ids without
-    hardware), second node = rollout pool; one CPU each. Yields node ids by label."""
+    hardware), second node = rollout pool. The head has two CPUs: the reward group's
+    one-bundle SPREAD may land on either node, and the colocated pair needs a whole CPU
+    beside it. Yields node ids by label."""
     ray.shutdown()  # this test needs a two-node cluster of its own
     # an in-process CPU engine of an earlier test hid the GPUs (set_engine_env); Ray
     # refuses logical GPUs that CUDA_VISIBLE_DEVICES says are not there
     hidden = os.environ.pop("CUDA_VISIBLE_DEVICES", None)
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "num_gpus": 2, "resources": {"srpo_learner": 1}, "include_dashboard": False})
+        "num_cpus": 2, "num_gpus": 2, "resources": {"srpo_learner": 1}, "include_dashboard": False})
     cluster.add_node(num_cpus=1, resources={"srpo_rollout": 1})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)

@@ -1,6 +1,6 @@
-"""One-step-off-policy pipelining (rollout.one_step_off): RolloutPipeline on its own,
-and the training loop with fake roles. A real run (vLLM, FSDP, Ray) in this mode is in
-test_one_step_off.py."""
+"""Asynchronous collection (rollout.steps_ahead: 0 synchronous, 1 one-step-off, k):
+RolloutPipeline on its own, and the training loop with fake roles. A real run (vLLM,
+FSDP, Ray) with collection ahead is in test_one_step_off.py."""
 import json
 import threading
 import time
@@ -9,55 +9,130 @@ import pytest
 from test_trainer import make_trainer, read_metrics
 
 from srpo_ray.config.load import ConfigError, load_config
-from srpo_ray.loop.pipeline import RolloutPipeline
+from srpo_ray.loop.pipeline import BLOCKED, RolloutPipeline
+
+
+class Recorder:
+    """collect/push for a pipeline alone: what ran, in order, and whether a push ever
+    overlapped a collection."""
+
+    def __init__(self, gates=None, fail_at=None):
+        self.events, self.gates, self.fail_at = [], gates or {}, fail_at
+        self.collecting = False
+        self.overlap = False
+        self.lock = threading.Lock()
+
+    def collect(self, step):
+        with self.lock:
+            self.collecting = True
+            self.events.append(("collect", step))
+        try:
+            if step in self.gates:
+                assert self.gates[step].wait(10)
+            if step == self.fail_at:
+                raise ValueError("reward worker exploded")
+            return f"r{step}"
+        finally:
+            self.collecting = False
+
+    def push(self):
+        self.overlap |= self.collecting
+        self.events.append(("push",))
+
+
+def pipeline(rec, steps_ahead, last=10, may_start=None):
+    return RolloutPipeline(rec.collect, rec.push, steps_ahead,
+                           may_start=may_start or (lambda step, done: step <= last), version=0, trained=0)
+
+
+def run_steps(pipe, steps, hold=False):
+    """The trainer's side of `steps` steps, each one learning (a new version)."""
+    for step in range(1, steps + 1):
+        assert pipe.take(step) == f"r{step}"
+        with pipe.training():
+            pass
+        pipe.trained(step, version=step, hold=hold)
+        pipe.done(step)
+
+
+def wait_for(condition, seconds=10):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 # ---- the pipeline alone ----------------------------------------------------------------
-def test_without_lookahead_each_step_is_collected_when_taken():
-    calls = []
-    pipe = RolloutPipeline(lambda step: calls.append(step) or f"r{step}", lookahead=False,
-                           may_prefetch=lambda step: True)
-    assert pipe.take(1) == "r1" and calls == [1]
-    pipe.settle()
-    assert pipe.take(2) == "r2" and calls == [1, 2] and not pipe.collecting_ahead
+def test_synchronous_pushes_before_each_collection():
+    rec = Recorder()
+    pipe = pipeline(rec, steps_ahead=0, last=3)
+    run_steps(pipe, 3)
+    pipe.close()
+    assert rec.events == [("collect", 1), ("push",), ("collect", 2), ("push",), ("collect", 3), ("push",)]
+    assert not rec.overlap
 
 
-def test_lookahead_collects_the_next_step_in_the_background():
-    started, release = threading.Event(), threading.Event()
-
-    def collect(step):
-        if step == 2:
-            started.set()
-            assert release.wait(10)
-        return f"r{step}"
-
-    pipe = RolloutPipeline(collect, lookahead=True, may_prefetch=lambda step: step <= 3)
+def test_one_step_off_collects_the_next_step_while_this_one_trains():
+    rec = Recorder()
+    pipe = pipeline(rec, steps_ahead=1, last=3)
     assert pipe.take(1) == "r1"
-    assert started.wait(10), "step 2 was not collected while step 1 was handed out"
-    assert pipe.collecting_ahead
-    release.set()
-    pipe.settle()
-    assert pipe.take(2) == "r2" and pipe.collecting_ahead  # step 3 is on its way
-    assert pipe.take(3) == "r3" and not pipe.collecting_ahead  # vetoed: no step 4
+    wait_for(lambda: ("collect", 2) in rec.events)  # before step 1 has trained
+    with pipe.training():
+        pass
+    pipe.trained(1, version=1)  # waits for step 2's collection, then pushes version 1
+    assert rec.events == [("collect", 1), ("collect", 2), ("push",)]
+    pipe.done(1)
+    assert pipe.take(2) == "r2"
+    pipe.close()
+    assert not rec.overlap
+
+
+def test_k_steps_ahead_stops_where_a_step_could_not_train_in_time():
+    """The learner never finishes a step: with k = 2 steps 1-3 are admitted (step 3
+    trains at version 2 at most, 2 ahead of the weights that sample it), step 4 is not."""
+    rec = Recorder()
+    pipe = pipeline(rec, steps_ahead=2)
+    assert pipe.take(1) == "r1"
+    wait_for(lambda: ("collect", 3) in rec.events)
+    time.sleep(0.2)
+    assert rec.events == [("collect", 1), ("collect", 2), ("collect", 3)]
+    pipe.trained(1, version=1)  # the collector is idle: version 1 is pushed at once
+    pipe.done(1)
+    wait_for(lambda: ("collect", 4) in rec.events)  # step 4 trains at version 3 at most: 2 ahead of 1
+    pipe.close()
+    assert ("push",) in rec.events[:rec.events.index(("collect", 4))]
+    assert not rec.overlap
 
 
 def test_a_failed_collection_raises_in_the_trainers_thread():
-    def collect(step):
-        if step == 2:
-            raise ValueError("reward worker exploded")
-        return step
-
-    pipe = RolloutPipeline(collect, lookahead=True, may_prefetch=lambda step: True)
-    assert pipe.take(1) == 1
+    rec = Recorder(fail_at=2)
+    pipe = pipeline(rec, steps_ahead=1)
+    assert pipe.take(1) == "r1"
     with pytest.raises(ValueError, match="exploded"):
-        pipe.settle()
+        pipe.take(2)
+    pipe.close()
 
 
-def test_taking_another_step_than_the_one_collected_ahead_is_an_error():
-    pipe = RolloutPipeline(lambda step: step, lookahead=True, may_prefetch=lambda step: True)
-    pipe.take(1)
-    with pytest.raises(RuntimeError, match="collected ahead for step 2"):
-        pipe.take(5)
+def test_a_step_may_start_refuses_is_blocked_not_waited_for():
+    stop = threading.Event()
+    rec = Recorder()
+    pipe = pipeline(rec, steps_ahead=0, may_start=lambda step, done: not stop.is_set())
+    run_steps(pipe, 1)
+    stop.set()
+    assert pipe.take(2) in (BLOCKED, "r2")  # the collector may have started step 2 already
+    pipe.close()
+
+
+def test_close_waits_for_the_collection_running_and_drops_it():
+    release = threading.Event()
+    rec = Recorder(gates={2: release}, fail_at=2)
+    pipe = pipeline(rec, steps_ahead=1)
+    assert pipe.take(1) == "r1"
+    wait_for(lambda: ("collect", 2) in rec.events)
+    threading.Timer(0.2, release.set).start()
+    pipe.close()  # returns once step 2's collection ended; its error is dropped
+    assert not pipe.holds_untrained
+    assert not [t for t in threading.enumerate() if t.name == "rollout-collector"]
 
 
 # ---- the training loop with fake roles -------------------------------------------------
@@ -158,23 +233,6 @@ def test_a_generation_failure_ahead_stops_the_run_with_its_error(tmp_path):
     assert trainer.step == 2  # the failure surfaced before step 2's weights were pushed
 
 
-def test_close_waits_for_the_collection_ahead_and_drops_it():
-    release = threading.Event()
-
-    def collect(step):
-        if step == 2:
-            assert release.wait(10)
-            raise RuntimeError("the run is over anyway")
-        return step
-
-    pipe = RolloutPipeline(collect, lookahead=True, may_prefetch=lambda step: True)
-    pipe.take(1)
-    threading.Timer(0.2, release.set).start()
-    pipe.close()  # returns once step 2's collection ended; its error is dropped
-    assert not pipe.collecting_ahead
-    assert not [t for t in threading.enumerate() if t.name.startswith("collect-step-")]
-
-
 def test_a_learner_failure_leaves_no_collection_running(tmp_path):
     trainer, roles = make_trainer(tmp_path, *OFF, "trainer.total_steps=4")
     train = roles.learner.train
@@ -193,4 +251,113 @@ def test_a_learner_failure_leaves_no_collection_running(tmp_path):
     roles.learner.train, roles.rollout.generate = failing, slow_generate
     with pytest.raises(RuntimeError, match="died during train_step"):
         trainer.fit()
-    assert not [t for t in threading.enumerate() if t.name.startswith("collect-step-")]
+    assert not [t for t in threading.enumerate() if t.name == "rollout-collector"]
+
+
+# ---- k >= 2 steps ahead ------------------------------------------------------------------
+AHEAD_2 = ("rollout.steps_ahead=2", "rollout.max_staleness=2", "stages.0.until_epochs=2")
+
+
+def instrument(roles, train_seconds=0.0):
+    """The fakes record whether a push ever came during a generate call, and the learner
+    takes `train_seconds` per step (generation runs ahead while it trains)."""
+    state = {"generating": 0, "generated": 0, "push_during_generate": False}
+    generate, push, train = roles.rollout.generate, roles.rollout.push_weights, roles.learner.train
+
+    def generating(prompts, sampling):
+        state["generating"] += 1
+        state["generated"] += 1
+        try:
+            return generate(prompts, sampling)
+        finally:
+            state["generating"] -= 1
+
+    def pushing(ref, version):
+        state["push_during_generate"] |= state["generating"] > 0
+        push(ref, version)
+
+    def slow_train(batch, temperature):
+        time.sleep(train_seconds)
+        return train(batch, temperature)
+
+    roles.rollout.generate, roles.rollout.push_weights, roles.learner.train = generating, pushing, slow_train
+    return state
+
+
+def test_k_steps_ahead_trains_within_k_versions_and_never_changes_weights_mid_collection(tmp_path):
+    trainer, roles = make_trainer(tmp_path, *AHEAD_2, "trainer.total_steps=8")
+    state = instrument(roles, train_seconds=0.2)  # the learner is the slow side: generation runs ahead
+    trainer.fit()
+    rows = read_metrics(tmp_path)
+    staleness = [r["rollout/staleness_max"] for r in rows]
+    assert max(staleness) == 2 and all(0 <= s <= 2 for s in staleness), staleness
+    assert not state["push_during_generate"]
+    versions = [v for _, v in roles.rollout.pushes]
+    assert versions == sorted(set(versions)) and versions[-1] == trainer.version  # the last one reaches them
+    assert all(r["rollout/stale_discarded"] == 0 for r in rows if "rollout/stale_discarded" in r)
+    assert all(r["time/generator_idle"] >= 0 and r["time/learner_wait"] >= 0 for r in rows)
+
+
+@pytest.mark.parametrize("ahead", [OFF, AHEAD_2], ids=["k=1", "k=2"])
+def test_history_resampling_and_stages_are_exact_at_any_k(tmp_path, ahead):
+    """Every group is recorded in the epoch its prompt was drawn in, before the next draw:
+    the ledger and the stages see what the synchronous loop sees (the fakes' rewards do
+    not depend on weights)."""
+    on, _ = make_trainer(tmp_path / "on", "rollout.max_staleness=2", "stages.0.until_epochs=2")
+    off, roles = make_trainer(tmp_path / "off", *ahead)
+    instrument(roles, train_seconds=0.05)
+    on.fit()
+    off.fit()
+    for a, b in zip(read_metrics(tmp_path / "on"), read_metrics(tmp_path / "off"), strict=True):
+        for key in ("stage", "epoch", "pool/size", "pool/removed", "reward/mean", "groups/count"):
+            assert a.get(key) == b.get(key), (a["step"], key)
+    assert str(on.ledger.state_dict()) == str(off.ledger.state_dict())
+    assert on.stages.state_dict() == off.stages.state_dict()
+
+
+def test_k_steps_ahead_resumes_exactly_from_a_checkpoint(tmp_path):
+    """Nothing is collected past a save step before it is saved, so a run stopped at a
+    checkpoint and resumed draws, scores and records what the uninterrupted one did."""
+    full_dir, part_dir = tmp_path / "full", tmp_path / "part"
+    full, roles = make_trainer(full_dir, *AHEAD_2, "trainer.save_every=3", "trainer.total_steps=9")
+    instrument(roles, train_seconds=0.05)
+    full.fit()
+    part, roles = make_trainer(part_dir, *AHEAD_2, "trainer.save_every=3", "trainer.total_steps=6")
+    instrument(roles, train_seconds=0.05)
+    part.fit()
+    resumed, roles = make_trainer(part_dir, *AHEAD_2, "trainer.save_every=3", "trainer.total_steps=9")
+    instrument(roles, train_seconds=0.05)
+    assert resumed.resume() is not None and resumed.step == 6
+    resumed.fit()
+    for a, b in zip(read_metrics(full_dir), read_metrics(part_dir), strict=True):
+        for key in ("stage", "epoch", "pool/size", "pool/removed", "policy/version", "reward/mean"):
+            assert a.get(key) == b.get(key), (a["step"], key)
+    assert str(full.ledger.state_dict()) == str(resumed.ledger.state_dict())
+
+
+def test_a_stop_with_k_steps_collected_trains_them_first(tmp_path):
+    trainer, roles = make_trainer(tmp_path, *AHEAD_2, "trainer.total_steps=8")
+    state = instrument(roles, train_seconds=0.2)
+    update = trainer.update
+
+    def update_then_stop(rollouts, started):
+        if trainer.step == 3:
+            trainer.stop_request.request("test")
+        return update(rollouts, started)
+
+    trainer.update = update_then_stop
+    trainer.fit()
+    assert trainer.stopped and 3 <= trainer.step <= 5  # what was collected when the stop came
+    assert state["generated"] == trainer.step  # every step collected was trained, none after
+    assert trainer.checkpoints.latest().name == f"step_{trainer.step:06d}"
+    resumed, _ = make_trainer(tmp_path, *AHEAD_2, "trainer.total_steps=8")
+    assert resumed.resume() is not None and resumed.step == trainer.step
+    assert str(resumed.ledger.state_dict()) == str(trainer.ledger.state_dict())
+
+
+def test_steps_ahead_needs_the_staleness_bound_and_one_spelling():
+    with pytest.raises(ConfigError, match="rollout.steps_ahead.*max_staleness >= 2"):
+        load_config(None, ["rollout.steps_ahead=2", "rollout.max_staleness=1"])
+    with pytest.raises(ConfigError, match="rollout.one_step_off.*keep one"):
+        load_config(None, ["rollout.one_step_off=true", "rollout.steps_ahead=2", "rollout.max_staleness=2"])
+    assert load_config(None, ["rollout.one_step_off=true", "rollout.max_staleness=1"]).rollout.steps_ahead == 1
