@@ -143,10 +143,11 @@ def test_reward_worker_that_stops_answering_is_killed_replaced_and_its_chunk_rei
     hook = hook_actor_class(monkeypatch, "actors.reward", "RewardWorker", fault=StopBeforeFirstCall)
     run_dir = tmp_path / "run"
     try:
-        # a deadline short enough for a test, long enough for the replacement's scoring call
-        # on 2 cores shared with other test runs (it must not be taken for hung too)
+        # a deadline short enough for a test (15 s + 0.5 s x 16 responses), long enough for
+        # the replacement's scoring call (about a second) on 2 busy cores (it must not be
+        # taken for hung too)
         assert main(run_args(scripted_model_dir, data_file, run_dir, "trainer.total_steps=1",
-                             "reward.hung_after_s=40", "reward.hung_after_s_per_response=0.5")) == 0
+                             "reward.hung_after_s=15", "reward.hung_after_s_per_response=0.5")) == 0
         assert hook.wrapped.pid is not None and len(hook.handles) == 2  # one worker + one replacement
         stopped = Path(f"/proc/{hook.wrapped.pid}/stat")
         assert not stopped.exists() or stopped.read_text().rpartition(")")[2].split()[0] == "Z", \

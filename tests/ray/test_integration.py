@@ -14,10 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_run import assert_sampled_with, driver_run, metrics, rollouts, run_args, write_eval_data
+from helpers_run import assert_sampled_with, driver_run, metrics, rollouts, write_eval_data
 from safetensors.torch import load_file
-
-from srpo_ray.driver import main
 
 pytestmark = pytest.mark.slow
 
@@ -68,29 +66,24 @@ def test_final_checkpoint_loads_in_transformers(full_run):
     assert model.config.hidden_size == 64
 
 
-def test_resume_continues_at_the_next_step_with_the_same_ledger(full_run, scripted_model_dir):
-    root, data, full_dir = full_run
-    part = root / "part"
-    assert main(run_args(scripted_model_dir, data, part, "trainer.total_steps=2")) == 0
-    ledger_at_2 = torch.load(part / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=False)["ledger"]
-    assert main(run_args(scripted_model_dir, data, part, "trainer.total_steps=4", "--resume")) == 0
-    rows, full = metrics(part), metrics(full_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    for a, b in zip(rows, full):
-        assert (a["stage"], a["pool/size"], a["epoch"]) == (b["stage"], b["pool/size"], b["epoch"])
-    full_at_2 = torch.load(full_dir / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=False)
-    assert str(full_at_2["ledger"]) == str(ledger_at_2)
-
-
-def test_evaluating_every_step_leaves_training_unchanged(full_run, scripted_model_dir):
-    """The same run with evaluation every step: the same ledger, stage and final weights
-    as without; the eval metrics at steps 0-4; eval.json saved; the summary written."""
+def test_evaluating_every_step_and_resuming_leave_training_unchanged(full_run, scripted_model_dir):
+    """The same run with evaluation every step, stopped after step 2 and resumed across
+    the epoch's end and the stage switch: the same ledger (at step 2 and at the end),
+    stages, final weights and training metrics as the uninterrupted run without
+    evaluation; the eval metrics at steps 0-4 (none repeated at the resume); eval.json
+    saved; the summary written. (One run for both properties: each driver run costs a
+    minute on two cores; tests/unit/test_eval.py and test_trainer.py check each alone.)"""
     root, _, plain = full_run
     eval_data = write_eval_data(root / "heldout.parquet")
-    _, evaluated = driver_run(scripted_model_dir, root, "evaluated", "trainer.total_steps=4",
-                              f"eval.files=[{eval_data}]", "eval.every_steps=1", "eval.k=4", "eval.temperature=0.02")
+    evaluating = (f"eval.files=[{eval_data}]", "eval.every_steps=1", "eval.k=4", "eval.temperature=0.02")
+    _, evaluated = driver_run(scripted_model_dir, root, "evaluated", "trainer.total_steps=2", *evaluating)
+    state_at = lambda run, step: torch.load(run / "checkpoints" / f"step_{step:06d}" / "trainer_state.pt",  # noqa: E731
+                                            weights_only=False)
+    assert str(state_at(plain, 2)["ledger"]) == str(state_at(evaluated, 2)["ledger"])
+    driver_run(scripted_model_dir, root, "evaluated", "trainer.total_steps=4", *evaluating, "--resume")
+
     final = Path("checkpoints") / "step_000004"
-    state = lambda run: torch.load(run / final / "trainer_state.pt", weights_only=False)  # noqa: E731
+    state = lambda run: state_at(run, 4)  # noqa: E731
     assert str(state(plain)["ledger"]) == str(state(evaluated)["ledger"])
     assert state(plain)["stages"] == state(evaluated)["stages"] and state(evaluated)["version"] >= 1
     weights = lambda run: load_file(str(run / final / "hf" / "model.safetensors"))  # noqa: E731
@@ -103,7 +96,9 @@ def test_evaluating_every_step_leaves_training_unchanged(full_run, scripted_mode
     evals = [r for r in rows if "eval/sevens/avg@4" in r]
     assert [r["step"] for r in evals] == [0, 1, 2, 3, 4]
     assert evals[0]["eval/sevens/avg@4"] == 1.0 and evals[0]["eval/mixed/avg@4"] == 0.5
-    train_keys = lambda r: {k: v for k, v in r.items() if not k.startswith(("time/", "eval/"))}  # noqa: E731
+    # --resume pushes the weights once more, which step 3's weight_sync/ metrics count
+    train_keys = lambda r: {k: v for k, v in r.items() if not k.startswith(("time/", "eval/", "weight_sync/"))}  # noqa: E731
+    assert [r["step"] for r in rows if r not in evals] == [1, 2, 3, 4]
     assert [train_keys(r) for r in metrics(plain)] == [train_keys(r) for r in rows if r not in evals]
     saved = json.loads((evaluated / final / "eval.json").read_text())
     assert saved["step"] == 4 and saved["policy_version"] == state(evaluated)["version"]
