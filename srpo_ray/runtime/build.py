@@ -47,12 +47,30 @@ def init_ray(cfg: SRPOConfig, roles: tuple[str, ...] | None = None, quiet: bool 
         return False
     from cluster.placement import ROLES, local_custom_resources, local_num_cpus_needed
     roles = roles or ROLES
+    warn_if_async_shares_cores(cfg)
     # address="local": a new Ray even when another `ray start` cluster runs on this machine
     # (ray.init would join that one, and refuse num_cpus)
     ray.init(address="local", num_cpus=cfg.cluster.local_num_cpus or local_num_cpus_needed(cfg, roles),
              resources=local_custom_resources(cfg, roles), include_dashboard=False,
              _node_ip_address="127.0.0.1", **output)
     return True
+
+
+def warn_if_async_shares_cores(cfg: SRPOConfig) -> None:
+    """rollout.steps_ahead > 0 runs generation while the learner trains; on one machine's
+    CPUs, asked for more cores than it has, the two slow each other down (the default run
+    at steps_ahead=2 on 2 cores: training 2-4x slower, README's Speed section)."""
+    if cfg.rollout.steps_ahead <= 0 or cfg.rollout.gpus_per_worker > 0 or cfg.learner.gpus_per_rank > 0:
+        return
+    asked = (cfg.rollout.num_workers * cfg.rollout.cpus_per_worker
+             + cfg.learner.num_ranks * cfg.learner.cpus_per_rank)
+    cores = os.cpu_count() or 1
+    if asked > cores:
+        log.warning("rollout.steps_ahead=%d generates while the learner trains, but generation (%g CPUs) and "
+                    "the learner (%g CPUs) share this machine's %d cores: each slows the other. Give each its "
+                    "own cores (rollout.cpus_per_worker, learner.cpus_per_rank) or set rollout.steps_ahead=0.",
+                    cfg.rollout.steps_ahead, cfg.rollout.num_workers * cfg.rollout.cpus_per_worker,
+                    cfg.learner.num_ranks * cfg.learner.cpus_per_rank, cores)
 
 
 def check_stage_data(cfg: SRPOConfig, prompts: list) -> None:

@@ -61,3 +61,21 @@ def test_reward_plugin_that_fails_to_import(tmp_path, capsys):
     assert main([f"reward.custom_function={plugin}:compute_score"]) == 2
     err = capsys.readouterr().err
     assert "reward.custom_function: cannot load `compute_score`" in err and "not_a_module_anywhere" in err
+
+
+def test_async_on_shared_cpu_cores_warns(caplog, monkeypatch):
+    import logging
+
+    from srpo_ray.config.load import load_config
+    from srpo_ray.runtime.build import warn_if_async_shares_cores
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    caplog.set_level(logging.WARNING, logger="srpo_ray.runtime.build")
+    warn_if_async_shares_cores(load_config(None, []))  # the default: synchronous
+    assert not caplog.records
+    warn_if_async_shares_cores(load_config(None, ["rollout.steps_ahead=1", "rollout.max_staleness=1"]))
+    assert "share this machine's 2 cores" in caplog.text and "rollout.steps_ahead=0" in caplog.text
+    caplog.clear()
+    split = ["rollout.steps_ahead=1", "rollout.max_staleness=1", "rollout.cpus_per_worker=1", "learner.cpus_per_rank=1"]
+    warn_if_async_shares_cores(load_config(None, split))
+    assert not caplog.records
