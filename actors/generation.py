@@ -11,6 +11,7 @@ held; some transports have set-up calls first (join a group).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Iterator
 
 import ray
@@ -19,7 +20,7 @@ from actors.ray_ops import RayOps
 from srpo_ray.generation.engines import GenerationEngine, create_engine, set_engine_env
 from srpo_ray.host_heap import resolve_heap_policy, set_heap_policy
 from srpo_ray.models import chat_prompt_ids
-from srpo_ray.records import Prompt, RolloutGroup, Sampling
+from srpo_ray.records import ABORTED, GroupTokens, Prompt, RolloutGroup, Sample, Sampling, VersionRuns
 from srpo_ray.telemetry.console import redirect_actor_output
 from srpo_ray.weights.endpoints import WeightReceiver
 from srpo_ray.weights.transport import StalePolicyError
@@ -54,35 +55,81 @@ class GenerationWorkerImpl:
         self._version = 0  # the weights loaded from model_path are version 0
         self._weights = WeightReceiver(RayOps())
         self._load_seconds: list[float] = []  # per load since the fleet last asked
+        self._stop_below = 0  # interrupt(): stoppable calls pause while the held version is older
 
     def generate(self, prompts: list[Prompt], sampling: Sampling,
-                 policy_version_expected: int | None = None) -> list[RolloutGroup]:
+                 policy_version_expected: int | None = None, stoppable: bool = False) -> list[RolloutGroup]:
         """One RolloutGroup of sampling.n samples per prompt, tagged with the version
         this worker holds; prompt i samples from sampling.for_prompt(i)'s seed. If
         `policy_version_expected` is given and differs from the held version, raise
-        StalePolicyError instead of producing stale rollouts."""
-        if not isinstance(sampling, Sampling):
-            raise TypeError(f"sampling settings must be a records.Sampling, got {type(sampling).__name__}")
-        if policy_version_expected is not None and policy_version_expected != self._version:
-            raise StalePolicyError(self.worker_index, self._version, int(policy_version_expected))
+        StalePolicyError instead of producing stale rollouts. stoppable (partial
+        rollouts): an `interrupt` pauses the call at its next decoding step; paused
+        samples come back with finish_reason ABORTED, for `resume` after new weights."""
+        self._check_call(sampling, policy_version_expected)
         prompt_ids = [self.chat_prompt_ids(p.messages) for p in prompts]
         for prompt, ids in zip(prompts, prompt_ids):
             if len(ids) > self.max_prompt_tokens:
                 raise ValueError(f"prompt {prompt.prompt_id!r} is {len(ids)} tokens after the chat "
                                  f"template, over data.max_prompt_tokens={self.max_prompt_tokens}; "
                                  "raise it or drop the prompt from the data")
-        samples = self.engine.generate(prompt_ids, sampling)
+        stop = {"should_stop": self._should_stop} if stoppable else {}
+        samples = self.engine.generate(prompt_ids, sampling, **stop)
         return [RolloutGroup.of(p, ids, s, self._version) for p, ids, s in zip(prompts, prompt_ids, samples)]
 
+    def resume(self, groups: list[RolloutGroup], sampling: Sampling, seeds: list[int | None],
+               policy_version_expected: int | None = None) -> list[RolloutGroup]:
+        """Continue the paused samples of `groups` (paused by `interrupt`; tokens and texts
+        here or by reference) with the weights held now, stoppable again. seeds: each
+        group's sample-0 seed in the call that started it. Each resumed sample records
+        from which token on this version sampled it (Sample.version_runs); the group
+        keeps the policy_version that started it."""
+        self._check_call(sampling, policy_version_expected)
+        refs = [x for g in groups for x in (g.tokens, g.texts) if not isinstance(x, (GroupTokens, tuple))]
+        fetched = iter(ray.get(refs) if refs else [])
+        held = [(g.tokens if isinstance(g.tokens, GroupTokens) else next(fetched),
+                 g.texts if isinstance(g.texts, tuple) else next(fetched)) for g in groups]
+        partial = [[Sample(*tokens.response(j), text=texts[j], finish_reason=s.finish_reason,
+                           version_runs=s.version_runs) for j, s in enumerate(g.samples)]
+                   for g, (tokens, texts) in zip(groups, held)]
+        prompt_ids = [tokens.prompt_token_ids.tolist() for tokens, _ in held]
+        resumed = self.engine.resume(prompt_ids, partial, sampling, seeds, should_stop=self._should_stop)
+        out = []
+        for g, ids, before, after in zip(groups, prompt_ids, partial, resumed):
+            samples = [replace(new, version_runs=_runs_after(old, g.policy_version, self._version, len(new.token_ids)))
+                       for old, new in zip(before, after)]
+            out.append(RolloutGroup.of(g.prompt, ids, samples, g.policy_version))
+        return out
+
     def generate_apart(self, prompts: list[Prompt], sampling: Sampling,
-                       policy_version_expected: int | None = None) -> list[Any]:
+                       policy_version_expected: int | None = None, stoppable: bool = False) -> list[Any]:
         """`generate`, for a caller that leaves tokens and texts in the object store: call
         it with num_returns = 1 + 2 * len(prompts). The first value is the groups without
         tokens and texts (what the driver reads); then, per group, its GroupTokens and its
         texts, one object each, so a learner rank fetches only the tokens of its groups and
         a reward worker only texts."""
-        groups = self.generate(prompts, sampling, policy_version_expected)
-        return [[g.by_reference(None, None) for g in groups], *(x for g in groups for x in (g.tokens, g.texts))]
+        return _apart(self.generate(prompts, sampling, policy_version_expected, stoppable))
+
+    def resume_apart(self, groups: list[RolloutGroup], sampling: Sampling, seeds: list[int | None],
+                     policy_version_expected: int | None = None) -> list[Any]:
+        """`resume`, returned as `generate_apart` returns (num_returns = 1 + 2 * len(groups))."""
+        return _apart(self.resume(groups, sampling, seeds, policy_version_expected))
+
+    @ray.method(concurrency_group="control")
+    def interrupt(self, version: int) -> int:
+        """Pause what this worker generates from weights older than `version` at the next
+        decoding step (stoppable calls only; partial rollouts): runs beside a generate
+        call (its own concurrency group). Loading `version` lifts it. The version held."""
+        self._stop_below = max(self._stop_below, int(version))
+        return self._version
+
+    def _should_stop(self) -> bool:
+        return self._version < self._stop_below
+
+    def _check_call(self, sampling: Sampling, policy_version_expected: int | None) -> None:
+        if not isinstance(sampling, Sampling):
+            raise TypeError(f"sampling settings must be a records.Sampling, got {type(sampling).__name__}")
+        if policy_version_expected is not None and policy_version_expected != self._version:
+            raise StalePolicyError(self.worker_index, self._version, int(policy_version_expected))
 
     def weights_call(self, transport: str, op: str, *args: Any) -> Any:
         """The one weight endpoint: `op` ("load", or a set-up call such as "join") of
@@ -146,4 +193,18 @@ class GenerationWorkerImpl:
         return self.engine.token_logprobs(prompt_token_ids, response_token_ids, temperature)
 
 
-GenerationWorker = ray.remote(GenerationWorkerImpl)
+def _apart(groups: list[RolloutGroup]) -> list[Any]:
+    return [[g.by_reference(None, None) for g in groups], *(x for g in groups for x in (g.tokens, g.texts))]
+
+
+def _runs_after(before: Sample, group_version: int, version: int, num_tokens: int) -> VersionRuns:
+    """A sample's version runs once `version` has sampled its tokens from len(before) on."""
+    if before.finish_reason != ABORTED or num_tokens == len(before.token_ids):
+        return before.version_runs
+    last = before.version_runs[-1][1] if before.version_runs else group_version
+    return before.version_runs if last == version else (*before.version_runs, (len(before.token_ids), version))
+
+
+# "control": interrupt() runs while a generate call holds the default group (one thread,
+# calls in the order sent, which catch-up loads queued ahead of a chunk rely on).
+GenerationWorker = ray.remote(concurrency_groups={"control": 1})(GenerationWorkerImpl)

@@ -104,17 +104,40 @@ class Sampling:
         return self if self.seed is None or k == 0 else replace(self, seed=self.seed + k * self.n)
 
 
+ABORTED = "abort"  # a sample paused by a weight update (partial rollouts), to be resumed
+VersionRuns = tuple[tuple[int, int], ...]
+
+
+def continuation_seed(sample_seed: int, kept_tokens: int) -> int:
+    """The seed that resumes a paused sample after `kept_tokens` tokens: its own seed
+    moved by the kept length, so the continuation does not replay the random draws of
+    the sample's first tokens."""
+    return (sample_seed * 1_000_003 + kept_tokens) % (1 << 62)
+
+
+def token_versions(runs: VersionRuns, num_tokens: int, policy_version: int) -> np.ndarray:
+    """The policy version that sampled each of a sample's tokens (int64 [num_tokens]):
+    `runs` are (first token, version) pairs in order; none: all from `policy_version`."""
+    out = np.full(num_tokens, policy_version, dtype=np.int64)
+    for start, version in runs:
+        out[start:] = version
+    return out
+
+
 @dataclass
 class Sample:
     """One rollout as an engine returns it: the response tokens (int32), the sampler's
     log-probability of each (float32; empty when not asked for), the decoded text, and
-    `finish_reason` "stop" or "length" (truncated). Lists are accepted and stored as
-    numpy arrays: a token costs 4 + 4 bytes, not two Python objects."""
+    `finish_reason` "stop" or "length" (truncated), or ABORTED while paused. Lists are
+    accepted and stored as numpy arrays: a token costs 4 + 4 bytes, not two Python
+    objects. version_runs: (first token, policy version) from where a resumed sample's
+    tokens came from other weights than its group's policy_version (empty: none)."""
 
     token_ids: np.ndarray
     logprobs: np.ndarray
     text: str
     finish_reason: str
+    version_runs: VersionRuns = ()
 
     def __post_init__(self) -> None:
         self.token_ids = np.asarray(self.token_ids, dtype=np.int32).reshape(-1)
@@ -127,6 +150,7 @@ class SampleSummary:
 
     num_tokens: int
     finish_reason: str
+    version_runs: VersionRuns = ()
 
 
 @dataclass
@@ -188,8 +212,13 @@ class RolloutGroup:
     def of(cls, prompt: Prompt, prompt_token_ids: Any, samples: list[Sample], policy_version: int) -> "RolloutGroup":
         """A group with its tokens and texts here, from an engine's samples."""
         return cls(prompt, len(prompt_token_ids),
-                   [SampleSummary(len(s.token_ids), s.finish_reason) for s in samples],
+                   [SampleSummary(len(s.token_ids), s.finish_reason, s.version_runs) for s in samples],
                    policy_version, GroupTokens.of(prompt_token_ids, samples), tuple(s.text for s in samples))
+
+    @property
+    def paused(self) -> bool:
+        """Whether some sample waits to be resumed (partial rollouts)."""
+        return any(s.finish_reason == ABORTED for s in self.samples)
 
     def by_reference(self, tokens: Any, texts: Any) -> "RolloutGroup":
         """This group's summary, with its tokens and texts replaced by references."""

@@ -12,9 +12,9 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol
 
-from srpo_ray.records import Sample, Sampling
+from srpo_ray.records import ABORTED, Sample, Sampling, continuation_seed
 from srpo_ray.weights.reload_file import ReloadFolder
 
 if TYPE_CHECKING:
@@ -30,11 +30,19 @@ TIED_EMBEDDING = "model.embed_tokens.weight"
 class GenerationEngine(Protocol):
     max_model_len: int
 
-    def generate(self, prompt_token_ids: list[list[int]], sampling: Sampling) -> list[list[Sample]]:
+    def generate(self, prompt_token_ids: list[list[int]], sampling: Sampling,
+                 should_stop: Callable[[], bool] | None = None) -> list[list[Sample]]:
         """sampling.n samples per prompt, prompt i's from sampling.for_prompt(i)'s seed;
         each Sample's logprobs are those of the sampling distribution (logits /
         temperature, renormalised over the top-p nucleus), or empty with
-        sampling.logprobs False (evaluation: nobody reads them)."""
+        sampling.logprobs False (evaluation: nobody reads them). should_stop (partial
+        rollouts): asked between decoding steps; once true, unfinished samples return
+        paused (finish_reason ABORTED) with what they sampled so far."""
+
+    def resume(self, prompt_token_ids: list[list[int]], partial: list[list[Sample]], sampling: Sampling,
+               seeds: list[int | None], should_stop: Callable[[], bool] | None = None) -> list[list[Sample]]:
+        """Continue the paused samples of `partial` with the weights held now; seeds: each
+        prompt's sample-0 seed in the call that started it."""
 
     def load_weights(self, state_dict: dict[str, "torch.Tensor"]) -> None:
         """Replace every weight in place with the full HF-named `state_dict`."""
@@ -173,8 +181,13 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ sampling
 
-    def generate(self, prompt_token_ids: list[list[int]], sampling: Sampling) -> list[list[Sample]]:
+    def generate(self, prompt_token_ids: list[list[int]], sampling: Sampling,
+                 should_stop: Callable[[], bool] | None = None) -> list[list[Sample]]:
         """Sample `n` responses of at most `max_new_tokens` for each prompt.
+
+        should_stop: asked between engine steps (partial rollouts): once true, the
+        unfinished samples come back paused, finish_reason ABORTED, with the tokens and
+        log-probs sampled so far and no text; `resume` continues them.
 
         Response token ids include the stop token when the model stopped (finish_reason
         "stop"), so the learner also trains the decision to stop; `text` omits it.
@@ -206,12 +219,90 @@ class VLLMEngine:
                                  logprobs=0 if logprobs else None, detokenize=False,
                                  seed=sampling.for_prompt(i).seed)
                   for i in range(len(prompt_token_ids))]
-        outputs = self._llm.generate([{"prompt_token_ids": list(p)} for p in prompt_token_ids],
-                                     params, use_tqdm=False)
-        completions = [c for out in outputs for c in out.outputs]
-        texts = iter(self._tokenizer.batch_decode([list(c.token_ids) for c in completions],
-                                                  skip_special_tokens=True))
-        return [[_to_sample(c, next(texts)) for c in out.outputs] for out in outputs]
+        if should_stop is None:
+            outputs = self._llm.generate([{"prompt_token_ids": list(p)} for p in prompt_token_ids],
+                                         params, use_tqdm=False)
+            completions = [c for out in outputs for c in out.outputs]
+            texts = iter(self._tokenizer.batch_decode([list(c.token_ids) for c in completions],
+                                                      skip_special_tokens=True))
+            return [[_to_sample(c, next(texts)) for c in out.outputs] for out in outputs]
+        runs = self._run_stoppable([list(p) for p in prompt_token_ids], params, should_stop)
+        return [[self._sample_of(*run) for run in per_prompt] for per_prompt in runs]
+
+    def resume(self, prompt_token_ids: list[list[int]], partial: list[list[Sample]], sampling: Sampling,
+               seeds: list[int | None], should_stop: Callable[[], bool] | None = None) -> list[list[Sample]]:
+        """Continue the paused samples (ABORTED) of `generate(..., should_stop)` with the
+        weights loaded now: each is re-prefilled as prompt + its kept tokens (their KV was
+        computed by the old weights) and sampled up to max_new_tokens in all. seeds: each
+        prompt's sample-0 seed in the call that started it (None: unseeded); sample j
+        resumes from continuation_seed(seed + j, kept length). Finished samples come back
+        as they were; kept tokens keep their log-probs. Stoppable again."""
+        from vllm import SamplingParams
+
+        todo = [(i, j) for i, samples in enumerate(partial) for j, s in enumerate(samples)
+                if s.finish_reason == ABORTED]
+        base = list(seeds)
+        requests, params = [], []
+        for i, j in todo:
+            kept = partial[i][j]
+            requests.append(list(prompt_token_ids[i]) + kept.token_ids.tolist())
+            seed = None if base[i] is None else continuation_seed(base[i] + j, len(kept.token_ids))
+            params.append(SamplingParams(n=1, temperature=float(sampling.temperature), top_p=float(sampling.top_p),
+                                         max_tokens=int(sampling.max_new_tokens) - len(kept.token_ids),
+                                         logprobs=0 if sampling.logprobs else None, detokenize=False, seed=seed))
+        out = [list(samples) for samples in partial]
+        if not todo:
+            return out
+        runs = self._run_stoppable(requests, params, should_stop or (lambda: False))
+        for (i, j), (run,) in zip(todo, runs):
+            kept = partial[i][j]
+            tokens, logprobs, reason = run
+            out[i][j] = self._sample_of(kept.token_ids.tolist() + tokens, kept.logprobs.tolist() + logprobs, reason)
+        return out
+
+    def _run_stoppable(self, prompts: list[list[int]], params: list[Any],
+                       should_stop: Callable[[], bool]) -> list[list[tuple[list[int], list[float], str]]]:
+        """vLLM's step loop (what LLM.generate runs), asking `should_stop` before each
+        step: once it says yes, the unfinished requests are aborted (their KV blocks
+        freed) and come back with the tokens sampled so far and reason ABORTED. Per
+        prompt, per sample: (token ids, log-probs, finish reason). Outputs stream as deltas
+        so a pause loses nothing; sampling is the same as LLM.generate's (per-request seeds)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self._llm.llm_engine
+        ids = []
+        for prompt, p in zip(prompts, params):
+            p.output_kind = RequestOutputKind.DELTA
+            ids.append(str(next(self._llm.request_counter)))  # outputs carry this (external) id
+            engine.add_request(ids[-1], {"prompt_token_ids": prompt}, p)
+        index = {rid: k for k, rid in enumerate(ids)}
+        tokens = [[[] for _ in range(p.n)] for p in params]
+        logprobs = [[[] for _ in range(p.n)] for p in params]
+        reasons: list[list[str | None]] = [[None] * p.n for p in params]
+        unfinished = set(ids)
+        try:
+            while unfinished and not should_stop():
+                for output in engine.step():
+                    k = index[output.request_id]
+                    for c in output.outputs:
+                        toks = list(c.token_ids)
+                        tokens[k][c.index] += toks
+                        logprobs[k][c.index] += [row[t].logprob for row, t in zip(c.logprobs or [], toks)]
+                        if c.finish_reason is not None:
+                            reasons[k][c.index] = c.finish_reason
+                    if output.finished:
+                        unfinished.discard(output.request_id)
+        finally:
+            if unfinished:  # stopped (or failed): free their KV blocks, keep what they sampled
+                engine.abort_request(sorted(unfinished))
+        return [[(tokens[k][j], logprobs[k][j], reasons[k][j] or ABORTED) for j in range(p.n)]
+                for k, p in enumerate(params)]
+
+    def _sample_of(self, token_ids: list[int], logprobs: list[float], reason: str) -> Sample:
+        if reason not in ("stop", "length", ABORTED):
+            raise RuntimeError(f"vLLM finished a sample with reason {reason!r}")
+        text = "" if reason == ABORTED else self._tokenizer.decode(token_ids, skip_special_tokens=True)
+        return Sample(token_ids=token_ids, logprobs=logprobs, text=text, finish_reason=reason)
 
     def token_logprobs(self, prompt_token_ids: list[int], response_token_ids: list[int],
                        temperature: float = 1.0) -> list[float]:

@@ -162,6 +162,60 @@ def test_prompt_too_long_for_the_engine_is_an_error(engine):
         engine.generate([list(range(250))], Sampling(n=1, temperature=1.0, top_p=1.0, max_new_tokens=16, seed=None))
 
 
+# ----------------------------------------------------------------------------- partial rollouts
+
+def _stop_after(steps: int):
+    calls = iter(range(10**6))
+    return lambda: next(calls) >= steps
+
+
+def test_stoppable_generation_samples_what_generate_samples(engine):
+    """The step loop partial rollouts run (asked between steps whether to pause) draws the
+    same tokens and log-probs as vLLM's own generate when nothing pauses it."""
+    sampling = Sampling(n=3, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=21)
+    plain, stoppable = engine.generate(PROMPTS, sampling), engine.generate(PROMPTS, sampling, should_stop=lambda: False)
+    for a, b in zip((s for g in plain for s in g), (s for g in stoppable for s in g)):
+        assert a.token_ids.tolist() == b.token_ids.tolist() and (a.text, a.finish_reason) == (b.text, b.finish_reason)
+        assert np.allclose(a.logprobs, b.logprobs, atol=1e-6)
+
+
+def test_paused_samples_resume_under_new_weights(engine, tiny_model_dir):
+    """A pause keeps every token sampled so far with its log-prob; resumed after a weight
+    load, each sample continues from its kept tokens, and the new tokens' log-probs are
+    the new weights' given the whole prefix (the KV cache was recomputed, not reused)."""
+    from srpo_ray.records import ABORTED
+
+    sampling = Sampling(n=3, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=8)
+    seeds = [sampling.for_prompt(i).seed for i in range(len(PROMPTS))]
+    paused = engine.generate(PROMPTS, sampling, should_stop=_stop_after(4))
+    aborted = [s for g in paused for s in g if s.finish_reason == ABORTED]
+    assert aborted and all(1 <= len(s.token_ids) <= 4 and s.text == "" for s in aborted)
+    assert all(len(s.logprobs) == len(s.token_ids) for g in paused for s in g)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        engine.load_weights(perturbed_state_dict(model))
+        resumed = engine.resume(PROMPTS, paused, sampling, seeds)
+    finally:
+        engine.load_weights(original)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for prompt, before, after in zip(PROMPTS, paused, resumed):
+        for old, new in zip(before, after):
+            kept = len(old.token_ids)
+            assert new.token_ids[:kept].tolist() == old.token_ids.tolist()
+            assert np.array_equal(new.logprobs[:kept], old.logprobs)
+            if old.finish_reason != ABORTED:
+                assert new.finish_reason == old.finish_reason and len(new.token_ids) == kept
+                continue
+            assert new.finish_reason in ("stop", "length") and kept < len(new.token_ids) <= 12
+            assert new.text == tok.decode(new.token_ids.tolist(), skip_special_tokens=True)
+            expected = hf_logprobs(model, prompt + old.token_ids.tolist(), new.token_ids[kept:].tolist())
+            assert torch.allclose(torch.tensor(new.logprobs[kept:]), expected, atol=TOL)
+    # seeded continuations are reproducible
+    first, second = (engine.resume(PROMPTS, paused, sampling, seeds) for _ in range(2))
+    assert [[s.token_ids.tolist() for s in g] for g in first] == [[s.token_ids.tolist() for s in g] for g in second]
+
+
 # ----------------------------------------------------------------------------- Ray actor
 
 def _prompt(pid: str, text: str) -> Prompt:
