@@ -271,6 +271,70 @@ def test_worker_generates_and_syncs_tied_weights_inside_ray(ray_local, tiny_tied
         ray.kill(worker)
 
 
+def _decodes_until_stopped():
+    """An engine that decodes until told to stop (defined in a function: Ray pickles it by
+    value, the worker cannot import this test module)."""
+    class _DecodesUntilStopped:
+        max_model_len = 64
+
+        def generate(self, prompt_token_ids, sampling, should_stop=None):
+            from srpo_ray.records import ABORTED, Sample
+
+            steps, deadline = 0, time.monotonic() + 30
+            while not should_stop() and time.monotonic() < deadline:
+                steps += 1
+                time.sleep(0.01)
+            return [[Sample([1] * steps, [-0.5] * steps, "", ABORTED) for _ in range(sampling.n)]
+                    for _ in prompt_token_ids]
+
+    return _DecodesUntilStopped()
+
+
+def test_worker_interrupt_pauses_and_resume_records_token_versions(ray_local, tiny_model_dir):
+    """interrupt(v) runs beside a generate call (its own concurrency group) and pauses the
+    stoppable calls of a worker older than v; the paused groups resume on the weights v
+    that a load brings, each token's version recorded. Calls sent to the default group
+    still run in the order sent."""
+    from srpo_ray.records import ABORTED, token_versions
+
+    worker = GenerationWorker.options(num_cpus=1, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}).remote(
+        tiny_model_dir, small_rollout_config(), "float32", 64, 0)
+    try:
+        prompts = [_prompt("p0", "What is 2+3?"), _prompt("p1", "Write a function.")]
+        sampling = Sampling(n=3, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=40)
+        assert ray.get(worker.interrupt.remote(2)) == 0
+        paused = ray.get(worker.generate.remote(prompts, sampling, 0, True))  # stops before its first step
+        assert all(s.finish_reason == ABORTED and s.num_tokens == 0 for g in paused for s in g.samples)
+        assert ray.get(worker.generate.remote(prompts, sampling, 0)) and True  # not stoppable: runs to the end
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+        assert load_into(worker, perturbed_state_dict(model, seed=2), 2) == 2
+        seeds = [sampling.for_prompt(i).seed for i in range(2)]
+        summaries, *parts = ray.get(worker.resume_apart.options(num_returns=5).remote(paused, sampling, seeds, 2))
+        resumed = [g.by_reference(parts[2 * k], parts[2 * k + 1]) for k, g in enumerate(summaries)]
+        for g in resumed:
+            assert g.policy_version == 0 and not g.paused  # the version that started it, and every sample done
+            for j, s in enumerate(g.samples):
+                assert s.version_runs == ((0, 2),) and s.finish_reason in ("stop", "length")
+                assert token_versions(s.version_runs, s.num_tokens, g.policy_version).tolist() == [2] * s.num_tokens
+                assert len(g.texts[j]) >= 0 and len(g.tokens.response(j)[0]) == s.num_tokens
+    finally:
+        ray.kill(worker)
+    # interrupted while running: an engine that decodes until told to stop (a stand-in:
+    # the pause inside vLLM's step loop is tested on the real engine above)
+    worker = GenerationWorker.options(num_cpus=1).remote(tiny_model_dir, small_rollout_config(), "float32", 64, 0,
+                                                         engine=_decodes_until_stopped())
+    try:
+        assert ray.get(worker.ping.remote())  # started
+        running = worker.generate.remote(prompts, sampling, 0, True)
+        time.sleep(1.0)
+        assert ray.wait([running], timeout=0)[1]  # still decoding
+        assert ray.get(worker.interrupt.remote(1)) == 0
+        groups = ray.get(running, timeout=20)
+        assert all(s.finish_reason == ABORTED and s.num_tokens > 0 for g in groups for s in g.samples)
+    finally:
+        ray.kill(worker)
+
+
 # ----------------------------------------------------------------------------- SmolLM2 (slow)
 
 @pytest.mark.slow
