@@ -290,6 +290,9 @@ def validate(cfg: SRPOConfig) -> None:
     need(not cfg.rollout.one_step_off or cfg.rollout.steps_ahead in (0, 1), "rollout.one_step_off",
          f"is rollout.steps_ahead=1, but rollout.steps_ahead={cfg.rollout.steps_ahead} is set too: keep one")
     need(cfg.rollout.steps_ahead >= 0, "rollout.steps_ahead", "must be >= 0 (0 = synchronous)")
+    need(not cfg.rollout.partial_rollouts or cfg.rollout.steps_ahead >= 1, "rollout.partial_rollouts",
+         "pauses a collection that runs while the learner trains, and synchronous training (steps_ahead=0) "
+         "runs none: set rollout.steps_ahead >= 1 too, or drop partial_rollouts")
     need(cfg.rollout.steps_ahead <= cfg.rollout.max_staleness, "rollout.steps_ahead",
          f"trains on rollouts up to {cfg.rollout.steps_ahead} weight versions old: set "
          f"rollout.max_staleness >= {cfg.rollout.steps_ahead} too")

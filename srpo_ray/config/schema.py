@@ -154,6 +154,15 @@ class RolloutConfig:
     (rollout/staleness_*); pair it with an off-policy correction (algo.tis_cap). No step
     is collected past a checkpoint save before the save (a checkpoint never holds
     untrained rollouts), so save_every bounds how far ahead generation gets."""
+    partial_rollouts: bool = False
+    """With steps_ahead >= 1: when the learner has new weights while a step's collection
+    runs, the generators pause it at their next decoding step (the tokens and log-probs
+    sampled so far kept), load the weights, and resume each unfinished sample from its
+    kept tokens (re-prefilled under the new weights), as AReaL, slime and Kimi do. A
+    push then waits for one decoding step instead of the collection's longest response.
+    Each token's version is recorded (version_runs in rollouts.jsonl;
+    rollout/token_staleness_mean, rollout/resumed_frac, rollout/pauses); a group's
+    policy_version is the one that started it, which admission bounds."""
     one_step_off: bool = False
     """The same as steps_ahead: 1 (kept for existing configs)."""
     hung_after_s: float = 600.0

@@ -11,6 +11,9 @@ group is recorded in the epoch it was drawn in, before the next draw. Rules:
 
 - Weights never change under a running collection: `push` runs in the trainer's thread
   only while the collector is idle between collections, and the collector waits for it.
+  With partial rollouts (`interrupt` given), a step that trained while a collection runs
+  interrupts it: the generators pause, the collection waits in `pause_for_push` (called
+  by the rollout fleet), the push runs, and the paused samples resume on the new weights.
 - Admission (AReaL's rule, per step): collection j starts only if the step can train
   within k versions of the weights that sample it. The learner trains step j at most
   at version v_learner + (j - 1 - trained), so the generators' version must be at
@@ -44,9 +47,13 @@ BLOCKED = object()  # take(): the step cannot be collected (may_start says no: a
 
 class RolloutPipeline(Generic[T]):
     def __init__(self, collect: Callable[[int], Optional[T]], push: Callable[[], None], steps_ahead: int,
-                 may_start: Callable[[int, int], bool], version: int, trained: int):
+                 may_start: Callable[[int, int], bool], version: int, trained: int,
+                 interrupt: Optional[Callable[[int], None]] = None):
         """version: the learner's (and the generators') policy version now; trained: the
-        last step trained (the run's step, resumed or 0)."""
+        last step trained (the run's step, resumed or 0). interrupt(version): partial
+        rollouts, pause the generators' work on older weights (the fleet's `interrupt`)."""
+        self._interrupt = interrupt
+        self._paused = False  # the collection waits in pause_for_push
         self._collect, self._push, self.steps_ahead, self._may_start = collect, push, steps_ahead, may_start
         self._cond = threading.Condition()
         self._ready: dict[int, Optional[T]] = {}
@@ -104,7 +111,16 @@ class RolloutPipeline(Generic[T]):
             self._trained, self._learner_version, self._held = step, version, hold
             self._start_if_allowed()
             waited = time.perf_counter()
-            while self._collecting and (hold or step + 1 not in self._ready) and self._error is None:
+            if self._interrupt is not None and self._collecting and not hold and not self._paused:
+                self._cond.release()
+                try:
+                    self._interrupt(version)
+                finally:
+                    self._cond.acquire()
+                while self._collecting and not self._paused and self._error is None:
+                    self._cond.wait()
+            while (self._collecting and not self._paused and (hold or step + 1 not in self._ready)
+                   and self._error is None):
                 self._cond.wait()
             self._idle["learner"] += time.perf_counter() - waited
             self._push_if_wanted()
@@ -142,6 +158,18 @@ class RolloutPipeline(Generic[T]):
             self._thread.join()
 
     # ---- the collector thread ----------------------------------------------------------
+    def pause_for_push(self) -> None:
+        """(In a collection; the rollout fleet's on_pause.) The generators paused for the
+        learner's newer weights: let the trainer push them, and return once it has."""
+        with self._cond:
+            self._paused = True
+            self._cond.notify_all()
+            try:
+                while (self._learner_version > self._generator_version and not self._closing
+                       and self._error is None):
+                    self._cond.wait()
+            finally:
+                self._paused = False
     def _run(self) -> None:
         with self._cond:
             step = self._wait_for_next()
@@ -197,8 +225,10 @@ class RolloutPipeline(Generic[T]):
 
     # ---- helpers (under the lock) --------------------------------------------------------
     def _push_if_wanted(self) -> bool:
-        """Push the learner's newer weights if the collector is idle; True if it did."""
-        if self._collecting or self._pushing or self._learner_version <= self._generator_version:
+        """Push the learner's newer weights if the collector is idle (or its collection
+        paused for them); True if it did."""
+        if (self._collecting and not self._paused) or self._pushing or \
+                self._learner_version <= self._generator_version:
             return False
         version, self._pushing = self._learner_version, True
         try:

@@ -39,7 +39,7 @@ from srpo_ray.loop.collect import Collected, make_collector
 from srpo_ray.loop.pipeline import BLOCKED, RolloutPipeline
 from srpo_ray.loop.stop import StopRequest
 from srpo_ray.records import Prompt, RolloutGroup, Sampling, ScoredGroup, here, rollout_seed
-from srpo_ray.telemetry.metrics import MetricsLogger, summarize_rollouts, timed
+from srpo_ray.telemetry.metrics import MetricsLogger, summarize_rollouts, timed, token_staleness
 
 STATE_FILE = "trainer_state.pt"
 EVAL_FILE = "eval.json"  # in a checkpoint: the evaluation of its weights, when one ran at its step
@@ -136,8 +136,12 @@ class SRPOTrainer:
         # (0: just before the step trains); it pushes new weights only between collections
         # and admits a step only if it can train within steps_ahead versions of the
         # weights that sample it (srpo_ray/loop/pipeline.py).
+        partial = self.cfg.rollout.partial_rollouts  # a push pauses a running collection
         pipeline = RolloutPipeline(self.collect, self._push_latest, self.cfg.rollout.steps_ahead,
-                                   may_start=self._may_collect, version=self.version, trained=self.step)
+                                   may_start=self._may_collect, version=self.version, trained=self.step,
+                                   interrupt=self.roles.rollout.interrupt if partial else None)
+        if partial:
+            self.roles.rollout.on_pause = pipeline.pause_for_push
         try:
             while self.step < self.cfg.trainer.total_steps:
                 if self._stop_now(pipeline):
@@ -235,6 +239,8 @@ class SRPOTrainer:
         rows = select_train_rows(scored, advantages.tolist(), self.pad_token_id)  # lengths only: no tokens here
         generated = rollouts.collected.generated
         staleness = [self.version - sg.group.policy_version for sg in generated]
+        if self.cfg.rollout.partial_rollouts:
+            metrics_tokens = token_staleness([sg.group for sg in generated], self.version)
         logged = generated[:max(0, self.cfg.metrics.rollouts_per_step)]
         fetched = self.roles.fetch([sg.group for sg in logged])
         self.metrics.rollouts(self.step, [ScoredGroup(g, sg.results) for g, sg in zip(fetched, logged)],
@@ -245,7 +251,7 @@ class SRPOTrainer:
             with timed(timings, "train"):
                 train_metrics = self.roles.learner.train(rows, temperature=sampling.temperature)
         metrics = {**rollouts.metrics, **{f"adv/{k}": v for k, v in adv_metrics.items()}, **overlong_metrics,
-                   **train_metrics}
+                   **train_metrics, **(metrics_tokens if self.cfg.rollout.partial_rollouts else {})}
         return StepUpdate(rollouts, learned, rows.num_sequences, staleness, metrics, timings)
 
     def _after_training(self, pipeline: RolloutPipeline, update: StepUpdate, hold: bool) -> None:

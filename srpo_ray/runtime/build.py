@@ -295,6 +295,7 @@ def _create_fleets(cfg: SRPOConfig, model_path: str, placement, control_dir: str
     rollout = RayRolloutFleet(WorkerPool("generation", new_generator, cfg.rollout.num_workers, log_dir=logs,
                                          chunk_seconds=generation_chunk_seconds(cfg)),
                               max_staleness=cfg.rollout.max_staleness, sleep=gen_kwargs["sleep_mode"],
+                              partial=cfg.rollout.partial_rollouts,
                               control_dir=cfg.trainer.run_dir if control_dir == "" else control_dir)
     rewards = RayRewardFleet(WorkerPool("reward", new_scorer, cfg.reward.num_workers, log_dir=logs,
                                         chunk_seconds=reward_chunk_seconds(cfg)))

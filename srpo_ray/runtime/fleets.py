@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ray.exceptions import RayActorError
 
@@ -44,15 +44,19 @@ class RayRolloutFleet:
     `python -m srpo_ray.scale` writes resize requests (the run dir); None: no requests."""
 
     def __init__(self, pool: WorkerPool, chunks_per_worker: int = 2, max_staleness: int = 0,
-                 control_dir: str | Path | None = None, sleep: bool = False, ops: RayOps | None = None):
+                 control_dir: str | Path | None = None, sleep: bool = False, ops: RayOps | None = None,
+                 partial: bool = False):
         """sleep: the generators share GPUs with the learner; their engines release
         their memory after each generate call and wake for the weight update (weights)
         and the next call (KV cache): vLLM's sleep mode, as verl, OpenRLHF and slime do.
         ops: the Ray calls the fleet makes (get, kill; the transports' too): tests pass
-        fakes that answer or fail as a worker would."""
+        fakes that answer or fail as a worker would. partial: rollout.partial_rollouts
+        (generate calls can be paused by `interrupt` and are resumed after the push)."""
         self.pool, self.chunks_per_worker = pool, chunks_per_worker
         self.ops = ops or RayOps()
         self.max_staleness, self.control_dir, self.sleep = max_staleness, control_dir, sleep
+        self.partial = partial
+        self.on_pause: Callable[[], None] = lambda: None  # partial rollouts: the pipeline's pause_for_push
         self.version = 0  # the latest pushed version; the model_path weights are version 0
         self._delivery: _Published | None = None
         self._transports: dict[str, WeightTransport] = {}  # fleet sides, kept (groups live there)
@@ -63,19 +67,55 @@ class RayRolloutFleet:
     # ---------------------------------------------------------------- rollouts
     def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[RolloutGroup]:
         """sampling.seed: the call's (records.rollout_seed); prompt k of the call samples
-        from seed + k*n, whichever worker serves its chunk."""
+        from seed + k*n, whichever worker serves its chunk. Partial rollouts: groups that
+        come back paused (`interrupt`) wait in `on_pause` for the newer weights, then
+        resume on any worker, as often as they are paused."""
         self.apply_scale_request()
         self.pool.poll()
         chunks = split(prompts, chunk_count(self.pool.target, self.chunks_per_worker))
         starts = [sum(len(c) for c in chunks[:i]) for i in range(len(chunks))]
+        if self.sleep:
+            self._wake(("weights", "kv_cache"))
+        stoppable = (True,) if self.partial else ()
+        groups = self._map_generation(chunks, lambda m, i, chunk: m.handle.generate_apart.options(
+            num_returns=1 + 2 * len(chunk)).remote(chunk, sampling.for_prompt(starts[i]), m.version, *stoppable))
+        while any(g.paused for g in groups):
+            before = self.version
+            self._counts["rollout/pauses"] += 1
+            self.on_pause()  # the trainer pushes the weights the workers paused for
+            if self.version == before:
+                raise RuntimeError("generation paused for newer weights, but none were pushed")
+            paused = [k for k, g in enumerate(groups) if g.paused]
+            self._counts["rollout/resumed_groups"] += len(paused)
+            work = [(groups[k], sampling.for_prompt(k).seed) for k in paused]
+            resumed = self._map_generation(
+                split(work, chunk_count(self.pool.target, self.chunks_per_worker)),
+                lambda m, i, chunk: m.handle.resume_apart.options(num_returns=1 + 2 * len(chunk)).remote(
+                    [g for g, _ in chunk], sampling, [seed for _, seed in chunk], m.version))
+            for k, group in zip(paused, resumed):
+                groups[k] = group
+        if self.sleep:
+            self._put_to_sleep()
+        return groups
+
+    def interrupt(self, version: int) -> None:
+        """Partial rollouts: pause the workers' generation on weights older than `version`
+        at their next decoding step; their calls return the paused groups (generate waits
+        in on_pause, then resumes them). A worker lost meanwhile is the pool's business."""
+        members = self.pool.ready()
+        outcomes(self.ops, [m.handle.interrupt.remote(version) for m in members])
+
+    def _map_generation(self, chunks: list[list[Any]], call: Callable[[Member, int, list[Any]], list[Any]]
+                        ) -> list[RolloutGroup]:
+        """`call(m, i, chunk)` (a generate_apart or resume_apart call, its refs) for each
+        chunk over the pool; the groups, with their tokens and texts by reference."""
         payloads: dict[int, list[Any]] = {}  # chunk -> its groups' token and text refs (the latest try's)
 
-        def submit(m: Member, i: int, chunk: list[Prompt]) -> Any:
+        def submit(m: Member, i: int, chunk: list[Any]) -> Any:
             self._bring_up_to_date(m)  # queued ahead of the chunk on the same actor: runs first
             # tokens and texts stay in the object store, one object each per group: the
             # driver gets the summaries (the first return) and holds references to the rest
-            refs = m.handle.generate_apart.options(num_returns=1 + 2 * len(chunk)).remote(
-                chunk, sampling.for_prompt(starts[i]), m.version)
+            refs = call(m, i, chunk)
             payloads[i] = refs[1:]
             return refs[0]
 
@@ -93,11 +133,7 @@ class RayRolloutFleet:
             refs = payloads[i]
             return [g.by_reference(refs[2 * k], refs[2 * k + 1]) for k, g in enumerate(groups)]
 
-        if self.sleep:
-            self._wake(("weights", "kv_cache"))
         results = self.pool.map_chunks(chunks, submit, receive)
-        if self.sleep:
-            self._put_to_sleep()
         return [group for chunk in results for group in chunk]
 
     def fetch(self, groups: list[RolloutGroup], tokens: bool = True) -> list[RolloutGroup]:
@@ -267,6 +303,9 @@ class RayRolloutFleet:
                "rollout/workers": float(len(self.pool.ready())),
                "rollout/workers_target": float(self.pool.target),
                "rollout/worker_replacements": float(self.pool.replacements)}
+        if self.partial:
+            out["rollout/pauses"] = float(counts["rollout/pauses"])
+            out["rollout/resumed_groups"] = float(counts["rollout/resumed_groups"])
         if counts["weight_sync/bytes"]:
             out["weight_sync/bytes"] = float(counts["weight_sync/bytes"])
         loads, self._load_times = self._load_times, []

@@ -30,6 +30,10 @@ Metric names (also explained in README.md):
     rollout/staleness_mean, _max   weight versions between the policy that sampled the step's
                                    rollouts and the learner that trained on them (0 on-policy,
                                    at most rollout.steps_ahead otherwise)
+    rollout/token_staleness_mean   rollout.partial_rollouts: the same per token (a paused sample's
+                                   tokens after a weight update are fresher than its start);
+                                   rollout/resumed_frac the samples continued across an update,
+                                   rollout/pauses, rollout/resumed_groups the fleet's pauses
     time/generate, time/score, time/train, time/weight_sync, time/step   seconds
     time/weight_publish, time/weight_load   parts of time/weight_sync: the learner publishing
                                    the weights, the slowest generation worker loading them
@@ -58,10 +62,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+from srpo_ray.records import token_versions
 from srpo_ray.rewards.answer_forms import plain_number
 from srpo_ray.telemetry.trackers import generation_rows, numeric
 
 if TYPE_CHECKING:
+    from srpo_ray.records import RolloutGroup
     from srpo_ray.telemetry.trackers import Tracker
 
 log = logging.getLogger(__name__)
@@ -142,7 +148,9 @@ class MetricsLogger:
                     "policy_version": g.policy_version, "staleness": learner_version - g.policy_version,
                     "prompt_token_ids": t.prompt_token_ids.tolist(),
                     "samples": [{"text": text, "token_ids": ids.tolist(), "logprobs": lps.tolist(),
-                                 "finish_reason": s.finish_reason, "reward": r.reward, "correct": r.correct}
+                                 "finish_reason": s.finish_reason, "reward": r.reward, "correct": r.correct,
+                                 # partial rollouts: (first token, version) where other weights took over
+                                 **({"version_runs": [list(run) for run in s.version_runs]} if s.version_runs else {})}
                                 for s, r, text, (ids, lps) in zip(g.samples, sg.results, g.texts, responses)],
                 }) + "\n")
             if self.trackers:
@@ -199,6 +207,19 @@ def _plain(value: Any) -> Any:
 
 def _short(value: Any) -> Any:
     return round(value, 3) if isinstance(value, float) else value
+
+
+def token_staleness(groups: list["RolloutGroup"], learner_version: int) -> dict[str, float]:
+    """Partial rollouts: rollout/token_staleness_mean (weight versions between the policy
+    that sampled each token and the learner, over the step's tokens; a group's staleness
+    counts its start), rollout/resumed_frac (samples continued across a weight update)."""
+    tokens = stale = resumed = samples = 0
+    for g in groups:
+        for s in g.samples:
+            versions = token_versions(s.version_runs, s.num_tokens, g.policy_version)
+            tokens, stale = tokens + s.num_tokens, stale + int((learner_version - versions).sum())
+            resumed, samples = resumed + bool(s.version_runs), samples + 1
+    return {"rollout/token_staleness_mean": stale / max(1, tokens), "rollout/resumed_frac": resumed / max(1, samples)}
 
 
 def summarize_rollouts(scored: list) -> dict[str, float]:

@@ -335,6 +335,46 @@ def test_worker_interrupt_pauses_and_resume_records_token_versions(ray_local, ti
         ray.kill(worker)
 
 
+def test_fleet_resumes_paused_groups_on_the_pushed_weights(ray_local, tiny_model_dir):
+    """The rollout fleet with partial rollouts on a real worker: interrupted for version 1,
+    its call comes back paused; the fleet waits in on_pause (the pipeline's: the trainer
+    pushes meanwhile), then resumes every paused group, whose tokens the new weights
+    sampled and say so."""
+    from srpo_ray.runtime.fleets import RayRolloutFleet
+    from srpo_ray.runtime.worker_pool import WorkerPool
+
+    pool = WorkerPool("generation", lambda i: GenerationWorker.options(
+        num_cpus=1, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}).remote(
+        tiny_model_dir, small_rollout_config(), "float32", 64, i), 1)
+    try:
+        fleet = RayRolloutFleet(pool, max_staleness=1, partial=True)
+        pool.wait_ready()
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+        new_weights = perturbed_state_dict(model, seed=3)  # (model now holds them too)
+        pushes = []
+
+        def push():  # the trainer's push, which pause_for_push waits for
+            for m in pool.ready():
+                m.version = load_into(m.handle, new_weights, 1)
+            fleet.version = 1
+            pushes.append(1)
+        fleet.on_pause = push
+        fleet.interrupt(1)  # the learner holds version 1: the worker pauses before its first step
+        prompts = [_prompt(f"p{i}", f"What is {i}+3?") for i in range(3)]
+        groups = fleet.fetch(fleet.generate(prompts, Sampling(n=2, temperature=1.0, top_p=1.0, max_new_tokens=6,
+                                                              seed=9)))
+        assert pushes == [1] and [g.prompt.prompt_id for g in groups] == ["p0", "p1", "p2"]
+        assert all(not g.paused and g.policy_version == 0 for g in groups)
+        assert all(s.version_runs == ((0, 1),) and s.num_tokens > 0 for g in groups for s in g.samples)
+        assert fleet.pop_metrics()["rollout/pauses"] == 1
+        ids = groups[0].tokens.prompt_token_ids.tolist()
+        tokens, logprobs = groups[0].tokens.response(1)
+        assert torch.allclose(torch.tensor(logprobs), hf_logprobs(model, ids, tokens.tolist()), atol=TOL)
+    finally:
+        for handle in pool.workers:
+            ray.kill(handle)
+
+
 # ----------------------------------------------------------------------------- SmolLM2 (slow)
 
 @pytest.mark.slow

@@ -361,3 +361,70 @@ def test_steps_ahead_needs_the_staleness_bound_and_one_spelling():
     with pytest.raises(ConfigError, match="rollout.one_step_off.*keep one"):
         load_config(None, ["rollout.one_step_off=true", "rollout.steps_ahead=2", "rollout.max_staleness=2"])
     assert load_config(None, ["rollout.one_step_off=true", "rollout.max_staleness=1"]).rollout.steps_ahead == 1
+
+
+# ---- partial rollouts ----------------------------------------------------------------------
+class PausingGenerators:
+    """collect/push/interrupt as a partial-rollout fleet behaves: a collection decodes
+    until interrupted, then waits in the pipeline's pause_for_push, then finishes on the
+    pushed weights. Records which versions sampled each collection's tokens."""
+
+    def __init__(self):
+        self.pipe = None
+        self.version = 0  # the generators'
+        self.stop_below = 0
+        self.events, self.collecting, self.overlap_unpaused = [], False, False
+        self.paused = False
+
+    def collect(self, step):
+        self.collecting, versions = True, []
+        try:
+            deadline = time.monotonic() + 10
+            while len(versions) < 3 and time.monotonic() < deadline:  # a long response
+                if self.version < self.stop_below:
+                    self.paused = True
+                    self.events.append(("pause", step))
+                    self.pipe.pause_for_push()
+                    self.paused = False
+                    continue
+                versions.append(self.version)
+                time.sleep(0.05)
+            return versions
+        finally:
+            self.collecting = False
+
+    def push(self):
+        self.overlap_unpaused |= self.collecting and not self.paused
+        self.version += 1
+        self.events.append(("push", self.version))
+
+    def interrupt(self, version):
+        self.stop_below = max(self.stop_below, version)
+        self.events.append(("interrupt", version))
+
+
+def test_partial_rollouts_push_into_a_paused_collection_which_resumes_on_the_new_weights():
+    gen = PausingGenerators()
+    pipe = RolloutPipeline(gen.collect, gen.push, 1, may_start=lambda step, done: step <= 3, version=0, trained=0,
+                           interrupt=gen.interrupt)
+    gen.pipe = pipe
+    seen = {}
+    for step in range(1, 4):
+        seen[step] = pipe.take(step)
+        with pipe.training():
+            time.sleep(0.08)  # the next step's collection starts meanwhile
+        pipe.trained(step, version=step)
+        pipe.done(step)
+    pipe.close()
+    assert not gen.overlap_unpaused  # weights changed only under a paused collection
+    assert ("interrupt", 1) in gen.events and ("pause", 2) in gen.events
+    # step 2 started on version 0 (one step off), paused, and finished on version 1
+    assert seen[2][0] == 0 and seen[2][-1] == 1 and seen[2] == sorted(seen[2])
+    assert gen.events.index(("pause", 2)) < gen.events.index(("push", 1))
+
+
+def test_partial_rollouts_need_collection_ahead(tmp_path):
+    with pytest.raises(ConfigError, match="rollout.partial_rollouts"):
+        load_config(None, ["rollout.partial_rollouts=true"])
+    cfg = load_config(None, ["rollout.partial_rollouts=true", "rollout.steps_ahead=1", "rollout.max_staleness=1"])
+    assert cfg.rollout.partial_rollouts
