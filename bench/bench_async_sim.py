@@ -87,10 +87,16 @@ def simulate_step(rng: np.random.Generator, args: argparse.Namespace) -> Workloa
     return Workload(gen_s, occupancy, int(lengths.sum()))
 
 
-def run_mode(k: int, steps: list[Workload], train_s: list[float], push_s: float, scale: float) -> dict:
-    """The fit loop's schedule with steps_ahead = k; durations in simulated seconds."""
-    state = {"generator_version": 0, "busy": 0.0, "slot_busy": 0.0, "collected": 0}
+def run_mode(k: int, steps: list[Workload], train_s: list[float], push_s: float, scale: float,
+             partial: bool = False) -> dict:
+    """The fit loop's schedule with steps_ahead = k; durations in simulated seconds.
+    partial: rollout.partial_rollouts, through the pipeline's real interrupt path: a
+    collection checks for an interrupt every simulated second of decoding, then waits in
+    pause_for_push while the push runs, and goes on with the new version (its remaining
+    time sampled by it: tokens are taken as proportional to decoding time)."""
+    state = {"generator_version": 0, "busy": 0.0, "slot_busy": 0.0, "collected": 0, "stop_below": 0}
     lock = threading.Lock()
+    pipe: RolloutPipeline
 
     def collect(step: int) -> dict | None:
         if step > len(steps):
@@ -98,12 +104,26 @@ def run_mode(k: int, steps: list[Workload], train_s: list[float], push_s: float,
         work = steps[step - 1]
         with lock:
             version = state["generator_version"]
-        time.sleep(work.gen_s * scale)
+        spans, left = [], work.gen_s  # (simulated seconds, version decoding them)
+        began, done = time.perf_counter(), 0.0  # sleeps aim at deadlines: checks add no drift
+        while left > 0:
+            with lock:
+                paused = partial and state["generator_version"] < state["stop_below"]
+                current = state["generator_version"]
+            if paused:
+                pipe.pause_for_push()
+                began, done = time.perf_counter(), 0.0
+                continue
+            chunk = min(left, 1.0) if partial else left
+            done += chunk
+            time.sleep(max(0.0, began + done * scale - time.perf_counter()))
+            spans.append((chunk, current))
+            left -= chunk
         with lock:
             state["busy"] += work.gen_s
             state["slot_busy"] += work.gen_s * work.occupancy
             state["collected"] += 1
-        return {"step": step, "version": version}
+        return {"step": step, "version": version, "spans": spans}
 
     learner = {"version": 0}
 
@@ -112,14 +132,21 @@ def run_mode(k: int, steps: list[Workload], train_s: list[float], push_s: float,
         with lock:
             state["generator_version"] = learner["version"]
 
-    pipe = RolloutPipeline(collect, push, k, may_start=lambda step, done: step <= len(steps), version=0, trained=0)
-    staleness, trained = [], 0
+    def interrupt(version: int) -> None:
+        with lock:
+            state["stop_below"] = max(state["stop_below"], version)
+
+    pipe = RolloutPipeline(collect, push, k, may_start=lambda step, done: step <= len(steps), version=0, trained=0,
+                           interrupt=interrupt if partial else None)
+    staleness, token_staleness, trained = [], [], 0
     started = time.perf_counter()
     try:
         for step in range(1, len(steps) + 1):
             item = pipe.take(step)
             with pipe.training():
                 staleness.append(learner["version"] - item["version"])
+                total = sum(s for s, _ in item["spans"])
+                token_staleness.append(sum(s * (learner["version"] - v) for s, v in item["spans"]) / total)
                 time.sleep(train_s[step - 1] * scale)
             learner["version"] += 1
             trained += 1
@@ -131,7 +158,8 @@ def run_mode(k: int, steps: list[Workload], train_s: list[float], push_s: float,
     return {
         "k": k, "step_s": wall / len(steps), "generator_idle": 1 - state["busy"] / wall,
         "slot_occupancy": state["slot_busy"] / wall, "learner_idle": 1 - sum(train_s) / wall,
-        "staleness_max": max(staleness), "collected": state["collected"], "trained": trained,
+        "staleness_max": max(staleness), "token_staleness": float(np.mean(token_staleness)),
+        "collected": state["collected"], "trained": trained,
     }
 
 
@@ -151,6 +179,8 @@ def main() -> None:
                     help="learner time of a step / mean synchronous generation time")
     ap.add_argument("--push-s", type=float, default=15.0)
     ap.add_argument("--modes", type=int, nargs="+", default=[0, 1, 2, 4])
+    ap.add_argument("--partial-modes", type=int, nargs="*", default=[1, 2],
+                    help="steps_ahead values also run with rollout.partial_rollouts")
     ap.add_argument("--time-scale", type=float, default=0.002, help="real seconds per simulated second")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "async_sim.txt"))
@@ -174,16 +204,17 @@ def main() -> None:
         f"train mean {np.mean(train_s):.0f}, {mean_tokens / 1e6:.1f} M response tokens",
         "",
         "| steps_ahead | step (s) | vs sync | generator idle | slot occupancy | learner idle | max staleness | "
-        "collected / trained |",
-        "|---|---|---|---|---|---|---|---|",
+        "token staleness | collected / trained |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     sync_step = None
-    for k in args.modes:
-        r = run_mode(k, steps, train_s, args.push_s, args.time_scale)
+    for k, partial in [(k, False) for k in args.modes] + [(k, True) for k in args.partial_modes]:
+        r = run_mode(k, steps, train_s, args.push_s, args.time_scale, partial)
         sync_step = sync_step or (r["step_s"] if k == 0 else None)
         ratio = f"{r['step_s'] / sync_step:.2f}x" if sync_step else "-"
-        lines.append(f"| {k} | {r['step_s']:.0f} | {ratio} | {r['generator_idle']:.1%} | {r['slot_occupancy']:.1%} | "
-                     f"{r['learner_idle']:.1%} | {r['staleness_max']} | {r['collected']} / {r['trained']} |")
+        lines.append(f"| {k}{' partial' if partial else ''} | {r['step_s']:.0f} | {ratio} | {r['generator_idle']:.1%} | "
+                     f"{r['slot_occupancy']:.1%} | {r['learner_idle']:.1%} | {r['staleness_max']} | "
+                     f"{r['token_staleness']:.2f} | {r['collected']} / {r['trained']} |")
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
