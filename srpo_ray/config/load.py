@@ -290,6 +290,12 @@ def validate(cfg: SRPOConfig) -> None:
     need(not cfg.rollout.one_step_off or cfg.rollout.steps_ahead in (0, 1), "rollout.one_step_off",
          f"is rollout.steps_ahead=1, but rollout.steps_ahead={cfg.rollout.steps_ahead} is set too: keep one")
     need(cfg.rollout.steps_ahead >= 0, "rollout.steps_ahead", "must be >= 0 (0 = synchronous)")
+    band = cfg.data.pass_rate_band
+    need(not band or (len(band) == 2 and 0 <= band[0] <= band[1] <= 1), "data.pass_rate_band",
+         f"is {list(band)}: give [low, high] with 0 <= low <= high <= 1, e.g. [0.01, 0.99], or [] for no filter")
+    need(not band or bool(cfg.data.pass_rates), "data.pass_rate_band",
+         "filters by the pass rates of data.pass_rates, which is not set: write one with "
+         "`python -m srpo_ray.difficulty` and set data.pass_rates=FILE")
     need(not cfg.rollout.partial_rollouts or cfg.rollout.steps_ahead >= 1, "rollout.partial_rollouts",
          "pauses a collection that runs while the learner trains, and synchronous training (steps_ahead=0) "
          "runs none: set rollout.steps_ahead >= 1 too, or drop partial_rollouts")

@@ -52,6 +52,13 @@ class DataConfig:
     math + code set shipped with the package."""
     max_prompt_tokens: int = 512
     """Prompts longer than this (after the chat template) are an error at load time."""
+    pass_rates: str = ""
+    """A pass-rate file of the difficulty pre-pass (`python -m srpo_ray.difficulty`:
+    each training prompt's pass rate at k samples under the starting model)."""
+    pass_rate_band: list[float] = field(default_factory=list)
+    """[low, high]: train only on prompts whose pass rate in data.pass_rates lies in the
+    band, ends included; [] keeps all. [0.01, 0.99] drops the prompts the starting model
+    always or never solves (zero-variance groups: no gradient under GRPO)."""
     system_prompt: Optional[str] = None
     """If set, prepended as a system message to every training and evaluation prompt
     that has none (it replaces a chat template's default system message, e.g. SmolLM2's).

@@ -18,6 +18,7 @@ from srpo_ray.algo.source_mix import check_source_weights
 from srpo_ray.algo.stages import effective_sampling
 from srpo_ray.config.schema import ConfigError, SRPOConfig
 from srpo_ray.data.parquet import DataError, check_prompt_lengths, load_prompts
+from srpo_ray.data.pass_rates import keep_in_band, read_pass_rates
 from srpo_ray.eval.runner import Evaluator
 from srpo_ray.loop.checkpoint import CheckpointManager
 from srpo_ray.loop.trainer import Roles, SRPOTrainer
@@ -141,6 +142,11 @@ def preflight(cfg: SRPOConfig, train: bool = True) -> Preflight:
     if train:
         prompts = load_prompts(cfg.data.train_files, system_prompt=cfg.data.system_prompt,
                                scored_by_plugin=scored_by_plugin(cfg))
+        if cfg.data.pass_rate_band:  # the difficulty pre-pass's filter
+            kept = keep_in_band(prompts, read_pass_rates(cfg.data.pass_rates), cfg.data.pass_rate_band)
+            log.info("data.pass_rate_band=%s keeps %d of %d training prompts", list(cfg.data.pass_rate_band),
+                     len(kept), len(prompts))
+            prompts = kept
         check_stage_data(cfg, prompts)
     eval_prompts = load_eval_prompts(cfg, prompts)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
