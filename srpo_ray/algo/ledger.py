@@ -160,6 +160,35 @@ class HistoryLedger(PromptStore):
             "frac_mixed": frac(observed & ~all_correct & ~all_wrong),
         }
 
+    def seed_history(self, outcomes: Mapping[str, tuple[int, int]]) -> dict:
+        """Start from measured outcomes, {prompt id: (correct, samples)} (the difficulty
+        pre-pass; resample.seed_from): recorded as epoch 0, and with History Resampling on,
+        the all-correct prompts start out removed, as if epoch 0 had been a pass over them.
+        Only before anything is drawn; training's first epoch is epoch 1. Returns
+        close_epoch's metrics for epoch 0."""
+        if self._epoch != 0 or self.epoch_in_progress:
+            raise RuntimeError("seed_history: the ledger has already handed out prompts (seed a fresh run only)")
+        slots = self._register(list(outcomes))
+        counts = np.array(list(outcomes.values()), dtype=np.int64).reshape(-1, 2)
+        correct, samples = counts[:, 0], counts[:, 1]
+        if ((samples < 1) | (correct < 0) | (correct > samples)).any():
+            bad = int(np.flatnonzero((samples < 1) | (correct < 0) | (correct > samples))[0])
+            raise ValueError(f"seed_history: prompt {list(outcomes)[bad]!r} has {correct[bad]} correct of "
+                             f"{samples[bad]} samples")
+        self._ep_samples[slots], self._ep_correct[slots] = samples, correct
+        all_correct, all_wrong = correct == samples, correct == 0
+        if self.cfg.enabled:
+            self._removed_at[slots[all_correct]] = 0
+        self._append_history(0)
+        self._epoch = 1
+        if self._started:
+            self._start_epoch()
+        observed = max(1, len(slots))
+        return {"epoch": 0, "observed": len(slots), "dropped": int(all_correct.sum()) if self.cfg.enabled else 0,
+                "frac_all_correct": float(all_correct.sum()) / observed,
+                "frac_all_wrong": float(all_wrong.sum()) / observed,
+                "frac_mixed": float((~all_correct & ~all_wrong).sum()) / observed}
+
     # ---- properties --------------------------------------------------------------------
 
     @property

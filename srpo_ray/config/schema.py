@@ -462,6 +462,11 @@ class ResampleConfig:
     correct; keep mixed and all-wrong ones."""
     retest_every_epochs: int = 0
     """Bring dropped prompts back every K epochs to re-test them (0 = never; our choice)."""
+    seed_from: str = ""
+    """A pass-rate file of the difficulty pre-pass (`python -m srpo_ray.difficulty`):
+    a fresh run starts its ledger from it, each prompt's pre-pass outcome recorded as
+    epoch 0, so the prompts the starting model already solved every time start out
+    removed (training's first epoch is epoch 1). Prompts the file lacks start unobserved."""
 
 
 @dataclass

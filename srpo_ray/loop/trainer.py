@@ -32,6 +32,7 @@ from srpo_ray.algo.overlong import apply_overlong_policy
 from srpo_ray.algo.source_mix import check_source_weights, stage_source_weights
 from srpo_ray.algo.stages import StageSchedule, effective_sampling, prompts_per_step
 from srpo_ray.config.load import SRPOConfig, to_yaml
+from srpo_ray.data.pass_rates import outcomes_for, read_outcomes
 from srpo_ray.eval.report import headline, write_json
 from srpo_ray.learner.plan import TrainRows, select_train_rows
 from srpo_ray.loop.checkpoint import CheckpointManager
@@ -129,6 +130,8 @@ class SRPOTrainer:
     # ---- the loop -------------------------------------------------------------------
     def fit(self) -> None:
         if self.step == 0:
+            if self.cfg.resample.seed_from:  # the difficulty pre-pass's outcomes as epoch 0
+                self._seed_ledger()
             self._enter_stage(first=True)
             if self.cfg.eval.at_start and not self.stop_request.requested:
                 self.evaluate()
@@ -365,6 +368,12 @@ class SRPOTrainer:
 
     def _switch_due(self) -> bool:
         return self.stages.should_switch() and not self.stages.is_last
+
+    def _seed_ledger(self) -> None:
+        outcomes = outcomes_for(list(self.by_id.values()), read_outcomes(self.cfg.resample.seed_from))
+        seeded = self.ledger.seed_history(outcomes)
+        self.metrics.event(f"ledger seeded from {self.cfg.resample.seed_from}: {seeded['observed']} of "
+                           f"{len(self.by_id)} prompts as epoch 0, {seeded['dropped']} all-correct removed")
 
     def _enter_stage(self, first: bool, step: int = 0) -> None:
         if not first:

@@ -18,7 +18,7 @@ from srpo_ray.algo.source_mix import check_source_weights
 from srpo_ray.algo.stages import effective_sampling
 from srpo_ray.config.schema import ConfigError, SRPOConfig
 from srpo_ray.data.parquet import DataError, check_prompt_lengths, load_prompts
-from srpo_ray.data.pass_rates import keep_in_band, read_pass_rates
+from srpo_ray.data.pass_rates import keep_in_band, outcomes_for, read_outcomes, read_pass_rates
 from srpo_ray.eval.runner import Evaluator
 from srpo_ray.loop.checkpoint import CheckpointManager
 from srpo_ray.loop.trainer import Roles, SRPOTrainer
@@ -148,6 +148,8 @@ def preflight(cfg: SRPOConfig, train: bool = True) -> Preflight:
                      len(kept), len(prompts))
             prompts = kept
         check_stage_data(cfg, prompts)
+        if cfg.resample.seed_from:  # the trainer reads it again at its start: a bad file stops us here
+            outcomes_for(prompts, read_outcomes(cfg.resample.seed_from))
     eval_prompts = load_eval_prompts(cfg, prompts)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     check_prompt_lengths(tokenizer, prompts + eval_prompts, cfg.data.max_prompt_tokens)

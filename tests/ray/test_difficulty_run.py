@@ -64,3 +64,8 @@ def test_the_start_up_checks_train_on_the_band_only(tiny_model_dir, tmp_path):
     rates_file(path, {pid: r for pid, r in list(rates.items())[1:]})  # one training prompt missing
     with pytest.raises(DataError, match="1 of .* training prompts have no pass rate"):
         preflight(cfg)
+    # resample.seed_from needs the pre-pass's counts, and is checked at start-up too
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", "data.train_files=[builtin:tiny_math_code]",
+                             f"resample.seed_from={path}", "eval.files=[]"])
+    with pytest.raises(DataError, match=r"resample.seed_from=.*no column \['correct', 'k'\]"):
+        preflight(cfg)

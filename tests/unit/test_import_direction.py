@@ -22,7 +22,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("srpo_ray.loop",),
     ("actors", "cluster"),
     ("srpo_ray.runtime",),
-    ("srpo_ray.driver", "srpo_ray.eval.__main__", "srpo_ray.ledger", "srpo_ray.plot", "srpo_ray.scale"),
+    ("srpo_ray.driver", "srpo_ray.eval.__main__", "srpo_ray.ledger", "srpo_ray.plot", "srpo_ray.scale",
+     "srpo_ray.difficulty"),
 ]
 COMMANDS = set(LAYERS[-1])
 

@@ -277,3 +277,29 @@ def test_ten_million_prompts_fit_well_under_a_gigabyte():
     for pid in batch:
         led.observe(pid, 1, 2)
     assert len(batch) == 256 and led.nbytes < 0.6e9
+
+
+# ---- seeded from the difficulty pre-pass (resample.seed_from) ------------------------------
+def test_seeded_history_is_epoch_zero_and_removes_the_all_correct():
+    led = _ledger(["a", "b", "c"], retest_every_epochs=2)
+    seeded = led.seed_history({"a": (16, 16), "b": (3, 16), "c": (0, 16), "code-1": (16, 16)})
+    assert seeded["dropped"] == 2 and seeded["observed"] == 4 and seeded["frac_all_correct"] == 0.5
+    assert led.epoch == 1 and led.num_removed == 2
+    assert sorted(_drain_epoch(led, 2)) == ["b", "c"]  # "a" sits out; "code-1" joins no pool yet
+    led.set_pool(["a", "b", "c", "code-1"])  # a later stage: the removed stay out
+    assert sorted(_drain_epoch(led, 2)) == ["b", "c"]
+    table = led.history_table().to_pylist()
+    assert {r["prompt_id"]: (r["epochs"], r["correct"], r["samples"]) for r in table}["a"] == ([0], [16], [16])
+    led.next_batch(1)  # closes epoch 1; the re-test brings "a" and "code-1" back after 2 epochs
+    _drain_epoch(led, 4)
+    assert sorted(led.next_batch(4)[0] + _drain_epoch(led, 4)) == ["a", "b", "c", "code-1"]
+
+
+def test_seeding_without_history_resampling_removes_nothing_and_needs_a_fresh_ledger():
+    led = _ledger(["a", "b"], enabled=False)
+    assert led.seed_history({"a": (4, 4)})["dropped"] == 0 and led.num_removed == 0
+    assert sorted(_drain_epoch(led, 2)) == ["a", "b"]
+    with pytest.raises(RuntimeError, match="seed a fresh run only"):
+        led.seed_history({"b": (0, 4)})
+    with pytest.raises(ValueError, match="'x' has 5 correct of 4"):
+        _ledger(["x"]).seed_history({"x": (5, 4)})

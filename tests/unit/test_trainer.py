@@ -199,3 +199,22 @@ def test_resume_with_source_weights_repeats_the_uninterrupted_run(tmp_path):
 def test_a_weight_for_a_source_not_in_the_data_stops_the_trainer(tmp_path):
     with pytest.raises(Exception, match=r"data.source_weights: no rows with data_source \['smal'\]"):
         weighted_trainer(tmp_path, "data.source_weights={smal: 1, small: 1, big: 1}")
+
+
+def test_a_ledger_seeded_from_the_pre_pass_starts_without_the_solved_prompts(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from srpo_ray.data.verl_rows import DataError
+
+    seed = tmp_path / "rates.parquet"
+    pq.write_table(pa.table({"prompt_id": ["m0-easy", "m1-hard", "c0-mixed", "elsewhere"], "k": [4, 4, 4, 4],
+                             "correct": [4, 0, 4, 4], "pass_rate": [1.0, 0.0, 1.0, 1.0]}), seed)
+    trainer, _ = make_trainer(tmp_path / "run", "trainer.total_steps=1", f"resample.seed_from={seed}")
+    trainer.fit()
+    assert trainer.ledger.num_removed == 2 and trainer.ledger.pool_size == 11  # 12 math prompts, m0-easy out
+    assert read_metrics(tmp_path / "run")[0]["epoch"] == 1  # training's first epoch is epoch 1
+    pq.write_table(pa.table({"prompt_id": ["other"], "k": [4], "correct": [1], "pass_rate": [0.25]}), seed)
+    trainer, _ = make_trainer(tmp_path / "run2", "trainer.total_steps=1", f"resample.seed_from={seed}")
+    with pytest.raises(DataError, match="none of its 1 prompt ids is a training prompt's"):
+        trainer.fit()
