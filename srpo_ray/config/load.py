@@ -171,7 +171,8 @@ def _delete(merged: Any, key: str) -> None:
 
 # Input paths a config file may give relative to its own folder. Outputs (trainer.run_dir)
 # stay relative to the working folder; `builtin:` names are not paths.
-PATH_KEYS = ("model.path", "data.train_files", "eval.files", "reward.custom_function", "reward.custom_functions")
+PATH_KEYS = ("model.path", "data.train_files", "data.pass_rates", "eval.files", "resample.seed_from",
+             "reward.custom_function", "reward.custom_functions")
 
 
 def resolve_file_paths(loaded: Any, config_file: Path) -> None:
