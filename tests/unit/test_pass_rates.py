@@ -93,3 +93,13 @@ def test_config_needs_a_band_of_two_rates_and_a_file():
         load_config(None, ["data.pass_rate_band=[0.01,0.99]"])
     assert load_config(None, ["data.pass_rate_band=[0.01,0.99]", "data.pass_rates=x.parquet"]).data.pass_rate_band \
         == [0.01, 0.99]
+
+
+def test_pass_rate_files_in_a_config_file_are_found_from_its_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    (folder / "run.yaml").write_text("data:\n  pass_rates: rates.parquet\n  pass_rate_band: [0.01, 0.99]\n"
+                                     "resample:\n  seed_from: ../shared/rates.parquet\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(folder / "run.yaml")
+    assert cfg.data.pass_rates == "exp/rates.parquet" and cfg.resample.seed_from == "shared/rates.parquet"
