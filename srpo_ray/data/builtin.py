@@ -13,6 +13,11 @@ Training sets, generated deterministically here (nothing to download):
   make an epoch of 16 steps: History Resampling acts within the default run.
 - `tiny_math_code`: the first 16 problems of `arithmetic` (same rows, same ids) plus the
   same 8 programs: the small set of tests and demos.
+- `arithmetic_wide`: 512 distinct problems whose operands have 1, 2 or 3 digits (the
+  count drawn uniformly for each operand, then the value) and +, - or * at random: from
+  "3 + 5" to "482 * 917", so the bundled model's pass rate spreads from always to never
+  (the History Resampling experiment's pool). ids wide-<i>; its held-out twin is
+  `arithmetic_wide_heldout`.
 
 Held-out evaluation sets (`arithmetic_heldout`, `code_heldout`, `humaneval`, `aime`,
 `champ`) are built
@@ -35,6 +40,9 @@ ARITHMETIC_SIZE = 1024
 ARITHMETIC_SEED = 0
 ARITHMETIC_OPS = ("+", "-", "*")
 TINY_MATH_SIZE = 16
+WIDE_SOURCE = "builtin/arithmetic_wide"
+WIDE_SIZE = 512
+WIDE_SEED = 10
 MATH_CODE_ARITHMETIC = 128  # the default run's pool: 16 steps of 8 prompts make an epoch
 
 Problem = tuple[int, str, int]  # (a, op, b)
@@ -48,21 +56,36 @@ DEMO_PROBLEM: Problem = (14, "-", 6)
 
 
 
-def arithmetic_problems(count: int, seed: int, exclude: Collection[Problem] = ()) -> list[Problem]:
-    """`count` distinct problems drawn from the arithmetic distribution (see the module
-    docstring); a repeat, or a problem in `exclude`, is drawn again."""
+def arithmetic_problems(count: int, seed: int, exclude: Collection[Problem] = (), wide: bool = False
+                        ) -> list[Problem]:
+    """`count` distinct problems drawn from the arithmetic distribution (wide: the
+    `arithmetic_wide` one; see the module docstring); a repeat, or a problem in
+    `exclude`, is drawn again."""
     rng = random.Random(seed)
     taken = set(exclude) | {DEMO_PROBLEM}  # the worked example is never a problem to solve
     problems: list[Problem] = []
     for _ in range(100 * count + 1000):  # far more draws than needed; bounds a too-large count
         if len(problems) == count:
             return problems
-        a, b = rng.randint(10, 60), rng.randint(2, 30)
-        op = rng.choice(ARITHMETIC_OPS) if len(problems) % 3 else "+"
+        if wide:
+            a, b, op = _wide_operand(rng), _wide_operand(rng), rng.choice(ARITHMETIC_OPS)
+        else:
+            a, b = rng.randint(10, 60), rng.randint(2, 30)
+            op = rng.choice(ARITHMETIC_OPS) if len(problems) % 3 else "+"
         if (a, op, b) not in taken:
             taken.add((a, op, b))
             problems.append((a, op, b))
     raise ValueError(f"cannot draw {count} distinct arithmetic problems outside the {len(exclude)} excluded")
+
+
+def _wide_operand(rng: random.Random) -> int:
+    digits = rng.randint(1, 3)
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
+
+
+def arithmetic_wide_rows() -> list[dict]:
+    return [arithmetic_row(p, WIDE_SOURCE, f"wide-{i}", "train")
+            for i, p in enumerate(arithmetic_problems(WIDE_SIZE, WIDE_SEED, wide=True))]
 
 
 def arithmetic_row(problem: Problem, source: str, row_id: str, split: str) -> dict:

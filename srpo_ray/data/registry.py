@@ -38,6 +38,8 @@ def _registry() -> dict[str, tuple[Callable[[], list[dict]], int]]:
         "math_code": (builtin.math_code_rows, 3),
         "code_heldout": (eval_sets.code_heldout_rows, 1),
         "arithmetic_heldout": (eval_sets.arithmetic_heldout_rows, 2),
+        "arithmetic_wide": (builtin.arithmetic_wide_rows, 1),
+        "arithmetic_wide_heldout": (eval_sets.arithmetic_wide_heldout_rows, 1),
         "humaneval": (eval_sets.humaneval_rows, 1),
         "aime": (eval_sets.aime_rows, 1),
         "champ": (eval_sets.champ_rows, 1),

@@ -71,6 +71,28 @@ def test_arithmetic_training_and_heldout_are_disjoint_deterministic_and_load(cac
     assert DEMO_PROBLEM not in set(train_problems) | set(heldout_problems)
 
 
+def test_wide_arithmetic_spreads_operand_sizes_and_its_heldout_twin_is_disjoint(cache_dir):
+    from srpo_ray.data.builtin import arithmetic_wide_rows
+    from srpo_ray.data.eval_sets import arithmetic_wide_heldout_rows
+
+    train, heldout = arithmetic_wide_rows(), arithmetic_wide_heldout_rows()
+    train_problems, heldout_problems = [_problem(r) for r in train], [_problem(r) for r in heldout]
+    assert len(set(train_problems)) == len(train) == 512 and len(set(heldout_problems)) == len(heldout) == 300
+    assert not set(train_problems) & set(heldout_problems)
+    assert (train, heldout) == (arithmetic_wide_rows(), arithmetic_wide_heldout_rows())
+    digits = {len(str(x)) for a, _, b in train_problems for x in (a, b)}
+    assert digits == {1, 2, 3} and {op for _, op, _ in train_problems} == {"+", "-", "*"}
+    for rows, source, prefix in ((train, "builtin/arithmetic_wide", "wide-"),
+                                 (heldout, "arithmetic_wide_heldout", "wide-heldout-")):
+        assert [r["extra_info"]["id"] for r in rows] == [f"{prefix}{i}" for i in range(len(rows))]
+        assert {r["data_source"] for r in rows} == {source}
+        for row, (a, op, b) in zip(rows, map(_problem, rows)):
+            assert row["reward_model"]["ground_truth"] == str({"+": a + b, "-": a - b, "*": a * b}[op])
+    assert len(load_prompts(["builtin:arithmetic_wide", "builtin:arithmetic_wide_heldout"], cache_dir)) == 812
+    # the narrow set is what it was before the wide one joined the same generator
+    assert [_problem(r) for r in arithmetic_rows()[:3]] == [(34, "+", 26), (36, "-", 3), (42, "-", 17)]
+
+
 def test_builtin_names_and_errors(tmp_path, monkeypatch):
     assert set(builtin_names()) >= {"tiny_math_code", "arithmetic", "math_code", "arithmetic_heldout",
                                     "humaneval", "aime", "champ"}
