@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Iterator
 
 import ray
+from ray.exceptions import ObjectLostError, OwnerDiedError
 
 from actors.ray_ops import RayOps
 from srpo_ray.generation.engines import GenerationEngine, create_engine, set_engine_env
@@ -84,14 +85,8 @@ class GenerationWorkerImpl:
         from which token on this version sampled it (Sample.version_runs); the group
         keeps the policy_version that started it."""
         self._check_call(sampling, policy_version_expected)
-        refs = [x for g in groups for x in (g.tokens, g.texts) if not isinstance(x, (GroupTokens, tuple))]
-        fetched = iter(ray.get(refs) if refs else [])
-        held = [(g.tokens if isinstance(g.tokens, GroupTokens) else next(fetched),
-                 g.texts if isinstance(g.texts, tuple) else next(fetched)) for g in groups]
-        partial = [[Sample(*tokens.response(j), text=texts[j], finish_reason=s.finish_reason,
-                           version_runs=s.version_runs) for j, s in enumerate(g.samples)]
-                   for g, (tokens, texts) in zip(groups, held)]
-        prompt_ids = [tokens.prompt_token_ids.tolist() for tokens, _ in held]
+        partial = [self._kept_samples(g) for g in groups]
+        prompt_ids = [self.chat_prompt_ids(g.prompt.messages) for g in groups]
         resumed = self.engine.resume(prompt_ids, partial, sampling, seeds, should_stop=self._should_stop)
         out = []
         for g, ids, before, after in zip(groups, prompt_ids, partial, resumed):
@@ -99,6 +94,18 @@ class GenerationWorkerImpl:
                        for old, new in zip(before, after)]
             out.append(RolloutGroup.of(g.prompt, ids, samples, g.policy_version))
         return out
+
+    def _kept_samples(self, group: RolloutGroup) -> list[Sample]:
+        """A paused group's samples as they were (tokens and texts fetched from the object
+        store). If those objects are lost (their node died), every sample starts again from
+        nothing: regenerated on the weights held now, never a failed step."""
+        try:
+            tokens, texts = (x if isinstance(x, (GroupTokens, tuple)) else ray.get(x)
+                             for x in (group.tokens, group.texts))
+        except (ObjectLostError, OwnerDiedError):
+            return [Sample([], [], "", ABORTED) for _ in group.samples]
+        return [Sample(*tokens.response(j), text=texts[j], finish_reason=s.finish_reason, version_runs=s.version_runs)
+                for j, s in enumerate(group.samples)]
 
     def generate_apart(self, prompts: list[Prompt], sampling: Sampling,
                        policy_version_expected: int | None = None, stoppable: bool = False) -> list[Any]:

@@ -316,7 +316,18 @@ def test_worker_interrupt_pauses_and_resume_records_token_versions(ray_local, ti
             for j, s in enumerate(g.samples):
                 assert s.version_runs == ((0, 2),) and s.finish_reason in ("stop", "length")
                 assert token_versions(s.version_runs, s.num_tokens, g.policy_version).tolist() == [2] * s.num_tokens
-                assert len(g.texts[j]) >= 0 and len(g.tokens.response(j)[0]) == s.num_tokens
+                assert len(g.tokens.response(j)[0]) == s.num_tokens
+        # paused groups left in the object store; one's objects are lost (their node died):
+        # it starts again from nothing on the new weights, the other resumes as it was
+        assert ray.get(worker.interrupt.remote(3)) == 2
+        refs = worker.generate_apart.options(num_returns=5).remote(prompts, sampling, 2, True)
+        paused = [g.by_reference(refs[1 + 2 * k], refs[2 + 2 * k]) for k, g in enumerate(ray.get(refs[0]))]
+        assert all(g.paused for g in paused)
+        ray._private.internal_api.free([refs[1], refs[2]])  # group 0's tokens and texts
+        assert load_into(worker, perturbed_state_dict(model, seed=3), 3) == 3
+        again = ray.get(worker.resume.remote(paused, sampling, seeds, 3))
+        assert all(s.version_runs == ((0, 3),) and s.num_tokens > 0 for g in again for s in g.samples)
+        assert [g.prompt.prompt_id for g in again] == ["p0", "p1"]
     finally:
         ray.kill(worker)
     # interrupted while running: an engine that decodes until told to stop (a stand-in:
