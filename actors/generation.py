@@ -121,11 +121,11 @@ class GenerationWorkerImpl:
         """`resume`, returned as `generate_apart` returns (num_returns = 1 + 2 * len(groups))."""
         return _apart(self.resume(groups, sampling, seeds, policy_version_expected))
 
-    @ray.method(concurrency_group="control")
     def interrupt(self, version: int) -> int:
         """Pause what this worker generates from weights older than `version` at the next
-        decoding step (stoppable calls only; partial rollouts): runs beside a generate
-        call (its own concurrency group). Loading `version` lifts it. The version held."""
+        decoding step (stoppable calls only; partial rollouts). Call it with
+        `send_interrupt`, which runs it beside a generate call (its own concurrency group).
+        Loading `version` lifts it. The version held."""
         self._stop_below = max(self._stop_below, int(version))
         return self._version
 
@@ -213,5 +213,13 @@ def _runs_after(before: Sample, group_version: int, version: int, num_tokens: in
 
 
 # "control": interrupt() runs while a generate call holds the default group (one thread,
-# calls in the order sent, which catch-up loads queued ahead of a chunk rely on).
+# calls in the order sent, which catch-up loads queued ahead of a chunk rely on). The
+# group is chosen per call (send_interrupt), not on the method, so classes derived from
+# GenerationWorkerImpl can be made actors without declaring it.
 GenerationWorker = ray.remote(concurrency_groups={"control": 1})(GenerationWorkerImpl)
+
+
+def send_interrupt(handle: Any, version: int) -> Any:
+    """A GenerationWorker's `interrupt(version)` in the control group (a ref to the
+    version it holds): it runs even while the worker is inside a generate call."""
+    return handle.interrupt.options(concurrency_group="control").remote(version)

@@ -102,8 +102,10 @@ class RayRolloutFleet:
         """Partial rollouts: pause the workers' generation on weights older than `version`
         at their next decoding step; their calls return the paused groups (generate waits
         in on_pause, then resumes them). A worker lost meanwhile is the pool's business."""
+        from actors.generation import send_interrupt
+
         members = self.pool.ready()
-        outcomes(self.ops, [m.handle.interrupt.remote(version) for m in members])
+        outcomes(self.ops, [send_interrupt(m.handle, version) for m in members])
 
     def _map_generation(self, chunks: list[list[Any]], call: Callable[[Member, int, list[Any]], list[Any]]
                         ) -> list[RolloutGroup]:

@@ -18,7 +18,7 @@ from fixtures_models import hf_logprobs, perturbed_state_dict, small_rollout_con
 from published_weights import load_into
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors.generation import GenerationWorker
+from actors.generation import GenerationWorker, send_interrupt
 from srpo_ray.generation.engines import VLLMEngine
 from srpo_ray.models import chat_prompt_ids
 from srpo_ray.records import Prompt, Sampling
@@ -302,7 +302,7 @@ def test_worker_interrupt_pauses_and_resume_records_token_versions(ray_local, ti
     try:
         prompts = [_prompt("p0", "What is 2+3?"), _prompt("p1", "Write a function.")]
         sampling = Sampling(n=3, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=40)
-        assert ray.get(worker.interrupt.remote(2)) == 0
+        assert ray.get(send_interrupt(worker, 2)) == 0
         paused = ray.get(worker.generate.remote(prompts, sampling, 0, True))  # stops before its first step
         assert all(s.finish_reason == ABORTED and s.num_tokens == 0 for g in paused for s in g.samples)
         assert ray.get(worker.generate.remote(prompts, sampling, 0)) and True  # not stoppable: runs to the end
@@ -319,7 +319,7 @@ def test_worker_interrupt_pauses_and_resume_records_token_versions(ray_local, ti
                 assert len(g.tokens.response(j)[0]) == s.num_tokens
         # paused groups left in the object store; one's objects are lost (their owner died):
         # it starts again from nothing on the new weights, the other resumes as it was
-        assert ray.get(worker.interrupt.remote(3)) == 2
+        assert ray.get(send_interrupt(worker, 3)) == 2
         refs = worker.generate_apart.options(num_returns=5).remote(prompts, sampling, 2, True)
         paused = [g.by_reference(refs[1 + 2 * k], refs[2 + 2 * k]) for k, g in enumerate(ray.get(refs[0]))]
         assert all(g.paused for g in paused)
@@ -347,7 +347,7 @@ def test_worker_interrupt_pauses_and_resume_records_token_versions(ray_local, ti
         running = worker.generate.remote(prompts, sampling, 0, True)
         time.sleep(1.0)
         assert ray.wait([running], timeout=0)[1]  # still decoding
-        assert ray.get(worker.interrupt.remote(1)) == 0
+        assert ray.get(send_interrupt(worker, 1)) == 0
         groups = ray.get(running, timeout=20)
         assert all(s.finish_reason == ABORTED and s.num_tokens > 0 for g in groups for s in g.samples)
     finally:
