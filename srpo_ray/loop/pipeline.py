@@ -170,6 +170,7 @@ class RolloutPipeline(Generic[T]):
                     self._cond.wait()
             finally:
                 self._paused = False
+
     def _run(self) -> None:
         with self._cond:
             step = self._wait_for_next()

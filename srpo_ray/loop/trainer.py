@@ -242,8 +242,6 @@ class SRPOTrainer:
         rows = select_train_rows(scored, advantages.tolist(), self.pad_token_id)  # lengths only: no tokens here
         generated = rollouts.collected.generated
         staleness = [self.version - sg.group.policy_version for sg in generated]
-        if self.cfg.rollout.partial_rollouts:
-            metrics_tokens = token_staleness([sg.group for sg in generated], self.version)
         logged = generated[:max(0, self.cfg.metrics.rollouts_per_step)]
         fetched = self.roles.fetch([sg.group for sg in logged])
         self.metrics.rollouts(self.step, [ScoredGroup(g, sg.results) for g, sg in zip(fetched, logged)],
@@ -254,7 +252,9 @@ class SRPOTrainer:
             with timed(timings, "train"):
                 train_metrics = self.roles.learner.train(rows, temperature=sampling.temperature)
         metrics = {**rollouts.metrics, **{f"adv/{k}": v for k, v in adv_metrics.items()}, **overlong_metrics,
-                   **train_metrics, **(metrics_tokens if self.cfg.rollout.partial_rollouts else {})}
+                   **train_metrics}
+        if self.cfg.rollout.partial_rollouts:  # per-token versions exist only then
+            metrics.update(token_staleness([sg.group for sg in generated], self.version))
         return StepUpdate(rollouts, learned, rows.num_sequences, staleness, metrics, timings)
 
     def _after_training(self, pipeline: RolloutPipeline, update: StepUpdate, hold: bool) -> None:
