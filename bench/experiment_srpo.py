@@ -98,7 +98,8 @@ def run_specs(scale: Scale) -> dict[str, list[str]]:
     }
 
 
-def common_overrides(scale: Scale, data: list[Path], run_dir: Path, model: str, seed: int) -> list[str]:
+def common_overrides(scale: Scale, data: list[Path], run_dir: Path, model: str, seed: int,
+                     eval_files: str = EVAL_FILES) -> list[str]:
     return [
         f"model.path={model}", f"data.train_files=[{', '.join(str(p) for p in data)}]",
         f"trainer.run_dir={run_dir}", f"trainer.total_steps={scale.steps}", f"trainer.seed={seed}",
@@ -106,7 +107,7 @@ def common_overrides(scale: Scale, data: list[Path], run_dir: Path, model: str, 
         f"rollout.n={scale.n}", f"rollout.max_new_tokens={scale.max_new_tokens}", f"rollout.seed={seed}",
         f"rollout.temperature={scale.temperature}", f"optim.lr={scale.lr}",
         "metrics.progress_bar=false", "metrics.trackers=[jsonl]", "metrics.rollouts_per_step=1000",
-        f"eval.files={EVAL_FILES}", f"eval.max_problems_per_source={scale.eval_problems}", f"eval.k={scale.eval_k}",
+        f"eval.files={eval_files}", f"eval.max_problems_per_source={scale.eval_problems}", f"eval.k={scale.eval_k}",
         f"eval.temperature={scale.temperature}", "eval.top_p=1.0", "eval.at_start=false", "eval.at_end=true",
         f"eval.max_new_tokens={scale.code_max_new_tokens}",
     ]
