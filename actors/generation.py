@@ -18,7 +18,8 @@ import ray
 from ray.exceptions import ObjectLostError, OwnerDiedError
 
 from actors.ray_ops import RayOps
-from srpo_ray.generation.engines import GenerationEngine, create_engine, set_engine_env
+from srpo_ray.generation.engine_setup import set_engine_env
+from srpo_ray.generation.engines import GenerationEngine, create_engine
 from srpo_ray.host_heap import resolve_heap_policy, set_heap_policy
 from srpo_ray.models import chat_prompt_ids
 from srpo_ray.records import ABORTED, GroupTokens, Prompt, RolloutGroup, Sample, Sampling, VersionRuns
@@ -37,7 +38,7 @@ class GenerationWorkerImpl:
                  weight_transfer: str | None = None, sleep_mode: bool = False) -> None:
         """engine: serve with this engine instead of starting vLLM (another backend, or
         a benchmark's stand-in). weight_transfer ("nccl", "ipc") and sleep_mode: see
-        srpo_ray/generation/engines.py engine_kwargs."""
+        srpo_ray/generation/engine_setup.py engine_kwargs."""
         redirect_actor_output()  # before vLLM starts talking (srpo_ray/telemetry/console.py)
         set_engine_env(rollout_cfg)  # before anything imports torch
         # before the engine's first allocation: a CPU engine's KV cache and logits then

@@ -78,7 +78,7 @@ def run_bare(args: argparse.Namespace) -> dict:
 
     from srpo_ray.config.load import load_config
     from srpo_ray.data.parquet import load_prompts
-    from srpo_ray.generation.engines import engine_kwargs
+    from srpo_ray.generation.engine_setup import engine_kwargs
     from srpo_ray.models import chat_prompt_ids, resolve_model_path
 
     cfg = load_config(None, [f"model.path={MODEL}", *overrides(args)])

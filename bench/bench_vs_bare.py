@@ -53,7 +53,7 @@ from bare_loop import check_bare_supports, cores, run_bare  # noqa: E402
 from bench_step_overhead import WORK, WORK_OVERLAPPED, report, run_job  # noqa: E402
 
 from srpo_ray.config.load import SRPOConfig, load_config  # noqa: E402
-from srpo_ray.generation.engines import engine_env  # noqa: E402
+from srpo_ray.generation.engine_setup import engine_env  # noqa: E402
 from srpo_ray.runtime.fleets import chunk_count  # noqa: E402
 
 SIDES = ("bare", "srpo", "srpo-1off")

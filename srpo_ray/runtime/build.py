@@ -269,7 +269,7 @@ def _create_fleets(cfg: SRPOConfig, model_path: str, placement, control_dir: str
     ("" = the run dir, None = nowhere); logs: the actors' log dir (None: Ray's)."""
     from actors.generation import GenerationWorker
     from actors.reward import RewardWorker
-    from srpo_ray.generation.engines import engine_env
+    from srpo_ray.generation.engine_setup import engine_env
     from srpo_ray.runtime.fault_hooks import actor_class
 
     GenerationWorker = actor_class("GenerationWorker", GenerationWorker)  # the seam fault tests use

@@ -244,7 +244,7 @@ def transport_class(name: str) -> type[WeightTransport]:
 
 def vllm_weight_transfer(transport: str) -> str | None:
     """The weight-transfer backend a vLLM generator fed by `transport` is created with
-    (srpo_ray/generation/engines.py engine_kwargs), or None."""
+    (srpo_ray/generation/engine_setup.py engine_kwargs), or None."""
     return transport_class(transport).vllm_weight_transfer_backend
 
 

@@ -12,7 +12,7 @@ import torch
 
 from cluster.placement import plan_placement
 from srpo_ray.config.load import ConfigError, load_config, resolve_dtype
-from srpo_ray.generation.engines import engine_kwargs, executor_backend, set_engine_env, vllm_accepts_bundle
+from srpo_ray.generation.engine_setup import engine_kwargs, executor_backend, set_engine_env, vllm_accepts_bundle
 from srpo_ray.learner.core import _pick_backend, token_logprobs
 from srpo_ray.weights.transport import resolve_transport
 
@@ -141,7 +141,7 @@ def test_engine_environment_by_role():
     training on the same CPU cores (one-step-off), where spinning threads starve the
     learner; GPU engines set no wait policy and keep the GPUs visible."""
     from srpo_ray.config.schema import RolloutConfig
-    from srpo_ray.generation.engines import engine_env
+    from srpo_ray.generation.engine_setup import engine_env
 
     cpu = engine_env(RolloutConfig(cpus_per_worker=2))
     assert cpu == {"OMP_NUM_THREADS": "2", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "CUDA_VISIBLE_DEVICES": ""}
