@@ -63,6 +63,9 @@ ARMS: dict[str, tuple[str, bool, list[str]]] = {
     "two_stage": ("filtered", True, [f"stages={stages('two_stage', SCALE)}"]),
     "mixed": ("filtered", True, [f"stages={stages('mixed', SCALE)}"]),
 }
+# The seeded arm is not run by default: the bundled model solves none of pool B every
+# time at k = 16, so seeding removes nothing there (PLAN.md, amendment 5).
+DEFAULT_RUNS = [arm for arm in ARMS if arm != "hr_seeded_unfiltered"]
 
 
 def run_prepass(model: str, problems: int, path: Path, work: Path) -> None:
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "experiment_hr"))
     ap.add_argument("--work-dir", default=None, help="run directories (default: a new temporary folder)")
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
-    ap.add_argument("--runs", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
+    ap.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated subset of: " + ", ".join(ARMS))
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--pool", type=int, default=SCALE.math_prompts, help="math problems per pool")
     ap.add_argument("--prepass-problems", type=int, default=512, help="problems the pre-pass samples")
