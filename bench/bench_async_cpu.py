@@ -40,7 +40,25 @@ MODES = {
                                       "algo.tis_cap=2.0"],
     "k=2 + partial rollouts, 1+1 cores": [*SPLIT, "rollout.steps_ahead=2", "rollout.max_staleness=2",
                                           "rollout.partial_rollouts=true", "algo.tis_cap=2.0"],
+    "k=4 + partial rollouts, 1+1 cores": [*SPLIT, "rollout.steps_ahead=4", "rollout.max_staleness=4",
+                                          "rollout.partial_rollouts=true", "algo.tis_cap=2.0"],
 }
+BASELINE = "sync, 1+1 cores"
+
+
+def ks_two_sample(a: list[int], b: list[int]) -> tuple[float, float]:
+    """Two-sample Kolmogorov-Smirnov: (D, asymptotic p) with Stephens' small-sample
+    correction (Numerical Recipes' probks). Ties (integer lengths) make it conservative."""
+    xs = np.sort(np.asarray(a, dtype=float)), np.sort(np.asarray(b, dtype=float))
+    grid = np.concatenate(xs)
+    d = float(np.max(np.abs(np.searchsorted(xs[0], grid, side="right") / len(xs[0])
+                            - np.searchsorted(xs[1], grid, side="right") / len(xs[1]))))
+    root = np.sqrt(len(xs[0]) * len(xs[1]) / (len(xs[0]) + len(xs[1])))
+    lam = (root + 0.12 + 0.11 / root) * d
+    if lam < 1e-3:
+        return d, 1.0
+    j = np.arange(1, 101)
+    return d, float(np.clip(2 * np.sum((-1.0) ** (j - 1) * np.exp(-2 * j ** 2 * lam ** 2)), 0.0, 1.0))
 
 
 def common(args: argparse.Namespace, run_dir: Path) -> list[str]:
@@ -82,7 +100,8 @@ def summarise(run_dir: Path, warmup: int) -> dict:
                                               for r in rows])),
             "discarded": sum(r.get("rollout/stale_discarded", 0) for r in rows),
             "lengths": {d: [int(x) for x in np.percentile(v, [10, 50, 90, 100])] + [len(v)]
-                        for d, v in sorted(lengths.items())}}
+                        for d, v in sorted(lengths.items())},
+            "raw_lengths": {d: v for d, v in sorted(lengths.items())}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=8, help="samples per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--modes", default=None, help="comma-separated indices into the modes (default: all)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="summarise a mode's earlier run in --work-dir instead of running it again")
     ap.add_argument("--work-dir", default="/tmp/bench_async_cpu")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "async_cpu"))
     args = ap.parse_args(argv)
@@ -100,11 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     chosen = list(MODES) if args.modes is None else [list(MODES)[int(i)] for i in args.modes.split(",")]
     results = {}
-    for i, name in enumerate(chosen):
-        run_dir = Path(args.work_dir) / f"mode{i}"
-        wall = run_mode(name, [*common(args, run_dir), *MODES[name]], run_dir)
+    for name in chosen:
+        run_dir = Path(args.work_dir) / f"mode{list(MODES).index(name)}"
+        if args.reuse and (run_dir / "rollouts.jsonl").exists():
+            wall = None
+        else:
+            wall = run_mode(name, [*common(args, run_dir), *MODES[name]], run_dir)
         results[name] = {**summarise(run_dir, args.warmup), "wall_s": wall}
-        print(f"  {json.dumps(results[name])}", flush=True)
+        print(f"  {json.dumps({k: v for k, v in results[name].items() if k != 'raw_lengths'})}", flush=True)
     report = format_report(results, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_report(results: dict, args: argparse.Namespace) -> str:
-    baseline = next((r["step_s"] for name, r in results.items() if name.startswith("sync, 1+1")), None)
+    baseline = results[BASELINE]["step_s"] if BASELINE in results else None
     lines = [f"bench_async_cpu {datetime.datetime.now():%Y-%m-%dT%H:%M}: {args.prompts} prompts x {args.n} samples "
              f"a step, math + code (half programs), <= {args.max_new_tokens} new tokens, {args.steps} steps, "
              f"figures over steps {args.warmup + 1}-{args.steps}; SmolLM2-135M, 2-core VM",
@@ -126,10 +150,16 @@ def format_report(results: dict, args: argparse.Namespace) -> str:
         ratio = f"{r['step_s'] / baseline:.2f}x" if baseline else "-"
         lines.append(f"| {name} | {r['step_s']:.1f} | {ratio} | {r['generator_idle']:.0%} | {r['learner_idle']:.0%} "
                      f"| {r['staleness_max']} | {r['token_staleness']:.2f} | {r['discarded']:.0f} |")
-    lines += ["", "response lengths (tokens) of the trained samples, p10 / p50 / p90 / max (samples):"]
+    lines += ["", "response lengths (tokens) of the trained samples, p10 / p50 / p90 / max (samples); a two-sample "
+              f"KS test against {BASELINE!r} (same prompts and seeds: does what trains keep the length mix?):"]
     for name, r in results.items():
-        lines.append(f"- {name}: " + "; ".join(f"{d} {a} / {b} / {c} / {m} ({n})"
-                                               for d, (a, b, c, m, n) in r["lengths"].items()))
+        ks = {}
+        if BASELINE in results and name != BASELINE:
+            ks = {d: ks_two_sample(v, results[BASELINE]["raw_lengths"][d]) for d, v in r["raw_lengths"].items()
+                  if d in results[BASELINE]["raw_lengths"]}
+        lines.append(f"- {name}: " + "; ".join(
+            f"{d} {a} / {b} / {c} / {m} ({n})" + (f", KS D={ks[d][0]:.3f} p={ks[d][1]:.2f}" if d in ks else "")
+            for d, (a, b, c, m, n) in r["lengths"].items()))
     return "\n".join(lines) + "\n"
 
 
