@@ -428,3 +428,22 @@ def test_partial_rollouts_need_collection_ahead(tmp_path):
         load_config(None, ["rollout.partial_rollouts=true"])
     cfg = load_config(None, ["rollout.partial_rollouts=true", "rollout.steps_ahead=1", "rollout.max_staleness=1"])
     assert cfg.rollout.partial_rollouts
+
+
+@pytest.mark.parametrize("ahead", [OFF, AHEAD_2], ids=["k=1", "k=2"])
+def test_dapo_dynamic_sampling_draws_and_records_as_the_synchronous_loop(tmp_path, ahead):
+    """DAPO's extra rounds run inside a step's collection, so ahead of the learner they draw,
+    filter and record what the synchronous loop does."""
+    dapo = ("algo.dynamic_sampling=true", "algo.dynamic_sampling_max_rounds=3")
+    on, _ = make_trainer(tmp_path / "on", "rollout.max_staleness=2", "stages.0.until_epochs=2", *dapo)
+    off, roles = make_trainer(tmp_path / "off", *ahead, *dapo)
+    instrument(roles, train_seconds=0.05)
+    on.fit()
+    off.fit()
+    rows = read_metrics(tmp_path / "off")
+    assert any(r.get("collect/rounds", 1) > 1 for r in rows), "the fakes never needed a second round"
+    for a, b in zip(read_metrics(tmp_path / "on"), rows, strict=True):
+        for key in ("epoch", "pool/size", "collect/rounds", "collect/prompts_drawn", "collect/groups_kept",
+                    "reward/mean"):
+            assert a.get(key) == b.get(key), (a["step"], key)
+    assert str(on.ledger.state_dict()) == str(off.ledger.state_dict())
