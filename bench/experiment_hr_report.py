@@ -22,9 +22,10 @@ LABELS = {
     "hr_seeded_unfiltered": "B. HR seeded from the pre-pass, unfiltered pool",
     "two_stage": "C. two-stage (math, then math + code)", "mixed": "C. mixed (math + code throughout)",
 }
-# Comparisons the plan names: (arm, against it)
+# Comparisons the plan names: (arm, against it); the seeded arm's is gone with the arm
+# (PLAN.md, amendment 5).
 COMPARISONS = [("hr", "grpo"), ("hr", "dapo"), ("dapo", "grpo"), ("hr_unfiltered", "grpo_unfiltered"),
-               ("hr_seeded_unfiltered", "hr_unfiltered"), ("two_stage", "mixed")]
+               ("two_stage", "mixed")]
 Runs = dict[str, list[dict]]
 
 
@@ -66,10 +67,13 @@ def prepass_summary(path: Path) -> str:
     return _table(["pass rate", "problems"], [[name, sum(map(test, rates))] for name, test in bins])
 
 
-def verdict(a: Optional[tuple], b: Optional[tuple], higher_is_better: bool) -> str:
-    """PLAN.md's reading rule on two (mean, min, max) spreads."""
+def verdict(a: Optional[tuple], b: Optional[tuple], higher_is_better: bool, seeds: int = 3) -> str:
+    """PLAN.md's reading rule on two (mean, min, max) spreads; `seeds`: the fewer seeds of
+    the two arms (one seed has no spread to read)."""
     if a is None or b is None:
         return "not run yet"
+    if seeds < 2:
+        return f"{a[0]:.2f} vs {b[0]:.2f}: one seed, no reading yet"
     if a[1] > b[2]:
         return "higher, ranges apart" + (" (better)" if higher_is_better else " (worse)")
     if a[2] < b[1]:
@@ -107,15 +111,19 @@ def write_report(out: Path, seconds: dict[str, float], scale_note: str, n: int =
              arm_spread(a, lambda r: [x["pool/size"] for x in runs[r] if "pool/size" in x][-1]),
              arm_spread(a, lambda r: samples_generated(runs[r], n)), arm_spread(a, gain_per_1k),
              arm_spread(a, lambda r: final_score(evals[r], CODE)), arm_spread(a, seconds.get)] for a in arms]
-    readings = [[f"{a} vs {b}", verdict(arm_spread(a, primary["held-out"]), arm_spread(b, primary["held-out"]), True),
-                 verdict(arm_spread(a, primary["zero-var 2nd half"]), arm_spread(b, primary["zero-var 2nd half"]),
-                         False)] for a, b in COMPARISONS]
+    def reading(a: str, b: str, outcome: str, higher_is_better: bool) -> str:
+        seeds = min(len(seeds_of(runs, a)), len(seeds_of(runs, b)))
+        return verdict(arm_spread(a, primary[outcome]), arm_spread(b, primary[outcome]), higher_is_better, seeds)
+
+    readings = [[f"{a} vs {b}", reading(a, b, "held-out", True), reading(a, b, "zero-var 2nd half", False)]
+                for a, b in COMPARISONS]
     eval_steps = sorted({int(s) for e in evals.values() for s in e["steps"]})
     curves = [[LABELS[a], *[arm_spread(a, lambda r, s=s: evals[r]["steps"].get(str(s), {}).get(MATH, {})
                                        .get(f"avg@{evals[r]['k']}")) for s in eval_steps]] for a in arms]
     epochs = sorted({e for r in runs.values() for e in per_epoch(r, "pool/size")})
-    by_epoch = {key: [[LABELS[a], *[arm_spread(a, lambda r, e=e: per_epoch(runs[r], key).get(e)) for e in epochs]]
-                      for a in arms]
+    # one row per epoch (History Resampling's shrinking pool makes many short epochs)
+    by_epoch = {key: [[e, *[arm_spread(a, lambda r, e=e: per_epoch(runs[r], key).get(e)) for a in arms]]
+                      for e in epochs]
                 for key in ("groups/all_correct_frac", "groups/all_wrong_frac", "pool/size")}
     text = "\n\n".join([
         "# History Resampling where it has something to do: results (issue 23)",
@@ -133,7 +141,7 @@ def write_report(out: Path, seconds: dict[str, float], scale_note: str, n: int =
         *[part for key, title in (("groups/all_correct_frac", "All-correct share of generated groups per epoch"),
                                   ("groups/all_wrong_frac", "All-wrong share of generated groups per epoch"),
                                   ("pool/size", "Prompts in the pool at each epoch's last step"))
-          for part in (f"## {title}", _table(["arm", *[f"epoch {e}" for e in epochs]], by_epoch[key]))],
+          for part in (f"## {title}", _table(["epoch", *arms], by_epoch[key]))],
         "## What the policies write (held-out, last evaluation, seed 1)",
         examples(evals, base),
     ]) + "\n"

@@ -58,6 +58,7 @@ def test_report_tabulates_outcomes_per_arm(tmp_path: Path) -> None:
     assert "| 128.00 |" in hr and f"| {1000 * 0.22 / 128:.2f} (" in hr
     reading = next(line for line in text.splitlines() if line.startswith("| hr vs grpo |"))
     assert reading == "| hr vs grpo | higher, ranges apart (better) | lower, ranges apart (better) |"
+    assert report.verdict((0.5, 0.5, 0.5), (0.3, 0.3, 0.3), True, seeds=1) == "0.50 vs 0.30: one seed, no reading yet"
     assert "| hr vs dapo | not run yet | not run yet |" in text
     assert "2 + 2 = \\\\boxed{4}" in text  # the policies' texts, JSON-quoted
     assert (tmp_path / "experiment_hr.png").stat().st_size > 0
