@@ -22,15 +22,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+
+from experiment_srpo import launch  # noqa: E402  (one driver run in a fresh process, checkpoints deleted)
 
 SPLIT = ["rollout.cpus_per_worker=1", "learner.cpus_per_rank=1"]
 MODES = {
@@ -67,21 +66,6 @@ def common(args: argparse.Namespace, run_dir: Path) -> list[str]:
             f"stages=[{{name: mixed, domains: [math, code], max_new_tokens: {args.max_new_tokens}, source_weights: "
             "{builtin/arithmetic: 2, builtin/stdin-code: 1, builtin/function-code: 1}}]",
             "metrics.progress_bar=false", "metrics.trackers=[jsonl]", "metrics.rollouts_per_step=1000"]
-
-
-def run_mode(name: str, overrides: list[str], run_dir: Path) -> float:
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    started = time.perf_counter()
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: running ({run_dir}/driver.log)", flush=True)
-    with open(run_dir / "driver.log", "w") as log:
-        code = subprocess.call([sys.executable, "-m", "srpo_ray.driver", *overrides], cwd=REPO, stdout=log,
-                               stderr=subprocess.STDOUT)
-    if code != 0:
-        raise SystemExit(f"{name} failed (exit {code}); see {run_dir / 'driver.log'}")
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return time.perf_counter() - started
 
 
 def summarise(run_dir: Path, warmup: int) -> dict:
@@ -126,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.reuse and (run_dir / "rollouts.jsonl").exists():
             wall = None
         else:
-            wall = run_mode(name, [*common(args, run_dir), *MODES[name]], run_dir)
+            wall = launch(name, [*common(args, run_dir), *MODES[name]], run_dir)
         results[name] = {**summarise(run_dir, args.warmup), "wall_s": wall}
         print(f"  {json.dumps({k: v for k, v in results[name].items() if k != 'raw_lengths'})}", flush=True)
     report = format_report(results, args)
