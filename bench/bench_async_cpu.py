@@ -1,7 +1,8 @@
 """Asynchronous training on this machine, for real: synchronous vs one-step-off vs
-rollout.steps_ahead = 2 with partial rollouts, generation and learner on separate cores.
+rollout.steps_ahead = 2 and 4 with partial rollouts, generation and learner on separate cores.
 
     .venv/bin/python bench/bench_async_cpu.py [--steps 7] [--warmup 2] [--out bench/results/async_cpu]
+    .venv/bin/python bench/bench_async_cpu.py --reuse     # only the modes not in --work-dir yet
 
 Each mode is one run of `python -m srpo_ray.driver` (real vLLM worker, real learner, real
 reward workers and sandbox) with rollout.cpus_per_worker=1 and learner.cpus_per_rank=1, so
@@ -13,8 +14,10 @@ take ~25 tokens, programs from ~20 to the cap (the measured distribution is prin
 Per mode, over the steps after --warmup (the pipeline filling): mean step time and its
 ratio to synchronous, the generator's idle share (time/generator_idle over step time), the
 learner's idle share (time/learner_wait: waiting for rollouts), staleness, groups
-discarded. Also one synchronous run with both roles on both cores (the default layout),
-the baseline async has to beat to be worth its staleness. Nothing here is a stand-in; the
+discarded, and a two-sample KS test of the trained response lengths against synchronous
+training's (nothing discarded: the length mix should survive). Also one synchronous run
+with both roles on both cores (the default layout), the baseline async has to beat to be
+worth its staleness. Nothing here is a stand-in; the
 figures are this 2-core VM's, and timings vary with its load.
 """
 from __future__ import annotations
