@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(out: Path) -> int:
     done = json.loads((out / "runs.json").read_text())
-    write_report(out, done["seconds"], done["scale"])
+    write_report(out, done["seconds"], done["scale"], n=SCALE.n)  # samples per prompt, for "samples generated"
     print((out / "results.md").read_text())
     return 0
 
