@@ -12,7 +12,10 @@ experiment of bench/results/experiment_hr/PLAN.md, real training runs through th
    - filtered: training data = the first problems up to the --pool-th whose pass rate lies
      in (0, 1), filtered at start-up by the run itself (`data.pass_rates` +
      `data.pass_rate_band=[0.01, 0.99]`: the real feature, not a pre-cut file);
-   - unfiltered: the first --pool problems.
+   - unfiltered: the first --pool problems;
+   - filtered_precut (the curriculum arms C): the filtered pool's problems written out
+     already cut, because the 8 programs those arms add have no pass rate, and
+     data.pass_rates needs one for every training prompt (the programs are not filtered).
 3. Runs (ARMS), each once per seed (trainer.seed = rollout.seed), seed-major so an
    interrupted invocation leaves whole comparisons. A run whose metrics are in --out is
    not run again (the experiment spans sessions); --force re-runs.
@@ -60,8 +63,8 @@ ARMS: dict[str, tuple[str, bool, list[str]]] = {
     "grpo_unfiltered": ("unfiltered", False, NO_HR),
     "hr_unfiltered": ("unfiltered", False, []),
     "hr_seeded_unfiltered": ("unfiltered", False, ["resample.seed_from={prepass}"]),
-    "two_stage": ("filtered", True, [f"stages={stages('two_stage', SCALE)}"]),
-    "mixed": ("filtered", True, [f"stages={stages('mixed', SCALE)}"]),
+    "two_stage": ("filtered_precut", True, [f"stages={stages('two_stage', SCALE)}"]),
+    "mixed": ("filtered_precut", True, [f"stages={stages('mixed', SCALE)}"]),
 }
 # The seeded arm is not run by default: the bundled model solves none of pool B every
 # time at k = 16, so seeding removes nothing there (PLAN.md, amendment 5).
@@ -99,11 +102,14 @@ def write_pools(prepass: Path, pool: int, work: Path) -> dict[str, list[Path]]:
     """Training files per pool (see the module docstring)."""
     rows = arithmetic_wide_rows()
     files = {"filtered": work / "data" / "filtered.parquet", "unfiltered": work / "data" / "unfiltered.parquet",
-             "code": work / "data" / "code.parquet"}
-    write_verl_parquet(rows[:filtered_count(prepass, pool)], files["filtered"])
+             "filtered_precut": work / "data" / "filtered_precut.parquet", "code": work / "data" / "code.parquet"}
+    candidates = rows[:filtered_count(prepass, pool)]
+    write_verl_parquet(candidates, files["filtered"])
+    rates = read_pass_rates(prepass)  # the same cut as data.pass_rate_band=BAND at k = 16
+    write_verl_parquet([r for r in candidates if 0 < rates[r["extra_info"]["id"]] < 1], files["filtered_precut"])
     write_verl_parquet(rows[:pool], files["unfiltered"])
     write_verl_parquet(code_rows(), files["code"])
-    return {pool_name: [files[pool_name], files["code"]] for pool_name in ("filtered", "unfiltered")}
+    return {pool_name: [files[pool_name], files["code"]] for pool_name in ("filtered", "unfiltered", "filtered_precut")}
 
 
 def overrides_for(arm: str, pools: dict[str, list[Path]], prepass: Path, run_dir: Path, model: str, seed: int,

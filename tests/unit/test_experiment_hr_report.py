@@ -113,3 +113,21 @@ def test_every_arm_is_a_valid_config(tmp_path: Path) -> None:
         assert (cfg.trainer.total_steps, cfg.trainer.prompts_per_step, cfg.rollout.n) == (24, 8, 4)
         assert cfg.eval.every_steps == 8 and cfg.eval.max_problems_per_source == 100
         assert cfg.eval.files[0] == "builtin:arithmetic_wide_heldout"
+
+
+def test_curriculum_arms_train_on_the_filtered_problems_without_a_pass_rate_key(tmp_path: Path) -> None:
+    """Arms C add the 8 programs, which have no pass rate: data.pass_rates would stop the run
+    (it needs one per training prompt), so they get the filtered problems already cut."""
+    import experiment_hr
+    import pyarrow.parquet as pq
+
+    from srpo_ray.config.load import load_config
+
+    prepass = _prepass(tmp_path / "p.parquet", [0.0, 0.5, 1.0, 0.0625, 0.0, 0.9375, 0.25])
+    pools = experiment_hr.write_pools(prepass, 3, tmp_path)
+    ids = [row["id"] for row in pq.read_table(pools["filtered_precut"][0]).column("extra_info").to_pylist()]
+    assert ids == ["wide-1", "wide-3", "wide-5"]  # what data.pass_rate_band keeps of pools["filtered"]
+    for arm in ("two_stage", "mixed"):
+        cfg = load_config(None, experiment_hr.overrides_for(arm, pools, prepass, tmp_path / arm,
+                                                            "builtin:smollm2-135m-instruct", 1, 8))
+        assert not cfg.data.pass_rates and cfg.data.train_files == [str(p) for p in pools["filtered_precut"]]
