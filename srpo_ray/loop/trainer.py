@@ -9,8 +9,8 @@ of rollouts a step runs is the batch collector's business (srpo_ray/loop/collect
 round, or DAPO-style dynamic sampling), chosen when the trainer is built. When a step's
 rollouts are collected is the pipeline's (srpo_ray/loop/pipeline.py): just before the step
 trains, or, with rollout.steps_ahead = k > 0, up to k steps ahead while earlier steps
-train. Everything that draws prompts or records rewards (ledger, stage schedule) happens
-in `collect`; `update` turns one step's rollouts into a learner update, `_push_latest`
+train. Everything that draws prompts or records rewards happens in `collect`, through the
+prompt schedule (srpo_ray/loop/prompt_schedule.py: ledger and curriculum stages); `update` turns one step's rollouts into a learner update, `_push_latest`
 hands the newest weights to the generators between two collections. Rollout seeds:
 records.rollout_seed.
 """
@@ -29,15 +29,14 @@ import torch
 from srpo_ray.algo.advantages import group_advantages
 from srpo_ray.algo.ledger import HistoryLedger
 from srpo_ray.algo.overlong import apply_overlong_policy
-from srpo_ray.algo.source_mix import check_source_weights, stage_source_weights
 from srpo_ray.algo.stages import StageSchedule, effective_sampling, prompts_per_step
 from srpo_ray.config.load import SRPOConfig, to_yaml
-from srpo_ray.data.pass_rates import outcomes_for, read_outcomes
 from srpo_ray.eval.report import headline, write_json
 from srpo_ray.learner.plan import TrainRows, select_train_rows
 from srpo_ray.loop.checkpoint import CheckpointManager
 from srpo_ray.loop.collect import Collected, make_collector
 from srpo_ray.loop.pipeline import BLOCKED, RolloutPipeline
+from srpo_ray.loop.prompt_schedule import PromptSchedule
 from srpo_ray.loop.stop import StopRequest
 from srpo_ray.records import Prompt, RolloutGroup, Sampling, ScoredGroup, here, rollout_seed
 from srpo_ray.telemetry.metrics import MetricsLogger, summarize_rollouts, timed, token_staleness
@@ -113,26 +112,28 @@ class SRPOTrainer:
         self.cfg, self.roles, self.pad_token_id = cfg, roles, pad_token_id
         self.metrics, self.checkpoints, self.evaluator = metrics, checkpoints, evaluator
         self.last_eval: Any = None  # the newest EvalReport, saved with a checkpoint of its step
-        self.by_id = {p.prompt_id: p for p in prompts}
-        check_source_weights(cfg, prompts)
-        self.ledger = HistoryLedger(cfg.resample, seed=cfg.trainer.seed)
-        self.stages = StageSchedule(cfg.stages)
+        self.prompts = PromptSchedule(cfg, prompts, metrics.event)  # ledger + curriculum stages
         self.collector = make_collector(cfg.algo)
         self.step = 0
         self.version = 0  # number of weight updates the generators have received
         self._saved_step = -1
         self._pushed_version = 0  # the version the generators hold
         self._push_timings: dict[str, float] = {}  # of pushes since the last step's metrics
-        self._weighted_sources: list[str] = []  # the current stage's, when it draws by source weight
         self.stop_request = StopRequest()  # set by the driver's SIGTERM handler (srpo_ray/loop/stop.py)
         self.stopped = False  # fit returned early on stop_request, after saving a checkpoint
+
+    @property
+    def ledger(self) -> HistoryLedger:
+        return self.prompts.ledger
+
+    @property
+    def stages(self) -> StageSchedule:
+        return self.prompts.stages
 
     # ---- the loop -------------------------------------------------------------------
     def fit(self) -> None:
         if self.step == 0:
-            if self.cfg.resample.seed_from:  # the difficulty pre-pass's outcomes as epoch 0
-                self._seed_ledger()
-            self._enter_stage(first=True)
+            self.prompts.start()
             if self.cfg.eval.at_start and not self.stop_request.requested:
                 self.evaluate()
         # Collection runs in the pipeline's thread, up to rollout.steps_ahead steps ahead
@@ -211,7 +212,7 @@ class SRPOTrainer:
         """Draw step `step`'s prompts, generate, score and record them in the ledger and
         the stage schedule; None when no prompts are left. Runs ahead of the training
         loop with rollout.steps_ahead > 0 (srpo_ray/loop/pipeline.py)."""
-        prompt_ids, epoch_metrics = self._next_prompt_ids(step)
+        prompt_ids, epoch_metrics = self.prompts.next_ids(step)
         if not prompt_ids:
             return None
         timings: dict[str, float] = {}
@@ -219,15 +220,11 @@ class SRPOTrainer:
         sampling = effective_sampling(self.cfg.rollout, stage)
         collected = self.collector.collect(
             prompt_ids, prompts_per_step(self.cfg.trainer, stage),
-            draw=lambda k: self._draw_more(step, k, epoch_metrics),
+            draw=lambda k: self.prompts.draw_more(step, k, epoch_metrics),
             run_round=lambda ids, round_index: self._rollout_round(step, ids, round_index, sampling, timings))
-        metrics = {
-            **summarize_rollouts(collected.generated), **collected.metrics, **self._source_mix_metrics(collected),
-            **{f"epoch/{k}": v for k, v in epoch_metrics.items()},
-            "pool/size": self.ledger.pool_size, "pool/removed": self.ledger.num_removed,
-            "epoch": self.ledger.epoch, "stage": self.stages.index,
-        }
-        self.stages.record_step(metrics)  # stage rules see the step's rollout metrics
+        metrics = self.prompts.step_metrics({**summarize_rollouts(collected.generated), **collected.metrics,
+                                             **{f"epoch/{k}": v for k, v in epoch_metrics.items()}},
+                                            collected.generated)
         return StepRollouts(step, collected, sampling, metrics, timings)
 
     def update(self, rollouts: StepRollouts, started: float) -> StepUpdate:
@@ -293,15 +290,14 @@ class SRPOTrainer:
                        timings: dict[str, float]) -> list[ScoredGroup]:
         """Generate and score one round of the step; every group is recorded in the
         ledger, whether or not the collector keeps it."""
-        prompts = [self.by_id[i] for i in prompt_ids]
+        prompts = [self.prompts.by_id[i] for i in prompt_ids]
         seeded = sampling.with_seed(rollout_seed(self.cfg.rollout.seed, step, round_index))
         with timed(timings, "generate"):
             groups = self.roles.rollout.generate(prompts, seeded)
         self._check_versions(groups)
         with timed(timings, "score"):
             scored = self.roles.rewards.score(groups)
-        for sg in scored:
-            self.ledger.observe(sg.group.prompt.prompt_id, sg.num_correct, len(sg.results))
+        self.prompts.observe(scored)
         return scored
 
     def _may_collect(self, step: int, done: int) -> bool:
@@ -329,87 +325,6 @@ class SRPOTrainer:
 
     def _save_due(self, step: int) -> bool:
         return bool(self.cfg.trainer.save_every) and step % self.cfg.trainer.save_every == 0
-
-    # ---- prompts, epochs and stages ---------------------------------------------------
-    def _next_prompt_ids(self, step: int) -> tuple[list[str], dict]:
-        """Step `step`'s prompt ids ([] when every stage's pool is empty) and the History
-        Resampling metrics of an epoch that closed while drawing them ({} if none)."""
-        epoch_metrics: dict = {}
-        while True:
-            if self._switch_due():
-                self._enter_stage(first=False, step=step)
-            ids = self._take_from_ledger(step, prompts_per_step(self.cfg.trainer, self.stages.current),
-                                         epoch_metrics)
-            if self._switch_due():  # an epoch just closed and ended the stage
-                continue
-            if ids:
-                return ids, epoch_metrics
-            if self.stages.is_last:
-                return [], epoch_metrics
-            self._enter_stage(first=False, step=step)  # this stage's pool is empty: move on
-
-    def _draw_more(self, step: int, k: int, epoch_metrics: dict) -> list[str]:
-        """Up to k more prompt ids within step `step` (dynamic sampling). A stage switch
-        waits for the next step, so a step never mixes two stages' settings: [] when one
-        is due."""
-        if self._switch_due():
-            return []
-        ids = self._take_from_ledger(step, k, epoch_metrics)
-        return [] if self._switch_due() else ids
-
-    def _take_from_ledger(self, step: int, k: int, epoch_metrics: dict) -> list[str]:
-        ids, closed = self.ledger.next_batch(k)
-        if closed:  # History Resampling was applied at this epoch's end
-            epoch_metrics.update(closed)
-            self.metrics.event(f"before step {step}: epoch end, History Resampling: "
-                               + ", ".join(f"{k}={v}" for k, v in closed.items()))
-            self.stages.record_epoch()
-        return ids
-
-    def _switch_due(self) -> bool:
-        return self.stages.should_switch() and not self.stages.is_last
-
-    def _seed_ledger(self) -> None:
-        outcomes = outcomes_for(list(self.by_id.values()), read_outcomes(self.cfg.resample.seed_from))
-        seeded = self.ledger.seed_history(outcomes)
-        self.metrics.event(f"ledger seeded from {self.cfg.resample.seed_from}: {seeded['observed']} of "
-                           f"{len(self.by_id)} prompts as epoch 0, {seeded['dropped']} all-correct removed")
-
-    def _enter_stage(self, first: bool, step: int = 0) -> None:
-        if not first:
-            self.stages.advance()
-        stage = self.stages.current
-        pool, weights = self._stage_pool()
-        if weights:
-            self.ledger.set_pool(pool, [self.by_id[i].data_source for i in pool], weights)
-        else:
-            self.ledger.set_pool(pool)
-        self.metrics.event(f"from step {step + 1}: stage {self.stages.index} ({stage.name}): "
-                           f"{len(pool)} prompts in domains {list(stage.domains)}"
-                           + (f", sources drawn by weight {weights}" if weights else ""))
-
-    def _stage_pool(self) -> tuple[list[str], dict[str, float]]:
-        """The current stage's prompt ids and source weights ({}: unweighted); sources of
-        weight 0 are left out (check_source_weights made sure every source has one).
-        Remembers the sources drawn by weight, for the data/source_frac metrics."""
-        stage = self.stages.current
-        weights = stage_source_weights(self.cfg.data, stage)
-        pool = [pid for pid, p in self.by_id.items()
-                if p.domain in stage.domains and (not weights or weights[p.data_source] > 0)]
-        self._weighted_sources = sorted({self.by_id[i].data_source for i in pool}) if weights else []
-        return pool, weights
-
-    def _source_mix_metrics(self, collected: Collected) -> dict[str, float]:
-        """data/source_frac/<source>: share of the step's groups from each source the
-        stage draws by weight (0 for one not drawn this step, so means over steps are fair)."""
-        if not self._weighted_sources:
-            return {}
-        counts = dict.fromkeys(self._weighted_sources, 0)
-        for sg in collected.generated:
-            source = sg.group.prompt.data_source
-            counts[source] = counts.get(source, 0) + 1
-        total = max(1, len(collected.generated))
-        return {f"data/source_frac/{s}": c / total for s, c in counts.items()}
 
     def _check_versions(self, groups: list[RolloutGroup]) -> None:
         oldest = self.version - self.cfg.rollout.max_staleness  # the fleet regenerates older ones
@@ -452,7 +367,7 @@ class SRPOTrainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step, "version": self.version,
-            "ledger": self.ledger.state_dict(), "stages": self.stages.state_dict(),
+            **self.prompts.state_dict(),  # "ledger", "stages"
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                     "torch": torch.get_rng_state()},
         }
@@ -460,11 +375,7 @@ class SRPOTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.version = state["step"], state["version"]
         self._saved_step = self.step  # this state is the checkpoint it came from
-        self.ledger.load_state_dict(state["ledger"])
-        self.stages.load_state_dict(state["stages"])
-        pool, weights = self._stage_pool()  # the weighting is config: re-attached, not saved
-        if weights:
-            self.ledger.use_source_weights(pool, [self.by_id[i].data_source for i in pool], weights)
+        self.prompts.load_state_dict(state)
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
