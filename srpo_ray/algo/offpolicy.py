@@ -1,7 +1,7 @@
 """Off-policy corrections: how much each response token's policy gradient counts when the
 tokens were sampled by another policy than the one its advantage belongs to (stale
 weights, bf16 kernels, a truncated sampler). Chosen by algo.tis_cap and algo.offpolicy
-(srpo_ray/config/schema.py OffPolicyConfig: when to use which); loss.py applies them.
+(srpo_ray/config/schema_algo.py OffPolicyConfig: when to use which); loss.py applies them.
 Pure torch.
 
 Notation as in loss.py: B sequences, T response positions, `mask` [B, T] the real

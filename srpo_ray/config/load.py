@@ -252,7 +252,8 @@ def _describe(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None)
     msg = str(e).splitlines()[0]
     if "not in struct" in msg or ("Key '" in msg and "not in" in msg):
-        return f"unknown key {key!r}; check its spelling against srpo_ray/config/schema.py"
+        return (f"unknown key {key!r}; check its spelling against srpo_ray/config/schema.py "
+                "(rollout, reward: schema_rollout.py; algo: schema_algo.py)")
     if key:
         return f"key {key!r}: {msg}"
     return msg
