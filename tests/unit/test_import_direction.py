@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
      "srpo_ray.fileio"),
     ("srpo_ray.algo", "srpo_ray.data", "srpo_ray.rewards", "srpo_ray.weights", "srpo_ray.learner",
      "srpo_ray.generation", "srpo_ray.models"),
-    ("srpo_ray.config.load", "srpo_ray.eval", "srpo_ray.telemetry"),
+    ("srpo_ray.config.load", "srpo_ray.config.validate", "srpo_ray.eval", "srpo_ray.telemetry"),
     ("srpo_ray.loop",),
     ("actors", "cluster"),
     ("srpo_ray.runtime",),
